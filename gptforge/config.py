@@ -302,3 +302,116 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path}: invalid TOML ({e}); fix the syntax at that line") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training runs: what `gptforge train` reads from TOML / --set and writes to a run's config.json.
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared token shards are (a `gptforge prepare` output directory)."""
+
+    path: str = "data/pystdlib"
+    seed: int = 0  # order of sequences within each epoch (the loader's seed)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop. Defaults follow GPT-3 Appendix B (AdamW 0.9/0.95, eps 1e-8, weight decay 0.1,
+    clip 1.0, warmup then cosine to 10% of peak); sizes default to something a laptop can run."""
+
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda when available, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has it
+    compile: bool = False
+    deterministic: bool = False
+    # batch: tokens_per_step 0 means one micro-batch per step; otherwise gradient accumulation reaches it
+    micro_batch_size: int = 8
+    seq_len: int | None = None  # None: the model's block_size
+    tokens_per_step: int = 0
+    batch_ramp_tokens: int = 0  # GPT-3's batch-size ramp: grow linearly over this many tokens (0: off)
+    batch_ramp_start: int = 32768  # tokens per step at the start of the ramp
+    # when to stop (0 = no limit; at least one must be set)
+    max_steps: int = 1000
+    max_tokens: int = 0
+    max_time: float = 0.0  # seconds
+    # optimizer and schedule
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays to the floor
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0: off
+    # evaluation, samples, logging, checkpoints
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    sample_every: int = 500
+    sample_prompts: list[str] = field(default_factory=lambda: ["\n"])
+    sample_tokens: int = 128
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses/gradients
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "gptforge"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(option: str, why: str) -> UserError:
+            return UserError(f"train option {option}: {why}")
+
+        for name in ("micro_batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
+                     "keep_checkpoints", "max_bad_steps", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_steps", "max_tokens", "tokens_per_step", "warmup_steps", "batch_ramp_tokens",
+                     "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise bad("seq_len", f"must be a positive integer or unset, got {self.seq_len}")
+        if self.max_steps == 0 and self.max_tokens == 0 and self.max_time <= 0:
+            raise bad("max_steps", "no stopping rule: set train.max_steps, train.max_tokens or train.max_time")
+        if self.lr <= 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise bad("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise bad("beta1", f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise bad("eps", "eps must be > 0, weight_decay and grad_clip >= 0")
+        if self.batch_ramp_start < 1:
+            raise bad("batch_ramp_start", f"must be a positive number of tokens, got {self.batch_ramp_start}")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; written resolved to the run directory's config.json."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return from_dict(cls, data)
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.seq_len or self.model.block_size
