@@ -229,9 +229,8 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def unknown_key_error(key: str, known: typing.Iterable[str], section: str) -> UserError:
     known = sorted(known)
-    close = difflib.get_close_matches(key.split(".")[-1], [k.split(".")[-1] for k in known], n=3, cutoff=0.5)
-    close_full = [k for k in known if k.split(".")[-1] in close]
-    hint = f"; did you mean {', '.join(close_full)}?" if close_full else ""
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)  # closest first
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
     return UserError(f"unknown setting {key!r} in {section}{hint} (valid: {', '.join(known)})")
 
 

@@ -1,0 +1,161 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptforge.config import ModelConfig, get_preset
+from gptforge.model import GPT, CausalSelfAttention, band_mask
+
+
+def test_parameter_counts_match_published_sizes():
+    assert GPT(get_preset("gpt2")).num_parameters() == 124_439_808
+    assert GPT(get_preset("dev-17m")).num_parameters() == 17_867_008
+
+
+def test_gpt3_small_count_by_hand():
+    d, L, V, T = 768, 12, 50257, 2048
+    per_layer = 12 * d * d + 13 * d  # 4d^2 attention + 8d^2 MLP; biases 3d+d+4d+d; two LayerNorms 4d
+    expected = V * d + T * d + L * per_layer + 2 * d
+    assert GPT(get_preset("gpt3-small")).num_parameters() == expected
+
+
+def test_logits_match_transformers_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    ours = GPT(config).eval()
+    hf_config = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                                        attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
+    state = {}
+    for name, tensor in ours.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        if name == "transformer.wte.weight":
+            tensor = tensor[:100]
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            tensor = tensor.t()  # HF GPT-2 uses Conv1D (in, out)
+        state[name] = tensor
+    hf.load_state_dict(state, strict=False)
+    idx = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0], hf(idx).logits, atol=1e-5)
+
+
+def _attention(config: ModelConfig, layer: int) -> CausalSelfAttention:
+    torch.manual_seed(1)
+    return CausalSelfAttention(config, layer).eval()
+
+
+def test_band_layer_ignores_tokens_before_window_and_dense_does_not():
+    config = ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16,
+                         attention="alternating", window=4)
+    band, dense = _attention(config, 1), _attention(config, 0)
+    assert band.window == 4 and dense.window is None
+    x = torch.randn(1, 20, 16)
+    t = 15
+    perturbed = x.clone()
+    perturbed[:, : t - config.window + 1] += torch.randn(1, t - config.window + 1, 16)  # positions <= t-window
+    with torch.no_grad():
+        assert torch.allclose(band(x)[:, t], band(perturbed)[:, t], atol=1e-6)
+        assert not torch.allclose(dense(x)[:, t], dense(perturbed)[:, t], atol=1e-4)
+        # the band does see the oldest token inside the window
+        inside = x.clone()
+        inside[:, t - config.window + 1] += 1.0
+        assert not torch.allclose(band(x)[:, t], band(inside)[:, t], atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating"])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_no_output_depends_on_a_future_token(attention, norm):
+    config = ModelConfig(vocab_size=50, block_size=32, n_layer=3, n_head=2, n_embd=16,
+                         attention=attention, window=5, norm=norm)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    idx = torch.randint(0, 50, (2, 24))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-6)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-4)
+
+
+def test_band_mask_by_hand():
+    expected = torch.tensor([[1, 0, 0, 0],
+                             [1, 1, 0, 0],
+                             [0, 1, 1, 0],
+                             [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(band_mask(4, 4, 2), expected)
+    assert torch.equal(band_mask(2, 4, 2), expected[2:])  # queries at the end of a longer key range
+
+
+def test_initialisation_scales_only_residual_projections():
+    config = ModelConfig(vocab_size=1000, block_size=64, n_layer=8, n_head=4, n_embd=256)
+    torch.manual_seed(0)
+    model = GPT(config)
+    block = model.transformer.h[0]
+    residual_std = 0.02 / math.sqrt(2 * config.n_layer)
+    for projection in (block.attn.c_proj, block.mlp.c_proj):
+        assert projection.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+    for layer in (block.attn.c_attn, block.mlp.c_fc):
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.transformer.wte.weight[: config.vocab_size].std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.count_nonzero(block.attn.c_attn.bias) == 0
+    assert torch.equal(block.ln_1.weight, torch.ones(256))
+
+
+def test_padded_vocab_is_never_in_the_logits(tiny_config):
+    model = GPT(tiny_config)
+    assert model.config.padded_vocab_size == 128
+    assert model.transformer.wte.weight.shape[0] == 128
+    logits, _ = model(torch.randint(0, 101, (1, 8)))
+    assert logits.shape[-1] == 101
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_loss_ignores_the_ignore_index(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    idx = torch.randint(0, 101, (2, 10))
+    targets = torch.randint(0, 101, (2, 10))
+    targets[0, :4] = -100
+    logits, loss = model(idx, targets)
+    keep = targets != -100
+    manual = -torch.log_softmax(logits, -1)[keep].gather(-1, targets[keep][:, None]).mean()
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+    _, loss_custom = model(idx, torch.where(keep, targets, -1), ignore_index=-1)
+    assert loss_custom.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_post_ln_has_no_final_norm_and_dropout_only_in_training():
+    config = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, norm="post", dropout=0.5)
+    model = GPT(config)
+    assert not any(name.startswith("transformer.ln_f") for name, _ in model.named_parameters())
+    idx = torch.randint(0, 50, (1, 8))
+    model.train()
+    torch.manual_seed(0)
+    a = model(idx)[0]
+    b = model(idx)[0]
+    assert not torch.allclose(a, b)
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def test_sequence_longer_than_context_is_refused(tiny_config):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        GPT(tiny_config)(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_loss_matches_cross_entropy_in_bf16_autocast(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    idx, targets = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    assert loss.dtype == torch.float32
+    expected = F.cross_entropy(logits.float().reshape(-1, 101), targets.reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
