@@ -1,0 +1,401 @@
+"""Turn what the user names on the command line into a stream of text documents.
+
+A source is a text file, a folder (searched recursively, filtered by a glob), a JSONL file (one document
+per line, read from a text field), a Parquet file (a text column), a Hugging Face dataset `hf:NAME[:CONFIG]`
+(streamed) or `builtin:pystdlib` (the Python standard library's own sources, on every machine: the offline
+default). Every source is checked before any document is read, so a typo fails in a second, not after an
+hour of tokenizing.
+
+Documents are yielded in a deterministic order. A very long document is yielded in pieces (`Piece`) cut at
+a whitespace boundary that does not change how GPT-2-style tokenizers pre-tokenize the text, so memory stays
+bounded even for a 100 MB single line. Files with NUL bytes are skipped as binary and counted; invalid
+UTF-8 is replaced by U+FFFD and counted; both end up in `SourceStats` and the prepared manifest.
+"""
+
+from __future__ import annotations
+
+import codecs
+import fnmatch
+import json
+import os
+import re
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from ..errors import UserError
+
+#: Longest piece of a document handed out at once (characters). Small enough that a worker's task
+#: and a split unit stay small, large enough that cutting costs nothing measurable.
+PIECE_CHARS = 16 * 1024
+READ_BYTES = 1 << 20
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+PARQUET_SUFFIXES = {".parquet"}
+BUILTIN_SOURCES = ("builtin:pystdlib",)
+_PYSTDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+_MAX_EXAMPLES = 10
+
+# A safe cut: just after a lone newline between two non-space characters, or just before a lone space
+# between two non-space characters. At such a point GPT-2's pre-tokenizer regex (and the byte-level one
+# of HF tokenizers) ends one piece and starts the next whether or not the text is cut there, so encoding
+# the pieces separately gives exactly the tokens of the whole.
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+
+
+@dataclass
+class SourceStats:
+    """What reading the sources found: counts for the manifest and for the user's report."""
+
+    documents: int = 0
+    files: int = 0
+    bytes: int = 0
+    skipped_binary_files: int = 0
+    skipped_binary_examples: list[str] = field(default_factory=list)
+    invalid_utf8_files: int = 0
+    invalid_utf8_replacements: int = 0
+    invalid_utf8_examples: list[str] = field(default_factory=list)
+    empty_documents: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of one document's text; `last` marks the document's end (where end-of-text goes)."""
+
+    text: str
+    first: bool
+    last: bool
+
+
+@dataclass(frozen=True)
+class Source:
+    """One resolved source: `kind` is text|jsonl|parquet|dir|hf|builtin; `files` for local kinds."""
+
+    spec: str
+    kind: str
+    files: tuple[Path, ...] = ()
+    hf_name: str = ""
+    hf_config: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- resolving
+
+
+def _file_kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    return "text"
+
+
+def _matches(relative: Path, pattern: str | None) -> bool:
+    if pattern is None:
+        return True
+    target = relative.as_posix() if "/" in pattern else relative.name
+    return fnmatch.fnmatchcase(target, pattern)
+
+
+def list_folder(folder: Path, pattern: str | None = None) -> list[Path]:
+    """Files under `folder` (recursively, hidden entries skipped) matching `pattern`, in sorted order."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if _matches(path.relative_to(folder), pattern) and path.is_file():
+                found.append(path)
+    return found
+
+
+def pystdlib_files() -> list[Path]:
+    """The Python standard library's .py files, test directories excluded, in sorted order (~12 MB)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in list_folder(root, "*.py")
+             if not _PYSTDLIB_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1])]
+    if not files:
+        raise UserError(f"builtin:pystdlib: no .py files found under {root}; name a text source instead")
+    return files
+
+
+def resolve_source(spec: str, glob: str | None = None) -> Source:
+    """Check one source spec and list its files; raise UserError naming the spec if it cannot be read."""
+    if spec.startswith("builtin:"):
+        if spec not in BUILTIN_SOURCES:
+            raise UserError(f"unknown built-in source {spec!r}; available: {', '.join(BUILTIN_SOURCES)}")
+        return Source(spec, "builtin", tuple(pystdlib_files()))
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        if not name:
+            raise UserError(f"source {spec!r}: write hf:NAME or hf:NAME:CONFIG (e.g. hf:roneneldan/TinyStories)")
+        return Source(spec, "hf", hf_name=name, hf_config=config or None)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"source {spec}: no such file or directory; check the path")
+    if path.is_dir():
+        files = list_folder(path, glob)
+        if not files:
+            what = f"matching --glob {glob!r}" if glob else "(hidden files are ignored)"
+            raise UserError(f"source {spec}: folder has no files {what}; check the folder or the --glob pattern")
+        return Source(spec, "dir", tuple(files))
+    if not path.is_file():
+        raise UserError(f"source {spec}: not a regular file or folder")
+    if path.stat().st_size == 0:
+        raise UserError(f"source {spec}: file is empty; remove it from the sources or give it some text")
+    return Source(spec, _file_kind(path), (path,))
+
+
+def resolve_sources(specs: Iterable[str], glob: str | None = None) -> list[Source]:
+    """Resolve every spec up front, so that a bad one fails before any work is done."""
+    specs = list(specs)
+    if not specs:
+        raise UserError("no sources given; name a text file, folder, .jsonl, .parquet, hf:NAME or builtin:pystdlib")
+    return [resolve_source(spec, glob) for spec in specs]
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+class _ReplacementCounter:
+    """A codec error handler that substitutes U+FFFD like errors="replace" and counts each use."""
+
+    name = "gptforge-count-replace"
+    count = 0
+
+    @classmethod
+    def handle(cls, error: UnicodeDecodeError) -> tuple[str, int]:
+        cls.count += 1
+        return "\ufffd", error.end
+
+
+codecs.register_error(_ReplacementCounter.name, _ReplacementCounter.handle)
+
+
+def _has_nul(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while block := f.read(READ_BYTES):
+            if b"\0" in block:
+                return True
+    return False
+
+
+def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
+    """Cut complete pieces of at most `limit` chars off the front of `text`; return (pieces, remainder).
+
+    Cuts fall at safe boundaries (see _SAFE_CUT) in the second half of each window; only a window with
+    no whitespace at all is cut hard. The remainder (< limit chars) waits for more text.
+    """
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start >= limit:
+        window_lo, window_hi = start + limit // 2, start + limit
+        cut = None
+        for lo in (window_hi - 256, window_hi - 4096, window_lo):  # look near the end first: cheap
+            for match in _SAFE_CUT.finditer(text, max(lo, window_lo), window_hi):
+                cut = match.start()
+            if cut is not None:
+                break
+        if cut is None or cut <= start:
+            cut = window_hi
+        pieces.append(text[start:cut])
+        start = cut
+    return pieces, text[start:]
+
+
+def _pieces_of(chunks: Iterable[str], limit: int = PIECE_CHARS) -> Iterator[Piece]:
+    """Re-cut a document given as successive text chunks into bounded Pieces, marking first and last."""
+    pending: str | None = None
+    first = True
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        if len(buffer) < limit:
+            continue
+        pieces, buffer = cut_pieces(buffer, limit)
+        for piece in pieces:
+            if pending is not None:
+                yield Piece(pending, first, False)
+                first = False
+            pending = piece
+    if buffer:
+        if pending is not None:
+            yield Piece(pending, first, False)
+            first = False
+        pending = buffer
+    if pending is not None:
+        yield Piece(pending, first, True)
+
+
+class DocumentReader:
+    """Iterate the pieces of every document of `sources`, filling `stats` as it goes.
+
+    `pieces()` is the streaming form prepare uses; `documents()` joins pieces (a long document comes out
+    in pieces of bounded size there too, see iter_documents).
+    """
+
+    def __init__(self, sources: Iterable[str] | list[Source], glob: str | None = None,
+                 text_field: str = "text", piece_chars: int = PIECE_CHARS,
+                 hf_loader: Callable[..., Iterable[dict]] | None = None) -> None:
+        items = list(sources)
+        self.sources = items if items and isinstance(items[0], Source) else resolve_sources(items, glob)
+        self.text_field = text_field
+        self.piece_chars = piece_chars
+        self.hf_loader = hf_loader or load_hf_stream
+        self.stats = SourceStats()
+
+    # Each reader yields one iterator of text chunks per document.
+    def _text_file(self, path: Path) -> Iterator[Iterator[str]]:
+        self.stats.files += 1
+        if _has_nul(path):
+            self.stats.skipped_binary_files += 1
+            if len(self.stats.skipped_binary_examples) < _MAX_EXAMPLES:
+                self.stats.skipped_binary_examples.append(str(path))
+            return
+        yield self._decoded_chunks(path)
+
+    def _note_replacements(self, path: Path, before: int) -> None:
+        replaced = _ReplacementCounter.count - before
+        if replaced:
+            self.stats.invalid_utf8_files += 1
+            self.stats.invalid_utf8_replacements += replaced
+            if len(self.stats.invalid_utf8_examples) < _MAX_EXAMPLES:
+                self.stats.invalid_utf8_examples.append(str(path))
+
+    def _decoded_chunks(self, path: Path) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors=_ReplacementCounter.name)
+        before = _ReplacementCounter.count
+        with open(path, "rb") as f:
+            while block := f.read(READ_BYTES):
+                self.stats.bytes += len(block)
+                yield decoder.decode(block)
+            yield decoder.decode(b"", final=True)
+        self._note_replacements(path, before)
+
+    def _jsonl_file(self, path: Path) -> Iterator[Iterator[str]]:
+        self.stats.files += 1
+        before = _ReplacementCounter.count
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                self.stats.bytes += len(raw)
+                line = raw.decode("utf-8", errors=_ReplacementCounter.name).strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {number}: not valid JSON ({e.msg}); fix or remove that line") from None
+                yield iter((self._field_of(record, f"{path} line {number}"),))
+        self._note_replacements(path, before)
+
+    def _field_of(self, record: Any, where: str) -> str:
+        if not isinstance(record, dict) or self.text_field not in record:
+            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f"{where}: no field {self.text_field!r} (found: {keys}); choose one with --text-field")
+        value = record[self.text_field]
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise UserError(f"{where}: field {self.text_field!r} is {type(value).__name__}, not text; "
+                            "choose a text field with --text-field")
+        return value
+
+    def _parquet_file(self, path: Path) -> Iterator[Iterator[str]]:
+        import pyarrow.parquet as pq
+
+        self.stats.files += 1
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a non-Parquet file
+            raise UserError(f"{path}: not a readable Parquet file ({e}); check the file") from None
+        names = parquet.schema_arrow.names
+        if self.text_field not in names:
+            raise UserError(f"{path}: no column {self.text_field!r} (found: {', '.join(names)}); "
+                            "choose one with --text-field")
+        self.stats.bytes += path.stat().st_size
+        for batch in parquet.iter_batches(batch_size=1024, columns=[self.text_field]):
+            for value in batch.column(0).to_pylist():
+                if value is not None and not isinstance(value, str):
+                    raise UserError(f"{path}: column {self.text_field!r} holds {type(value).__name__}, not text; "
+                                    "choose a text column with --text-field")
+                yield iter((value or "",))
+
+    def _hf(self, source: Source) -> Iterator[Iterator[str]]:
+        rows = self.hf_loader(source.hf_name, source.hf_config)
+        for number, record in enumerate(rows):
+            text = self._field_of(record, f"{source.spec} row {number}")
+            self.stats.bytes += len(text.encode("utf-8", errors="surrogatepass"))
+            yield iter((text,))
+
+    def _documents_of(self, source: Source) -> Iterator[Iterator[str]]:
+        if source.kind == "hf":
+            yield from self._hf(source)
+            return
+        for path in source.files:
+            kind = _file_kind(path) if source.kind in ("dir", "builtin") else source.kind
+            if kind == "builtin":
+                kind = "text"
+            if kind == "jsonl":
+                yield from self._jsonl_file(path)
+            elif kind == "parquet":
+                yield from self._parquet_file(path)
+            else:
+                yield from self._text_file(path)
+
+    def pieces(self) -> Iterator[Piece]:
+        """Every document as Pieces, in order; empty documents are counted and skipped."""
+        for source in self.sources:
+            produced = self.stats.documents
+            for chunks in self._documents_of(source):
+                empty = True
+                for piece in _pieces_of(chunks, self.piece_chars):
+                    if piece.first:
+                        empty = False
+                        self.stats.documents += 1
+                    yield piece
+                if empty:
+                    self.stats.empty_documents += 1
+            if self.stats.documents == produced:
+                detail = ""
+                if self.stats.skipped_binary_files:
+                    detail = f" ({self.stats.skipped_binary_files} binary file(s) skipped so far)"
+                raise UserError(f"source {source.spec}: no text found{detail}; check that it holds text documents")
+
+    def documents(self) -> Iterator[str]:
+        """Each document's text; documents longer than the piece size come out as several strings."""
+        for piece in self.pieces():
+            yield piece.text
+
+
+def load_hf_stream(name: str, config: str | None = None, split: str = "train") -> Iterable[dict]:
+    """Stream a Hugging Face dataset's rows (`datasets.load_dataset(..., streaming=True)`).
+
+    `name` is a Hub id or a local folder of data files (json/parquet/csv, found by `datasets` itself), which
+    is how it is tested offline.
+    """
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hf: sources need the 'datasets' package; pip install 'gptforge[data]'") from None
+    try:
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except FileNotFoundError as e:
+        raise UserError(f"hf:{name}: dataset not found ({e}); check the name, or the network") from None
+    except ValueError as e:
+        raise UserError(f"hf:{name}: cannot load split {split!r} ({e}); check the name and config") from None
+    except ConnectionError as e:
+        raise UserError(f"hf:{name}: cannot reach the Hugging Face Hub ({e}); go online or use local files") from None
+
+
+def iter_documents(sources: list[str], glob: str | None = None, text_field: str = "text") -> Iterator[str]:
+    """Every document of `sources` as text, in a deterministic order (for training tokenizers).
+
+    A document longer than PIECE_CHARS characters is yielded as several consecutive strings cut at
+    whitespace, so that a 100 MB single line never has to sit in memory whole.
+    """
+    return DocumentReader(sources, glob, text_field).documents()
