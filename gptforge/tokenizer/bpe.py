@@ -1,0 +1,172 @@
+"""Byte-level BPE trained on the user's own corpus with Hugging Face `tokenizers`.
+
+Same scheme as GPT-2: text is split with GPT-2's regex, each piece is seen as UTF-8 bytes (all 256 are in
+the base vocabulary), and merges are learned on top — so any text, in any script, round-trips exactly and
+no `<unk>` is ever needed. The saved `tokenizer.json` is a standard HF file (transformers can load it).
+
+HF's tokenizer always recognises its added tokens inside text; gptforge's contract is that special-token
+text is ordinary text unless allowed. So encoding uses a copy without the added tokens, and `Tokenizer`
+splits out allowed special tokens itself. Decoding goes through our own id -> bytes table, because HF
+decodes to `str` and would lose a UTF-8 character cut at a token boundary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .base import EOT, Tokenizer, read_json
+
+TOKENIZER_FILE = "tokenizer.json"
+N_BYTES = 256
+
+
+@functools.lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte, inverted (character -> byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(N_BYTES):
+        if b not in printable:
+            printable.append(b)
+            chars.append(N_BYTES + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def _build_untrained(special_tokens: Sequence[str]) -> Any:
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (EOT,),
+              min_frequency: int = 2, show_progress: bool = False) -> "BPETokenizer":
+    """Train a byte-level BPE on a stream of documents; `vocab_size` counts the 256 bytes and the specials.
+
+    The corpus is streamed to the trainer (documents are not kept). A small corpus may stop short of
+    `vocab_size` when no pair occurs `min_frequency` times; check `.vocab_size` for the size you got.
+    """
+    from tokenizers import trainers, pre_tokenizers
+
+    special_tokens = list(dict.fromkeys([EOT, *special_tokens]))
+    minimum = N_BYTES + len(special_tokens)
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise UserError(f"--vocab-size {vocab_size} is too small for byte-level BPE: it needs at least {minimum} "
+                        f"(256 bytes + {len(special_tokens)} special tokens); 8192-50257 is typical")
+    counter = {"docs": 0, "chars": 0}
+
+    def counted(stream: Iterable[str]) -> Iterator[str]:
+        for text in stream:
+            if text:
+                counter["docs"] += 1
+                counter["chars"] += len(text)
+                yield text
+
+    hf = _build_untrained(special_tokens)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=special_tokens, show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(counted(texts), trainer=trainer)
+    if counter["docs"] == 0:
+        raise UserError("cannot train a tokenizer on an empty corpus; check the SOURCE paths and --glob")
+    return BPETokenizer(hf)
+
+
+class BPETokenizer(Tokenizer):
+    """A trained byte-level BPE (wraps a `tokenizers.Tokenizer`)."""
+
+    kind = "bpe"
+
+    def __init__(self, hf: Any) -> None:
+        self._hf = hf
+        super().__init__(self._specials_of(hf))
+        self._rebuild()
+
+    @staticmethod
+    def _specials_of(hf: Any) -> dict[str, int]:
+        return {tok.content: i for i, tok in hf.get_added_tokens_decoder().items() if tok.special}
+
+    def _rebuild(self) -> None:
+        """Derive the plain encoder (no added tokens) and the id -> bytes table from the HF tokenizer."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        state = json.loads(self._hf.to_str())
+        state["added_tokens"] = []
+        self._plain = HFTokenizer.from_str(json.dumps(state))
+        decoder = byte_decoder()
+        size = self._hf.get_vocab_size(with_added_tokens=True)
+        table: list[bytes] = []
+        for i in range(size):
+            if i in self._special_by_id:
+                table.append(self._special_by_id[i].encode("utf-8"))
+                continue
+            token = self._hf.id_to_token(i)
+            if token is None:
+                raise UserError(f"bpe tokenizer has no token for id {i}; the tokenizer.json is inconsistent")
+            try:
+                table.append(bytes(decoder[c] for c in token))
+            except KeyError:  # an added non-special token: its text is literal
+                table.append(token.encode("utf-8"))
+        self._bytes = table
+
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The full `tokenizers.Tokenizer` (special tokens included), e.g. for export to transformers."""
+        return self._hf
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bytes)
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        self._check_ids(ids)
+        table = self._bytes
+        return b"".join([table[i] for i in ids])
+
+    def _add_special(self, token: str) -> int:
+        from tokenizers import AddedToken
+
+        self._hf.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        new_id = self._hf.token_to_id(token)
+        self._special_by_id[new_id] = token  # needed by _rebuild before the base class records it
+        self._rebuild()
+        return new_id
+
+    def _save_files(self, directory: Path) -> dict[str, Any]:
+        from ..atomic import write_text
+
+        write_text(directory / TOKENIZER_FILE, self._hf.to_str(pretty=True))
+        return {"tokenizer_file": TOKENIZER_FILE}
+
+    @classmethod
+    def load(cls, directory: Path, config: dict[str, Any]) -> "BPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = directory / TOKENIZER_FILE
+        read_json(path, "bpe tokenizer file")  # clear error for a missing or garbled file
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on schema errors
+            raise UserError(f"{path} is not a valid tokenizers file ({e}); save the tokenizer again") from None
+        tokenizer = cls(hf)
+        saved = config.get("special_tokens")
+        if saved is not None and saved != tokenizer.special_tokens:
+            raise UserError(f"{directory / 'tokenizer_config.json'}: special_tokens disagree with {TOKENIZER_FILE}; "
+                            "save the tokenizer again")
+        return tokenizer
