@@ -1,0 +1,171 @@
+"""The token loop: prefill, choose, feed back, slide the context window, finish rows.
+
+Past the context. Positions are learned and absolute, so a full cache cannot simply roll: every cached key
+was computed at its old position. When the cache is full and a row's sequence would outgrow the context,
+that row is cut to its last `context_keep` tokens and the batch is prefilled again from position 0
+(default keep: half the context, so the cost is one prefill per block_size/2 new tokens and the model
+always sees at least half its context). `context_keep=block_size` re-prefills on every token, which is
+exactly "condition on the last block_size tokens" as a recompute-everything loop would do. A row is only
+cut when its own sequence overflows, so its tokens are the same as when it is generated alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+from ..model import GPT
+from .kv_cache import KVCache
+from .sampling import Sampler, SamplingConfig
+
+COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is finished
+
+
+@dataclass
+class TokenEvent:
+    """One new token of sequence `index` (its position in the caller's prompt list).
+
+    `finish_reason` is set on the sequence's last event: "stop" (end-of-text, or a stop string found by a
+    text layer) or "length" (max_new_tokens reached). An end-of-text token ends the sequence and is
+    reported with its id but is not part of the completion.
+    """
+
+    index: int
+    token: int
+    finish_reason: str | None = None
+
+
+class TokenGenerator:
+    """Iterate over steps of batched generation; each step yields the TokenEvents of the rows still going.
+
+    `finish(index)` ends a row early (a stop string seen by the caller); its next steps are not computed.
+    """
+
+    def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], configs: Sequence[SamplingConfig],
+                 seeds: Sequence[int | None], eot_id: int | None = None, context_keep: int | None = None) -> None:
+        block = model.config.block_size
+        if not prompts:
+            raise ValueError("no prompts")
+        if len(configs) != len(prompts) or len(seeds) != len(prompts):
+            raise ValueError("one config and one seed per prompt")
+        self.model = model
+        self.block_size = block
+        self.context_keep = block // 2 if context_keep is None else context_keep
+        if not 1 <= self.context_keep <= block:
+            raise ValueError(f"context_keep must be in [1, {block}], got {context_keep}")
+        self.eot_id = eot_id
+        self.configs = list(configs)
+        self.histories: list[list[int]] = []
+        for i, prompt in enumerate(prompts):
+            prompt = [int(t) for t in prompt]
+            if not prompt:
+                raise UserError(f"prompt {i} is empty; give at least one token (e.g. the end-of-text token)")
+            bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
+            if bad:
+                raise UserError(f"prompt {i} has token ids outside the vocabulary (0..{model.config.vocab_size - 1}): {bad[:5]}")
+            if len(prompt) > block:
+                warnings.warn(f"prompt {i} has {len(prompt)} tokens, more than the model's context of {block}; "
+                              f"keeping the last {block}", stacklevel=3)
+                prompt = prompt[-block:]
+            self.histories.append(prompt)
+        self.device = model.transformer.wte.weight.device
+        self.generated = [0] * len(prompts)
+        self.rows = list(range(len(prompts)))  # original index of each row of the current batch
+        self.sampler = Sampler(configs, seeds, self.histories, model.config.vocab_size, self.device)
+        self._finished: set[int] = set()
+        self.cache: KVCache | None = None
+
+    def finish(self, index: int) -> None:
+        self._finished.add(index)
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[list[TokenEvent]]:
+        logits = self._prefill([self.histories[i] for i in self.rows])
+        while True:
+            tokens = self.sampler.choose(logits)
+            token_list = tokens.tolist()  # the one host sync per step: streaming needs the ids anyway
+            self.sampler.observe(tokens, token_list)
+            events = []
+            for index, token in zip(self.rows, token_list):
+                if index in self._finished:
+                    continue
+                self.histories[index].append(token)
+                self.generated[index] += 1
+                reason = None
+                if self.configs[index].stop_at_eot and token == self.eot_id:
+                    reason = "stop"
+                elif self.generated[index] >= self.configs[index].max_new_tokens:
+                    reason = "length"
+                if reason:
+                    self._finished.add(index)
+                events.append(TokenEvent(index, token, reason))
+            yield events
+            live = [r for r, index in enumerate(self.rows) if index not in self._finished]
+            if not live:
+                return
+            if self.cache.length >= self.cache.capacity:
+                self._select(live)
+                logits = self._prefill([self._window(self.histories[i]) for i in self.rows])
+                continue
+            if len(live) <= (1 - COMPACT_FRACTION) * len(self.rows):
+                self._select(live)
+                tokens = tokens[torch.tensor(live, device=self.device)]
+            logits = self.cache.decode(tokens)
+
+    def _select(self, live: list[int]) -> None:
+        if len(live) == len(self.rows):
+            return
+        self.rows = [self.rows[r] for r in live]
+        self.sampler.select(live)
+        if self.cache is not None:
+            self.cache.select(live)
+
+    def _window(self, history: list[int]) -> list[int]:
+        """What a row conditions on after a slide: cut to the last `context_keep` only if it overflows."""
+        return history[-self.context_keep:] if len(history) > self.block_size else history
+
+    def _prefill(self, sequences: list[list[int]]) -> torch.Tensor:
+        width = max(len(s) for s in sequences)
+        remaining = max(self.configs[i].max_new_tokens - self.generated[i] for i in self.rows)
+        capacity = min(self.block_size, width + remaining)
+        pads = [width - len(s) for s in sequences]
+        pad_id = sequences[0][-1]  # any valid id: padded positions are masked out
+        idx = torch.tensor([[pad_id] * p + s for p, s in zip(pads, sequences)], device=self.device)
+        self.cache = KVCache(self.model, pads, capacity)
+        return self.cache.prefill(idx)
+
+
+def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
+                 seed: int | Sequence[int | None] | None = None, eot_id: int | None = None,
+                 context_keep: int | None = None) -> list[list[int]]:
+    """Tokenizer-free batched generation: the new token ids of each prompt (an end-of-text token that ended
+    a sequence is not included). `seed` is one base seed (sample i gets a seed derived from it and i) or
+    one seed per prompt."""
+    configs, seeds = expand_settings(len(prompt_ids), config, seed)
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    for events in TokenGenerator(model, prompt_ids, configs, seeds, eot_id, context_keep):
+        for e in events:
+            if not (e.finish_reason == "stop" and e.token == eot_id):
+                out[e.index].append(e.token)
+    return out
+
+
+def expand_settings(n: int, config: SamplingConfig | Sequence[SamplingConfig],
+                    seed: int | Sequence[int | None] | None) -> tuple[list[SamplingConfig], list[int | None]]:
+    """One config and one seed per prompt from the shorthand forms the API accepts."""
+    from .sampling import row_seed
+
+    configs = [config] * n if isinstance(config, SamplingConfig) else list(config)
+    if len(configs) != n:
+        raise ValueError(f"{len(configs)} sampling configs for {n} prompts")
+    if seed is None or isinstance(seed, int):
+        seeds = [None if seed is None else row_seed(seed, i) for i in range(n)]
+    else:
+        seeds = list(seed)
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return configs, seeds
