@@ -1,0 +1,104 @@
+"""`gptforge tokenizer`: train a byte-level BPE (or char vocabulary), fetch GPT-2's ranks, inspect a tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("tokenizer", help="train a tokenizer, fetch GPT-2's vocabulary, encode text",
+                                   description=__doc__)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    train = actions.add_parser("train", help="train a byte-level BPE (or char) tokenizer on your corpus",
+                               description="Train a tokenizer on SOURCEs (text files, folders, .jsonl, .parquet, "
+                                           "hf:NAME, builtin:pystdlib) and save it to --out.")
+    train.add_argument("sources", nargs="+", metavar="SOURCE")
+    train.add_argument("--vocab-size", type=int, default=None,
+                       help="total ids incl. 256 bytes and special tokens (required for bpe)")
+    train.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
+    train.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    train.add_argument("--glob", default=None, help="only files in folders matching this pattern, e.g. '*.py'")
+    train.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
+                       help="extra special token besides <|endoftext|> (repeatable), e.g. <|im_start|>")
+    train.add_argument("--min-frequency", type=int, default=2, help="bpe: least count for a merge (default 2)")
+    train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    train.set_defaults(func=run_train)
+
+    fetch = actions.add_parser("fetch-gpt2", help="get GPT-2's BPE ranks through pip (openai-whisper sdist)",
+                               description="Download the openai-whisper source archive with pip, take "
+                                           "whisper/assets/gpt2.tiktoken from it, verify its sha256 and store it "
+                                           "in the gptforge cache ($GPTFORGE_CACHE or ~/.cache/gptforge).")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if a verified copy exists")
+    fetch.set_defaults(func=run_fetch)
+
+    encode = actions.add_parser("encode", help="print the token ids of TEXT")
+    encode.add_argument("text")
+    encode.add_argument("--tokenizer", default="gpt2", help="gpt2 or a saved tokenizer directory")
+    encode.add_argument("--allow-special", action="store_true", help="recognise special-token text")
+    encode.set_defaults(func=run_encode)
+
+    info = actions.add_parser("info", help="kind, vocabulary size and special tokens of a tokenizer")
+    info.add_argument("tokenizer", help="gpt2 or a saved tokenizer directory")
+    info.set_defaults(func=run_info)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..data.sources import iter_documents
+    from ..errors import UserError
+    from ..tokenizer import CharTokenizer, train_bpe
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} already exists; choose another directory or pass --overwrite")
+    start = time.perf_counter()
+    documents = iter_documents(args.sources, glob=args.glob)
+    if args.kind == "char":
+        tokenizer = CharTokenizer.train(documents)
+        tokenizer.add_special_tokens(args.special_token)
+    else:
+        if args.vocab_size is None:
+            raise UserError("--vocab-size is required for a bpe tokenizer, e.g. --vocab-size 16384")
+        if args.min_frequency < 1:
+            raise UserError("--min-frequency must be at least 1")
+        tokenizer = train_bpe(documents, args.vocab_size, special_tokens=["<|endoftext|>", *args.special_token],
+                              min_frequency=args.min_frequency, show_progress=sys.stderr.isatty())
+    tokenizer.save(out, overwrite=args.overwrite)
+    seconds = time.perf_counter() - start
+    note = ""
+    if args.kind == "bpe" and tokenizer.vocab_size < args.vocab_size:
+        note = f" (the corpus supports only {tokenizer.vocab_size} of the {args.vocab_size} requested)"
+    print(f"saved {tokenizer.kind} tokenizer to {out}: vocab_size {tokenizer.vocab_size}{note}, "
+          f"eot_id {tokenizer.eot_id}, {seconds:.1f} s")
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from ..tokenizer import fetch_gpt2_ranks
+
+    print("fetching openai-whisper sdist through pip ...", file=sys.stderr)
+    path = fetch_gpt2_ranks(force=args.force)
+    print(f"GPT-2 ranks verified and stored at {path}")
+    return 0
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    from ..tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(args.tokenizer)
+    print(" ".join(str(i) for i in tokenizer.encode(args.text, allowed_special=args.allow_special)))
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(args.tokenizer)
+    print(f"kind: {tokenizer.kind}\nvocab_size: {tokenizer.vocab_size}\neot_id: {tokenizer.eot_id}")
+    for token, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1]):
+        print(f"special: {token} = {i}")
+    return 0
