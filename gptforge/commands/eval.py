@@ -1,0 +1,91 @@
+"""`gptforge eval`: score a model on val / hellaswag / mmlu / lambada; print a table, optionally write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model on held-out text and benchmarks",
+        description="Evaluate a model: val (loss, perplexity, bits-per-byte), hellaswag (acc, acc_norm), mmlu "
+                    "(per-subject and average accuracy), lambada (last-word accuracy, perplexity). Scoring "
+                    "follows lm-evaluation-harness.")
+    p.add_argument("--model", required=True, help="run directory, checkpoint, .safetensors, hf:DIR or preset name")
+    p.add_argument("--task", action="append", required=True, metavar="TASK",
+                   help="val, hellaswag, mmlu or lambada; repeat for several")
+    p.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
+                   help="local file/folder or hf:OWNER/NAME[:CONFIG]; with several tasks write TASK=PATH. "
+                        "Without it a benchmark reads its Hugging Face dataset (needs the network)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items (val: N windows)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--shots", type=int, default=0, help="mmlu: solved dev examples per prompt (default 0)")
+    p.add_argument("--split", default="test", help="mmlu: split to evaluate (test, val or dev; default test)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="val: tokens scored per window after the first (default: half the context for text "
+                        "files, the whole context for prepared splits)")
+    p.add_argument("--json", metavar="OUT", help="write the results (and provenance) to this JSON file")
+    p.add_argument("--samples", action="store_true", help="include per-item log-likelihoods in the JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU); log-probs are fp32 anyway")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_data(values: list[str], tasks: list[str]) -> dict[str, str]:
+    """`--data PATH` (one task) or `--data TASK=PATH` (any number of tasks) -> {task: spec}."""
+    mapping: dict[str, str] = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and task in tasks:
+            mapping[task] = path
+        elif len(tasks) == 1:
+            mapping[tasks[0]] = value
+        else:
+            raise UserError(f"--data {value}: with several tasks write --data TASK=PATH (tasks: {', '.join(tasks)})")
+    return mapping
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..evals import runner
+    from ..evals.report import format_table, to_json, write_json
+    from ..loading import load_model
+
+    tasks = runner.check_tasks(args.task)
+    data = parse_data(args.data, tasks)
+    options = runner.EvalOptions(shots=args.shots, mmlu_split=args.split, stride=args.stride)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for task in tasks:  # read every task's data before spending time on the model
+        runner.load_task(task, data.get(task), args.limit, options)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype_name == "float16" and device == "cpu":
+        raise UserError("--dtype float16 is extremely slow on CPU; use float32 or bfloat16")
+    model, tokenizer = load_model(args.model, device, getattr(torch, dtype_name))
+    if tokenizer is None and model.config.vocab_size == 50257:
+        from ..tokenizer import get_tokenizer
+        tokenizer = get_tokenizer("gpt2")
+
+    results = runner.run_tasks(model, tokenizer, tasks, data, args.limit, args.batch_size, options,
+                               progress=not args.no_progress and sys.stderr.isatty())
+    print(format_table(results))
+    for result in results:
+        if result.skipped.count > len(result.skipped.examples):
+            print(f"warning: {result.task}: {result.skipped.count} items skipped in all "
+                  f"(the first {len(result.skipped.examples)} are listed above)", file=sys.stderr)
+    if args.json:
+        meta = {"model": args.model, "device": device, "dtype": dtype_name, "batch_size": args.batch_size,
+                "limit": args.limit, "shots": args.shots}
+        write_json(args.json, to_json(results, meta, samples=args.samples))
+        print(f"results written to {args.json}")
+    return 0

@@ -1,0 +1,150 @@
+"""Held-out loss, perplexity and bits-per-byte, on a prepared split or on any text file.
+
+Bits-per-byte is the number to compare across tokenizers: total nats of the scored tokens / ln 2 / the UTF-8
+bytes those tokens stand for (counted with `decode_bytes`, so it is exact even when a token ends inside a
+character). End-of-text separators in prepared data contribute their nats (predicting a document boundary is
+information the model must carry) but no bytes (they are not text).
+
+Striding: the token stream is conditioned on a leading end-of-text token, so the very first token is scored
+too. The first window scores `block_size` tokens; each following window scores the next `stride` tokens with
+the `block_size - stride` tokens before them as context, so every token is scored exactly once and (after
+the first window) with at least `block_size - stride` tokens of context. The default stride is half the
+context for text files (the Hugging Face perplexity recipe) and the whole context for prepared splits
+(non-overlapping sequences, exactly the trainer's validation loss).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .result import TaskResult
+from .scoring import Request, score_requests
+
+if TYPE_CHECKING:
+    from ..model import GPT
+    from ..tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+WINDOWS_PER_CALL = 64  # windows handed to the scorer at a time: bounds memory on long splits
+
+
+@dataclass(frozen=True)
+class ValSource:
+    """A prepared dataset directory (with `split`) or a plain UTF-8 text file."""
+
+    path: Path
+    prepared: bool
+    split: str = "val"
+
+
+def resolve_val_source(data: str | None, split: str = "val") -> ValSource:
+    """Check `--data` for the val task before any model is loaded."""
+    if not data:
+        raise UserError("the val task needs --data: a prepared dataset directory (with manifest.json) or a text file")
+    path = Path(data)
+    if not path.exists():
+        raise UserError(f"val data {path} does not exist; pass a prepared dataset directory or a text file")
+    if path.is_dir():
+        if not (path / MANIFEST).is_file():
+            raise UserError(f"val data {path} is a directory without {MANIFEST}; pass a directory made by "
+                            "`gptforge prepare` or a text file")
+        if not sorted(path.glob(f"{split}_*.bin")):
+            raise UserError(f"val data {path} has no {split} split ({split}_*.bin); prepare it with a validation "
+                            "fraction or pass a text file")
+        return ValSource(path, True, split)
+    if path.stat().st_size == 0:
+        raise UserError(f"val data {path} is empty; pass a text file with something to score")
+    return ValSource(path, False, split)
+
+
+def _prepared_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
+    from ..data.shards import open_shard
+
+    manifest_tokenizer = source.path / "tokenizer" / "tokenizer_config.json"
+    if manifest_tokenizer.is_file():
+        kind = json.loads(manifest_tokenizer.read_text()).get("kind")
+        if kind and kind != tokenizer.kind:
+            raise UserError(f"val data {source.path} was prepared with a {kind} tokenizer but the model uses "
+                            f"{tokenizer.kind}; prepare the data with the model's tokenizer")
+    parts = [np.asarray(open_shard(p)) for p in sorted(source.path.glob(f"{source.split}_*.bin"))]
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if tokens.size and int(tokens.max()) >= tokenizer.vocab_size:
+        raise UserError(f"val data {source.path}: token id {int(tokens.max())} is outside the model's tokenizer "
+                        f"(vocab {tokenizer.vocab_size}); prepare the data with the model's tokenizer")
+    return tokens
+
+
+def load_val_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
+    """The token stream to score (prepared shards as stored; a text file encoded with the model's tokenizer)."""
+    if source.prepared:
+        tokens = _prepared_tokens(source, tokenizer)
+    else:
+        try:
+            text = source.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"val data {source.path} is not UTF-8 text ({e}); convert it or pass another file") \
+                from None
+        tokens = np.asarray(tokenizer.encode(text), dtype=np.int64)
+    if tokens.size == 0:
+        raise UserError(f"val data {source.path}: nothing to score (0 tokens)")
+    return tokens
+
+
+def windows(n_tokens: int, block_size: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(context_start, score_start, score_end) over a stream of `n_tokens` + 1 (a leading eot at index 0):
+    every index 1..n_tokens is scored once, each window's input at most `block_size` long."""
+    if not 1 <= stride <= block_size:
+        raise UserError(f"--stride must be between 1 and the model's context {block_size}, got {stride}")
+    start, end = 1, min(n_tokens, block_size) + 1
+    while start < end:
+        yield max(0, end - 1 - block_size), start, end
+        start, end = end, min(end + stride, n_tokens + 1)
+
+
+def count_windows(n_tokens: int, block_size: int, stride: int) -> int:
+    first = min(n_tokens, block_size)
+    return 1 + math.ceil((n_tokens - first) / stride)
+
+
+def evaluate_val(model: "GPT", tokenizer: "Tokenizer", tokens: Sequence[int] | np.ndarray, stride: int | None = None,
+                 batch_size: int = 16, limit: int | None = None, prepared: bool = False,
+                 progress: Callable[[int], None] | None = None) -> TaskResult:
+    """loss (mean nats per token), ppl and bpb of `tokens`; `limit` caps the number of windows scored."""
+    block_size = model.config.block_size
+    stride = stride or (block_size if prepared else max(1, block_size // 2))
+    stream = np.concatenate([[tokenizer.eot_id], np.asarray(tokens, dtype=np.int64)])
+    special = set(tokenizer.special_tokens.values())
+    total_nats = 0.0
+    n_tokens = n_bytes = 0
+    pending: list[tuple[int, int, int]] = []
+
+    def flush() -> None:
+        nonlocal total_nats, n_tokens, n_bytes
+        requests = [Request(stream[c:s].tolist(), stream[s:e].tolist()) for c, s, e in pending]
+        for request, score in zip(requests, score_requests(model, requests, batch_size, progress)):
+            total_nats -= score.logprob
+            n_tokens += score.n_tokens
+            n_bytes += len(tokenizer.decode_bytes([t for t in request.continuation if t not in special]))
+        pending.clear()
+
+    for n, window in enumerate(windows(len(stream) - 1, block_size, stride)):
+        if limit is not None and n >= limit:
+            break
+        pending.append(window)
+        if len(pending) >= WINDOWS_PER_CALL:
+            flush()
+    if pending:
+        flush()
+    loss = total_nats / n_tokens
+    metrics = {"loss": loss, "ppl": math.exp(loss)}
+    if n_bytes:
+        metrics["bpb"] = total_nats / math.log(2) / n_bytes
+    details = {"tokens": n_tokens, "bytes": n_bytes, "nats": total_nats, "stride": stride}
+    return TaskResult("val", metrics, n_tokens, "", details=details)
