@@ -1,0 +1,322 @@
+"""Tokenize sources into train/val token shards with many processes, in flat memory, all or nothing.
+
+The main process streams document pieces (gptforge.data.sources), assigns each to train or val by a seeded
+hash, groups them into tasks of about half a million characters and keeps only a small window of tasks in
+flight; worker processes tokenize them; results come back in order and are appended to shards of at most
+`shard_tokens` tokens. Memory therefore depends on the window, not on the corpus.
+
+The output directory is built under a temporary name and renamed into place only when complete (manifest
+last), so an interrupted run leaves nothing a later run could mistake for prepared data, and `force`
+replaces an existing directory only once the new one is whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_directory, write_text
+from ..errors import UserError
+from .shards import ShardWriter, dtype_for_vocab
+from .sources import DocumentReader, Piece, Source, SourceStats, resolve_sources
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
+
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
+MANIFEST_FORMAT = "gptforge-prepared"
+MANIFEST_VERSION = 1
+SPLITS = ("train", "val")
+DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_VAL_FRACTION = 0.05
+TASK_CHARS = 1 << 19
+TOKENIZER_FORMS = "gpt2, char, bpe:VOCAB_SIZE or a saved tokenizer directory"
+
+
+# ------------------------------------------------------------------------------------------- split
+
+
+def split_of(unit: int, seed: int, val_fraction: float) -> int:
+    """0 (train) or 1 (val) for the unit-th document piece: a seeded hash, so the split is reproducible.
+
+    The unit is a document, or one of the ~16 Ki-character pieces of a longer one, so that a corpus that is
+    a single book still gets a validation split.
+    """
+    if val_fraction <= 0:
+        return 0
+    digest = hashlib.blake2b(f"{seed}:{unit}".encode(), digest_size=8).digest()
+    return int(int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64)
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(spec: str, sources: list[Source], glob: str | None = None,
+                    text_field: str = "text") -> "Tokenizer":
+    """The tokenizer `spec` names; `char` and `bpe:N` are trained by a first streaming pass over the sources."""
+    from ..tokenizer import CharTokenizer, get_tokenizer, train_bpe
+
+    spec = str(spec)
+    if spec == "char":
+        return CharTokenizer.train(DocumentReader(sources, glob, text_field).documents())
+    if spec.startswith("bpe:") or spec == "bpe":
+        size = spec[4:]
+        if not size.isdigit():
+            raise UserError(f"--tokenizer {spec}: write bpe:VOCAB_SIZE, e.g. bpe:16384")
+        return train_bpe(DocumentReader(sources, glob, text_field).documents(), int(size))
+    if spec == "gpt2" or Path(spec).is_dir():
+        return get_tokenizer(spec)
+    raise UserError(f"--tokenizer {spec}: not {TOKENIZER_FORMS} (no such directory)")
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+_worker_tokenizer: "Tokenizer | None" = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    """Load the saved tokenizer once per worker; Ctrl-C is the parent's to handle."""
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..tokenizer import load_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+Task = list[tuple[str, int, bool]]  # (text, split, ends a document)
+
+
+def encode_task(task: Task, tokenizer: "Tokenizer | None" = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of a task's pieces for (train, val), end-of-text after each document's last piece."""
+    tokenizer = tokenizer or _worker_tokenizer
+    assert tokenizer is not None, "worker not initialised"
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    eot = tokenizer.eot_id
+    parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for text, split, last in task:
+        ids = tokenizer.encode(text)
+        if last:
+            ids.append(eot)
+        parts[split].append(np.array(ids, dtype=dtype))
+    return tuple(np.concatenate(p) if p else np.zeros(0, dtype) for p in parts)  # type: ignore[return-value]
+
+
+def _tasks(pieces: Iterable[Piece], seed: int, val_fraction: float,
+           task_chars: int = TASK_CHARS) -> Iterator[Task]:
+    task: Task = []
+    size = 0
+    for unit, piece in enumerate(pieces):
+        task.append((piece.text, split_of(unit, seed, val_fraction), piece.last))
+        size += len(piece.text)
+        if size >= task_chars:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+class EncoderPool:
+    """Worker processes that run encode_task, fed in order with at most 2 tasks per worker in flight.
+
+    Created before any thread is started here (tqdm's monitor), so forking is safe; workers == 1 encodes
+    in this process.
+    """
+
+    def __init__(self, workers: int, tokenizer: "Tokenizer", tokenizer_dir: Path) -> None:
+        self.workers = workers
+        self.tokenizer = tokenizer
+        self.pool = None
+        if workers > 1:
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers and fork: see their docs
+            self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_dir),))
+
+    def map(self, tasks: Iterable[Task]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self.pool is None:
+            for task in tasks:
+                yield encode_task(task, self.tokenizer)
+            return
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append(self.pool.apply_async(encode_task, (task,)))
+            if len(pending) >= 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def __enter__(self) -> "EncoderPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+# ------------------------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar over input bytes (rate and ETA) with tokens/s beside it; silent when disabled."""
+
+    def __init__(self, total_bytes: int | None, enabled: bool) -> None:
+        self.bar = None
+        self.start = time.monotonic()
+        self.tokens = 0
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare",
+                            file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, done_bytes: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is None:
+            return
+        self.bar.update(max(0, done_bytes - self.bar.n))
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed / 1e3:,.0f}k tok/s, {self.tokens:,} tokens", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _total_bytes(sources: list[Source]) -> int | None:
+    if any(s.kind == "hf" for s in sources):
+        return None
+    return sum(p.stat().st_size for s in sources for p in s.files)
+
+
+# ------------------------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class _SplitWriters:
+    train: ShardWriter
+    val: ShardWriter
+
+    def __getitem__(self, split: int) -> ShardWriter:
+        return self.val if split else self.train
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> bool:
+    """Whether an existing out_dir may be replaced; refuse a non-empty one unless forced."""
+    if not out_dir.exists():
+        return False
+    if not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; choose a directory path")
+    if any(out_dir.iterdir()) and not force:
+        raise UserError(f"--out {out_dir} is not empty; choose a new directory or pass --force to replace it")
+    return True
+
+
+def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike, *, glob: str | None = None,
+            text_field: str = "text", val_fraction: float = DEFAULT_VAL_FRACTION, workers: int | None = None,
+            seed: int = 0, force: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            progress: bool = False) -> dict[str, Any]:
+    """Tokenize `sources` into `out_dir` (shards, tokenizer/, manifest.json); return the manifest.
+
+    `workers` defaults to the CPU count; 1 tokenizes in this process. See the module docstring for the
+    memory and atomicity guarantees.
+    """
+    out_dir = Path(out_dir)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction}: must be at least 0 and below 1 (e.g. 0.05)")
+    if shard_tokens < 1:
+        raise UserError(f"shard_tokens {shard_tokens}: must be positive")
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    replace = _check_out_dir(out_dir, force)
+    resolved = resolve_sources(sources, glob)
+    started = time.monotonic()
+
+    with atomic_directory(out_dir, overwrite=replace) as tmp:
+        tokenizer = build_tokenizer(tokenizer_spec, resolved, glob, text_field)
+        tokenizer_dir = tmp / TOKENIZER_DIR
+        tokenizer.save(tokenizer_dir)
+        dtype = dtype_for_vocab(tokenizer.vocab_size)
+        writers = _SplitWriters(ShardWriter(tmp, "train", dtype, shard_tokens),
+                                ShardWriter(tmp, "val", dtype, shard_tokens))
+        reader = DocumentReader(resolved, glob, text_field)
+        tasks = _tasks(reader.pieces(), seed, val_fraction)
+        with EncoderPool(workers, tokenizer, tokenizer_dir) as pool:
+            bar = Progress(_total_bytes(resolved), progress)
+            try:
+                for train_tokens, val_tokens in pool.map(tasks):
+                    writers.train.write(train_tokens)
+                    writers.val.write(val_tokens)
+                    bar.update(reader.stats.bytes, train_tokens.size + val_tokens.size)
+            finally:
+                bar.close()
+        shards = {name: getattr(writers, name).close() for name in SPLITS}
+        if not shards["train"]:
+            raise UserError(f"sources {' '.join(sources)}: every document went to the val split; "
+                            "lower --val-fraction or add documents")
+        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, shards, reader.stats, val_fraction,
+                             seed, shard_tokens, glob, text_field, time.monotonic() - started)
+        write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", dtype: np.dtype,
+              shards: dict[str, list[tuple[str, int]]], stats: SourceStats, val_fraction: float, seed: int,
+              shard_tokens: int, glob: str | None, text_field: str, seconds: float) -> dict[str, Any]:
+    splits = {name: {"tokens": sum(n for _, n in files), "shards": [{"file": f, "tokens": n} for f, n in files]}
+              for name, files in shards.items()}
+    warnings = []
+    if val_fraction > 0 and not splits["val"]["tokens"]:
+        warnings.append(f"the val split is empty: no document piece was drawn at --val-fraction {val_fraction}")
+    if stats.skipped_binary_files:
+        warnings.append(f"skipped {stats.skipped_binary_files} binary file(s) (NUL bytes)")
+    if stats.invalid_utf8_files:
+        warnings.append(f"replaced {stats.invalid_utf8_replacements} invalid UTF-8 sequence(s) in "
+                        f"{stats.invalid_utf8_files} file(s)")
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "gptforge_version": __version__,
+        "tokenizer": {"spec": str(tokenizer_spec), "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                      "eot_id": tokenizer.eot_id, "dir": TOKENIZER_DIR},
+        "dtype": dtype.name,
+        "splits": splits,
+        "counts": {"tokens": sum(s["tokens"] for s in splits.values()), **stats.to_dict()},
+        "sources": [str(s) for s in sources],
+        "glob": glob,
+        "text_field": text_field,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+        "seconds": round(seconds, 3),
+        "warnings": warnings,
+    }
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a prepared directory, or a UserError saying how to get one."""
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise UserError(f"{data_dir} has no {MANIFEST_FILE}; it is not (completely) prepared — run gptforge prepare")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); prepare the data again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path} is not a gptforge prepared-data manifest; prepare the data again")
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise UserError(f"{path} has format version {manifest.get('format_version')}, this gptforge reads "
+                        f"{MANIFEST_VERSION}; prepare the data again")
+    return manifest
