@@ -212,6 +212,12 @@ class _SplitWriters:
         return self.val if split else self.train
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_out_dir(out_dir: Path, force: bool) -> bool:
     """Whether an existing out_dir may be replaced; refuse a non-empty one unless forced."""
     if not out_dir.exists():
@@ -245,6 +251,7 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
     started = time.monotonic()
 
     with atomic_directory(out_dir, overwrite=replace) as tmp:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; prepared data is ordinary output
         tokenizer = build_tokenizer(tokenizer_spec, resolved, glob, text_field)
         tokenizer_dir = tmp / TOKENIZER_DIR
         tokenizer.save(tokenizer_dir)
@@ -320,3 +327,13 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path} has format version {manifest.get('format_version')}, this gptforge reads "
                         f"{MANIFEST_VERSION}; prepare the data again")
     return manifest
+
+
+def summary(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
+    """A few lines for the user: where the data is, how much, and anything skipped or replaced."""
+    counts, splits, tok = manifest["counts"], manifest["splits"], manifest["tokenizer"]
+    lines = [f"prepared {out_dir}: {counts['documents']:,} documents, {counts['bytes']:,} bytes -> "
+             f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens "
+             f"({tok['kind']} tokenizer, vocab {tok['vocab_size']:,}, {manifest['dtype']}) in {manifest['seconds']:.1f} s"]
+    lines += [f"warning: {w}" for w in manifest["warnings"]]
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""`gptforge prepare`: tokenize text sources into train/val token shards plus manifest and tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare", help="tokenize text files, folders, JSONL, Parquet or hf: datasets into token shards",
+        description=__doc__ + " SOURCE is a text file, a folder (recursive), a .jsonl or .parquet file, "
+        "hf:NAME[:CONFIG] (a Hugging Face dataset, streamed) or builtin:pystdlib (Python's standard library).")
+    parser.add_argument("sources", nargs="+", metavar="SOURCE", help="where the text comes from (see above)")
+    parser.add_argument("--tokenizer", default="gpt2", metavar="SPEC",
+                        help="gpt2 (default), char, bpe:VOCAB_SIZE (trained on the sources) or a tokenizer directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must be new or empty)")
+    parser.add_argument("--glob", default=None, metavar="PATTERN",
+                        help="only files matching PATTERN inside folders, e.g. '*.txt' or 'books/*.md'")
+    parser.add_argument("--text-field", default="text", metavar="NAME",
+                        help="the text field of JSONL/Parquet/hf: records (default: text)")
+    parser.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                        help="share of documents for the val split (default 0.05)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="tokenizer processes (default: the CPU count)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    parser.add_argument("--shard-tokens", type=int, default=None, metavar="N",
+                        help="tokens per shard file at most (default 100,000,000)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out once the new data is complete")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare, summary
+
+    manifest = prepare(
+        args.sources, args.tokenizer, args.out, glob=args.glob, text_field=args.text_field,
+        val_fraction=DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
+        workers=args.workers, seed=args.seed,
+        shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, force=args.force, progress=not args.quiet)
+    print(summary(manifest, args.out))
+    return 0
