@@ -1,0 +1,24 @@
+"""Training: the loop (`train`, `Trainer`), AdamW set-up, LR schedules, atomic checkpoints with exact resume,
+metrics and plots, and the offline demo.
+
+Light on import: `gptforge.loading` imports `checkpoint` from here, so the trainer (and matplotlib) load
+only when used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import latest_valid_checkpoint
+
+__all__ = ["Trainer", "TrainResult", "latest_valid_checkpoint", "run_demo", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Trainer", "TrainResult", "train"):
+        from . import trainer
+        return getattr(trainer, name)
+    if name == "run_demo":
+        from .demo import run_demo
+        return run_demo
+    raise AttributeError(name)

@@ -1,0 +1,243 @@
+"""Checkpoints that survive crashes: one directory per step, written atomically and checksummed.
+
+`checkpoints/step_N/` holds `model.safetensors` (gptforge.weights), `optimizer.safetensors` (AdamW moments
+and step counts, no pickle), `state.json` (step, tokens seen, loader position, RNG states, anything the
+trainer needs to continue bit for bit) and `checksums.json` (sha256 of each). The directory is built
+under a temporary name and renamed into place (gptforge.atomic.atomic_directory), so a kill or a full
+disk mid-save leaves the previous checkpoint as the newest one. Checksums catch what the rename cannot:
+a file damaged or truncated afterwards (copying, a bad disk); such a checkpoint is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import atomic
+from ..errors import UserError
+from ..weights import WEIGHTS_FILE, read_weights, save_weights
+
+CHECKPOINTS_DIR = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+CHECKSUMS_FILE = "checksums.json"
+REQUIRED_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Test hook: seconds to sleep half-way through writing a checkpoint, so a test can kill the process there.
+SLEEP_HOOK_ENV = "GPTFORGE_TEST_CHECKPOINT_SLEEP"
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every finished checkpoint directory, oldest first (temporary ones are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """None if the checkpoint at `path` is complete and every file matches its checksum, else why not."""
+    path = Path(path)
+    sums_file = path / CHECKSUMS_FILE
+    if not sums_file.is_file():
+        return f"{CHECKSUMS_FILE} is missing"
+    try:
+        sums = json.loads(sums_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{CHECKSUMS_FILE} is not valid JSON"
+    for name in REQUIRED_FILES:
+        if name not in sums:
+            return f"{name} is not listed in {CHECKSUMS_FILE}"
+    for name, expected in sums.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != expected:
+            return f"{name} does not match its checksum (truncated or damaged)"
+    return None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def latest_valid_checkpoint(run_dir: str | os.PathLike,
+                            report: Callable[[str], None] | None = _stderr) -> Path | None:
+    """The newest checkpoint of `run_dir` whose files all match their checksums; broken newer ones are
+    reported (one line each) and skipped. None when there is no valid checkpoint."""
+    for step, path in reversed(list_checkpoints(run_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if report:
+            report(f"gptforge: checkpoint {path} is unusable ({problem}); skipping it for an earlier one")
+    return None
+
+
+# ---- optimizer state <-> safetensors ----------------------------------------------------------------
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimizer's state into named tensors plus JSON metadata (its param groups).
+
+    State is keyed by parameter *name* (from each group's "names"), not position, so a checkpoint cannot be
+    loaded into a differently ordered model without an error.
+    """
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group in sd["param_groups"]:
+        names = group.get("names") or [f"param_{i}" for i in group["params"]]
+        for index, name in zip(group["params"], names):
+            for key, value in sd["state"].get(index, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{name}::{key}"] = value.detach().to("cpu").contiguous()
+                else:
+                    scalars.setdefault(name, {})[key] = value
+        groups.append({k: v for k, v in group.items() if k != "params"})
+    metadata = {"param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
+    return tensors, metadata
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           metadata: dict[str, str], source: str) -> None:
+    """Inverse of `optimizer_tensors`: rebuild the state dict by parameter name and load it."""
+    saved_groups = json.loads(metadata["param_groups"])
+    scalars = json.loads(metadata.get("scalars", "{}"))
+    current = optimizer.state_dict()
+    if len(saved_groups) != len(current["param_groups"]):
+        raise UserError(f"optimizer state in {source} has {len(saved_groups)} parameter groups, this run has "
+                        f"{len(current['param_groups'])}; start a fresh run or resume with the same setup")
+    state: dict[int, dict[str, Any]] = {}
+    groups = []
+    for saved, group in zip(saved_groups, current["param_groups"]):
+        names = group.get("names") or [f"param_{i}" for i in group["params"]]
+        if saved.get("names", names) != names:
+            raise UserError(f"optimizer state in {source} is for different parameters than this model; "
+                            "resume with the model configuration the run was started with")
+        for index, name in zip(group["params"], names):
+            entry = {key.split("::", 1)[1]: t for key, t in tensors.items() if key.split("::", 1)[0] == name}
+            entry.update(scalars.get(name, {}))
+            if entry:
+                state[index] = entry
+        groups.append({**saved, "params": group["params"]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---- save / load --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints.
+
+    `model` must be the plain GPT (not a compiled or distributed wrapper). An OSError while writing (e.g.
+    a full disk) leaves no partial directory and every earlier checkpoint untouched.
+    """
+    final = checkpoint_dir(run_dir, step)
+    with atomic.atomic_directory(final, overwrite=True) as tmp:
+        save_weights(model, tmp / WEIGHTS_FILE)
+        delay = float(os.environ.get(SLEEP_HOOK_ENV, "0") or 0)
+        if delay > 0:
+            time.sleep(delay)
+        tensors, metadata = optimizer_tensors(optimizer)
+        with atomic.atomic_file(tmp / OPTIMIZER_FILE) as f:
+            save_file(tensors, str(f), metadata=metadata)
+        atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=_json_default))
+        sums = {name: _sha256(tmp / name) for name in REQUIRED_FILES}
+        atomic.write_text(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints, and leftovers of interrupted saves."""
+    for _, path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_partial_saves(run_dir: str | os.PathLike) -> None:
+    """Delete `.tmp-*` directories a killed save left behind (call only when no other writer runs)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(atomic.TMP_PREFIX):
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in {STATE_FILE}")
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Load weights (and optimizer state) from checkpoint `path` into `model`; return its state.json.
+
+    Refuses a checkpoint whose model shape differs from `model`'s, naming the differing fields.
+    """
+    from ..weights import load_state_into
+
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is unusable ({problem}); pass an earlier checkpoint or --resume auto")
+    saved_config, tensors = read_weights(path / WEIGHTS_FILE)
+    differing = model_config_differences(saved_config.to_dict(), model.config.to_dict())
+    if differing:
+        raise UserError(f"checkpoint {path} was trained with a different model shape ({differing}); "
+                        "resume with the run's own model settings or start a new run with another --out")
+    device = next(model.parameters()).device
+    load_state_into(model, {k: v.to(device) for k, v in tensors.items()}, str(path))
+    if optimizer is not None:
+        try:
+            opt_tensors = load_file(str(path / OPTIMIZER_FILE), device=str(device))
+            from safetensors import safe_open
+            with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"optimizer state {path / OPTIMIZER_FILE} is unreadable ({e}); "
+                            "resume from an earlier checkpoint") from None
+        load_optimizer_tensors(optimizer, opt_tensors, metadata, str(path))
+    return read_state(path)
+
+
+def model_config_differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """"n_layer: 4 in the checkpoint vs 6 now, ..." for every field that differs ('' when none)."""
+    keys = sorted(set(saved) | set(current))
+    return ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint vs {current.get(k)!r} now"
+                     for k in keys if saved.get(k) != current.get(k))
