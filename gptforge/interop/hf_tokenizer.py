@@ -222,9 +222,28 @@ def read_hf_tokenizer(directory: str | Path) -> "Tokenizer | None":
         if is_gpt2_vocab(vocab):
             from ..tokenizer.gpt2 import GPT2Tokenizer
             return GPT2Tokenizer()
-    except UserError:  # no GPT-2 ranks on this machine: we cannot tell, so do not guess
+    except UserError:  # no GPT-2 ranks on this machine: fall back to the tokenizer.json itself
+        pass
+    return _read_bpe(directory)
+
+
+def _read_bpe(directory: Path) -> "Tokenizer | None":
+    """A byte-level BPE tokenizer.json with an <|endoftext|> special token is exactly our bpe kind."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ..tokenizer.bpe import BPETokenizer
+
+    path = directory / HF_TOKENIZER_JSON
+    if not path.is_file():
         return None
-    return None
+    try:
+        hf = HFTokenizer.from_file(str(path))
+    except Exception:  # tokenizers raises a bare Exception on schema errors
+        return None
+    if type(hf.pre_tokenizer).__name__ != "ByteLevel" or EOT not in {
+            t.content for t in hf.get_added_tokens_decoder().values() if t.special}:
+        return None
+    return BPETokenizer(hf)
 
 
 def _read_char(directory: Path) -> "Tokenizer | None":

@@ -1,0 +1,46 @@
+"""`gptforge export`: write a model as a Hugging Face directory (transformers, lm-eval) or a GGUF file
+(llama.cpp). Models that a format cannot represent exactly are refused, never approximated."""
+
+from __future__ import annotations
+
+import argparse
+
+FORMATS = ("hf", "gguf")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export a model to Hugging Face (hf) or llama.cpp (gguf)",
+                                   description=__doc__)
+    parser.add_argument("--model", required=True, help="run dir, checkpoint dir, .safetensors, hf:DIR or preset")
+    parser.add_argument("--format", required=True, help="hf (a transformers directory) or gguf (one .gguf file)")
+    parser.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    parser.add_argument("--dtype", default=None,
+                        help="weights precision: hf f32|f16|bf16 (default f32); gguf f32|f16|bf16|q8_0 (default f16)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer to include when the model has none saved beside it: gpt2 or a directory")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import UserError
+
+    if args.format not in FORMATS:
+        raise UserError(f"--format {args.format!r} is not supported; choose one of {', '.join(FORMATS)}")
+    from ..loading import load_model
+    from ..tokenizer import get_tokenizer
+
+    model, tokenizer = load_model(args.model)
+    if args.tokenizer is not None:
+        tokenizer = get_tokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise UserError(f"--model {args.model} has no tokenizer saved beside it; pass --tokenizer gpt2 or a "
+                        "tokenizer directory so the export can be used for text")
+    if args.format == "hf":
+        from ..interop.hf import export_hf
+        out = export_hf(model, tokenizer, args.out, force=args.force, dtype=args.dtype or "f32")
+    else:
+        from ..interop.gguf import export_gguf
+        out = export_gguf(model, tokenizer, args.out, force=args.force, dtype=args.dtype or "f16")
+    print(f"exported {args.model} as {args.format} to {out}")
+    return 0
