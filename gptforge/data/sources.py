@@ -33,7 +33,7 @@ READ_BYTES = 1 << 20
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 BUILTIN_SOURCES = ("builtin:pystdlib",)
-_PYSTDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+_PYSTDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 _MAX_EXAMPLES = 10
 
 # A safe cut: just after a lone newline between two non-space characters, or just before a lone space
@@ -100,11 +100,14 @@ def _matches(relative: Path, pattern: str | None) -> bool:
     return fnmatch.fnmatchcase(target, pattern)
 
 
-def list_folder(folder: Path, pattern: str | None = None) -> list[Path]:
-    """Files under `folder` (recursively, hidden entries skipped) matching `pattern`, in sorted order."""
+def list_folder(folder: Path, pattern: str | None = None, exclude_dirs: frozenset[str] = frozenset()) -> list[Path]:
+    """Files under `folder` matching `pattern`: recursive, hidden entries and `exclude_dirs` skipped.
+
+    The order is fixed (each folder's files by name, then its subfolders by name), so output is reproducible.
+    """
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in exclude_dirs)
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -117,8 +120,7 @@ def list_folder(folder: Path, pattern: str | None = None) -> list[Path]:
 def pystdlib_files() -> list[Path]:
     """The Python standard library's .py files, test directories excluded, in sorted order (~12 MB)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in list_folder(root, "*.py")
-             if not _PYSTDLIB_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1])]
+    files = list_folder(root, "*.py", _PYSTDLIB_EXCLUDED_DIRS)
     if not files:
         raise UserError(f"builtin:pystdlib: no .py files found under {root}; name a text source instead")
     return files
