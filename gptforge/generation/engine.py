@@ -74,6 +74,7 @@ class TokenGenerator:
             self.histories.append(prompt)
         self.device = model.transformer.wte.weight.device
         self.generated = [0] * len(prompts)
+        self.starts = [0] * len(prompts)  # each row's context is histories[i][starts[i]:]
         self.rows = list(range(len(prompts)))  # original index of each row of the current batch
         self.sampler = Sampler(configs, seeds, self.histories, model.config.vocab_size, self.device)
         self._finished: set[int] = set()
@@ -109,7 +110,7 @@ class TokenGenerator:
                 return
             if self.cache.length >= self.cache.capacity:
                 self._select(live)
-                logits = self._prefill([self._window(self.histories[i]) for i in self.rows])
+                logits = self._prefill([self._window(i) for i in self.rows])
                 continue
             if len(live) <= (1 - COMPACT_FRACTION) * len(self.rows):
                 self._select(live)
@@ -124,9 +125,13 @@ class TokenGenerator:
         if self.cache is not None:
             self.cache.select(live)
 
-    def _window(self, history: list[int]) -> list[int]:
-        """What a row conditions on after a slide: cut to the last `context_keep` only if it overflows."""
-        return history[-self.context_keep:] if len(history) > self.block_size else history
+    def _window(self, index: int) -> list[int]:
+        """What row `index` conditions on after a slide: its current context, cut to the last
+        `context_keep` tokens only if that context itself has outgrown the model's."""
+        history = self.histories[index]
+        if len(history) - self.starts[index] > self.block_size:
+            self.starts[index] = len(history) - self.context_keep
+        return history[self.starts[index]:]
 
     def _prefill(self, sequences: list[list[int]]) -> torch.Tensor:
         width = max(len(s) for s in sequences)

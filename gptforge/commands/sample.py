@@ -1,0 +1,163 @@
+"""`gptforge sample`: complete a prompt (argument, --prompt-file or stdin), or chat-free interactive loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import UserError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sample", help="generate text from a model",
+        description="Generate text from a model with a KV cache. The prompt comes from the PROMPT argument, "
+                    "--prompt-file or standard input; with none of them on a terminal, an interactive loop.")
+    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="text to continue")
+    p.add_argument("--model", required=True, help="run directory, checkpoint, .safetensors, hf:DIR or preset name")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample (default 256)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already present (sign-aware, as transformers; 1 = off)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample at this text (not printed); repeatable")
+    p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
+                   help="keep generating past the end-of-text token")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per seed (default 1), generated as a batch")
+    p.add_argument("--seed", type=int, action="append", default=None, metavar="N",
+                   help="random seed; repeat for several seeds, each printed with its samples")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: one JSON object (with --stream: one JSON line per token)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.set_defaults(func=run)
+
+
+def read_prompt(args: argparse.Namespace) -> str | None:
+    """The prompt from the argument, --prompt-file or piped stdin; None means "ask interactively"."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UserError("give the prompt either as an argument or with --prompt-file, not both")
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise UserError(f"--prompt-file {args.prompt_file}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompt-file {args.prompt_file}: cannot read it as UTF-8 text ({e})") from None
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generate import SamplingConfig
+    from ..loading import load_model
+
+    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                            no_repeat_ngram=args.no_repeat_ngram, stop=tuple(args.stop),
+                            stop_at_eot=args.stop_at_eot)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples: must be a positive integer, got {args.num_samples}")
+    prompt = read_prompt(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype_name = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype_name == "float16" and device == "cpu":
+        raise UserError("--dtype float16 is extremely slow on CPU; use float32 or bfloat16")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise UserError(f"--device {device}: not available here ({str(e).splitlines()[0]})") from None
+    model, tokenizer = load_model(args.model, device, getattr(torch, dtype_name))
+    if tokenizer is None:
+        if model.config.vocab_size != 50257:
+            raise UserError(f"--model {args.model}: no tokenizer saved with it and its vocabulary "
+                            f"({model.config.vocab_size}) is not GPT-2's; use a run or checkpoint directory")
+        from ..tokenizer import get_tokenizer
+        tokenizer = get_tokenizer("gpt2")
+    seeds = args.seed or [None]
+
+    if prompt is not None:
+        _sample(model, tokenizer, prompt, config, args, seeds)
+        return 0
+    while True:  # interactive: one prompt per line until end of input
+        try:
+            line = input("prompt> ")
+        except EOFError:
+            print()
+            return 0
+        _sample(model, tokenizer, line, config, args, seeds)
+
+
+def _sample(model, tokenizer, prompt: str, config, args: argparse.Namespace, seeds: list[int | None]) -> None:
+    from ..generate import generate
+
+    n = args.num_samples
+    results = []
+    for seed in seeds:
+        label = f"seed {seed}" if seed is not None else "unseeded"
+        events = generate(model, tokenizer, prompt, config, num_samples=n, seed=seed)
+        if args.stream and args.json:
+            for e in events:
+                print(json.dumps({"seed": seed, "sample": e.index, "token": e.token, "text": e.text,
+                                  "finish_reason": e.finish_reason}), flush=True)
+            continue
+        if args.stream:
+            _print_streaming(events, prompt, n, label if len(seeds) > 1 or n > 1 else None)
+            continue
+        texts, reasons = [""] * n, [None] * n
+        for e in events:
+            texts[e.index] += e.text
+            reasons[e.index] = e.finish_reason or reasons[e.index]
+        for i in range(n):
+            results.append({"seed": seed, "sample": i, "prompt": prompt, "text": texts[i],
+                            "finish_reason": reasons[i]})
+            if not args.json:
+                if len(seeds) > 1 or n > 1:
+                    print(f"=== {label}, sample {i + 1}/{n} ===")
+                print(prompt + texts[i], flush=True)
+    if args.json and not args.stream:
+        print(json.dumps({"model": args.model, "samples": results}, ensure_ascii=False, indent=2))
+
+
+def _print_streaming(events, prompt: str, n: int, label: str | None) -> None:
+    """Stream sample 0 live; later samples are buffered while earlier ones run, then continue live, so the
+    output reads one sample after another."""
+    buffered = [""] * n
+    done = [False] * n
+    current = 0
+
+    def start(i: int) -> None:
+        if label:
+            print(f"\n=== {label}, sample {i + 1}/{n} ===")
+        print(prompt + buffered[i], end="", flush=True)
+
+    start(0)
+    for e in events:
+        if e.index == current:
+            print(e.text, end="", flush=True)
+        else:
+            buffered[e.index] += e.text
+        if e.finish_reason:
+            done[e.index] = True
+        while current < n and done[current]:
+            print(flush=True)
+            current += 1
+            if current < n:
+                start(current)
