@@ -132,7 +132,9 @@ class BPETokenizer(Tokenizer):
         return self._plain.encode(text, add_special_tokens=False).ids
 
     def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.20) skips character offsets, which we never use.
+        encode = getattr(self._plain, "encode_batch_fast", self._plain.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         self._check_ids(ids)

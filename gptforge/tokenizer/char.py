@@ -54,7 +54,11 @@ class CharTokenizer(Tokenizer):
         if ids != list(range(n, n + len(ids))):
             raise UserError(f"char tokenizer special token ids must follow the {n} characters: {n}, {n + 1}, ...")
         self.chars = chars
-        self._code_points = _code_points("".join(chars))
+        # id of each code point up to the largest in the vocabulary; -1 = unseen (the last slot catches
+        # everything larger). A table lookup is ~10x faster than a binary search per character.
+        points = _code_points("".join(chars))
+        self._lookup = np.full(int(points.max()) + 2, -1, dtype=np.int32)
+        self._lookup[points] = np.arange(n, dtype=np.int32)
         self._id_to_text = chars + [self._special_by_id[i] for i in ids]
         self.unknown_chars: collections.Counter[str] = collections.Counter()
         self._warned = False
@@ -81,10 +85,9 @@ class CharTokenizer(Tokenizer):
         points = _code_points(text)
         if points.size == 0:
             return []
-        ids = np.searchsorted(self._code_points, points)
-        known = self._code_points[np.minimum(ids, len(self._code_points) - 1)] == points
-        if not known.all():
-            unknown = ~known
+        ids = self._lookup[np.minimum(points, len(self._lookup) - 1)]
+        unknown = ids < 0
+        if unknown.any():
             ids[unknown] = self.unk_id
             self._report_unknown(points[unknown])
         return ids.tolist()
@@ -121,4 +124,7 @@ class CharTokenizer(Tokenizer):
         chars = read_json(directory / VOCAB_FILE, "char tokenizer vocabulary")
         if not isinstance(chars, list):
             raise UserError(f"{directory / VOCAB_FILE}: expected a list of characters; save the tokenizer again")
-        return cls(chars, specials)
+        try:
+            return cls(chars, specials)
+        except UserError as e:
+            raise UserError(f"saved char tokenizer {directory}: {e}; save the tokenizer again") from None
