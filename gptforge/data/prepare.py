@@ -259,7 +259,7 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
         writers = _SplitWriters(ShardWriter(tmp, "train", dtype, shard_tokens),
                                 ShardWriter(tmp, "val", dtype, shard_tokens))
         reader = DocumentReader(resolved, glob, text_field)
-        tasks = _tasks(reader.pieces(), seed, val_fraction)
+        tasks = _tasks(reader.pieces(), seed, val_fraction, TASK_CHARS)
         with EncoderPool(workers, tokenizer, tokenizer_dir) as pool:
             bar = Progress(_total_bytes(resolved), progress)
             try:

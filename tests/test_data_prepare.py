@@ -1,0 +1,301 @@
+"""prepare: right token counts for every source kind, a deterministic split, all-or-nothing output."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptforge.data.prepare import prepare, read_manifest, split_of
+from gptforge.data.shards import check_shard_ids, open_shard
+from gptforge.errors import UserError
+
+from conftest import TINY_SHAKESPEARE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def gpt2(gpt2_ranks):
+    from gptforge.tokenizer import get_tokenizer
+    return get_tokenizer("gpt2")
+
+
+def documents(n=40, seed=0):
+    """Small distinct documents of varied length, cut from Tiny Shakespeare."""
+    text = TINY_SHAKESPEARE.read_text(encoding="utf-8")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(text) - 3000, size=n)
+    return [text[s:s + int(rng.integers(50, 3000))] for s in starts]
+
+
+def split_tokens(out):
+    manifest = read_manifest(out)
+    return {name: np.concatenate([open_shard(out / s["file"]) for s in split["shards"]] or [np.zeros(0)])
+            for name, split in manifest["splits"].items()}
+
+
+def expected_split(tokenizer, docs, seed, val_fraction):
+    """Each document (all shorter than a piece) encoded directly, eot after it, in the split its hash picks."""
+    parts = {"train": [], "val": []}
+    for i, doc in enumerate(docs):
+        parts["val" if split_of(i, seed, val_fraction) else "train"] += tokenizer.encode(doc) + [tokenizer.eot_id]
+    return parts
+
+
+def write_jsonl(path, docs, field="text"):
+    path.write_text("".join(json.dumps({field: d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def check_against_direct(out, tokenizer, docs, seed=0, val_fraction=0.2):
+    expected = expected_split(tokenizer, docs, seed, val_fraction)
+    got = split_tokens(out)
+    assert got["train"].tolist() == expected["train"]
+    assert got["val"].tolist() == expected["val"]
+    assert 0 < len(expected["val"]) < len(expected["train"])  # the fixture really exercises both splits
+    manifest = read_manifest(out)
+    assert manifest["counts"]["documents"] == len(docs)
+    assert manifest["counts"]["tokens"] == len(expected["train"]) + len(expected["val"])
+    assert manifest["tokenizer"] == {"spec": "gpt2", "kind": "gpt2", "vocab_size": 50257, "eot_id": 50256,
+                                     "dir": "tokenizer"}
+    assert manifest["dtype"] == "uint16"
+
+
+def test_text_files_in_a_folder_with_glob(tmp_path, gpt2):
+    docs = documents()
+    folder = tmp_path / "corpus"
+    for i, doc in enumerate(docs):
+        (folder / f"part{i // 10}").mkdir(parents=True, exist_ok=True)
+        (folder / f"part{i // 10}" / f"{i:03d}.txt").write_text(doc, encoding="utf-8")
+        (folder / f"part{i // 10}" / f"{i:03d}.md").write_text("not me", encoding="utf-8")
+    out = tmp_path / "out"
+    prepare([str(folder)], "gpt2", out, glob="*.txt", val_fraction=0.2, workers=1)
+    check_against_direct(out, gpt2, docs)
+    assert read_manifest(out)["counts"]["files"] == len(docs)
+
+
+def test_single_text_file(tmp_path, gpt2):
+    doc = documents(1)[0]
+    (tmp_path / "a.txt").write_text(doc, encoding="utf-8")
+    manifest = prepare([str(tmp_path / "a.txt")], "gpt2", tmp_path / "out", val_fraction=0, workers=1)
+    assert split_tokens(tmp_path / "out")["train"].tolist() == gpt2.encode(doc) + [gpt2.eot_id]
+    assert manifest["splits"]["val"] == {"tokens": 0, "shards": []}
+
+
+def test_jsonl_with_two_workers_and_small_shards(tmp_path, gpt2):
+    docs = documents()
+    out = tmp_path / "out"
+    manifest = prepare([str(write_jsonl(tmp_path / "d.jsonl", docs))], "gpt2", out, val_fraction=0.2, workers=2,
+                       shard_tokens=1000)
+    check_against_direct(out, gpt2, docs)
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    assert all(s["tokens"] <= 1000 for s in manifest["splits"]["train"]["shards"])
+
+
+def test_parquet(tmp_path, gpt2):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = documents()
+    pq.write_table(pa.table({"content": docs}), tmp_path / "d.parquet")
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "d.parquet")], "gpt2", out, text_field="content", val_fraction=0.2, workers=1)
+    check_against_direct(out, gpt2, docs)
+
+
+def test_hf_dataset_via_local_files(tmp_path, gpt2, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    docs = documents()
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "ds" / "train.jsonl", docs)
+    out = tmp_path / "out"
+    prepare([f"hf:{tmp_path / 'ds'}"], "gpt2", out, val_fraction=0.2, workers=1)
+    check_against_direct(out, gpt2, docs)
+
+
+def test_split_is_deterministic_and_seeded(tmp_path, gpt2):
+    source = str(write_jsonl(tmp_path / "d.jsonl", documents(60)))
+    runs = {}
+    for name, seed, workers in (("a", 0, 1), ("b", 0, 2), ("c", 1, 1)):
+        prepare([source], "gpt2", tmp_path / name, val_fraction=0.3, workers=workers, seed=seed)
+        runs[name] = {f.name: f.read_bytes() for f in sorted((tmp_path / name).glob("*.bin"))}
+    assert runs["a"] == runs["b"]
+    assert runs["a"]["val_000000.bin"] != runs["c"]["val_000000.bin"]
+
+
+def test_one_long_document_still_gets_a_val_split(tmp_path, gpt2):
+    manifest = prepare([str(TINY_SHAKESPEARE)], "gpt2", tmp_path / "out", val_fraction=0.1, workers=2)
+    train, val = manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]
+    assert train + val == len(gpt2.encode(TINY_SHAKESPEARE.read_text(encoding="utf-8"))) + 1
+    assert 0.03 < val / (train + val) < 0.25
+    assert manifest["counts"]["documents"] == 1
+
+
+def test_char_tokenizer_is_trained_saved_and_ids_fit(tmp_path):
+    from gptforge.tokenizer import load_tokenizer
+
+    docs = ["abc abc", "cab ba", "zzz"]
+    out = tmp_path / "out"
+    manifest = prepare([str(write_jsonl(tmp_path / "d.jsonl", docs))], "char", out, val_fraction=0, workers=1)
+    tokenizer = load_tokenizer(out / "tokenizer")
+    assert tokenizer.kind == "char" and manifest["tokenizer"]["vocab_size"] == tokenizer.vocab_size
+    expected = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eot_id]]
+    assert split_tokens(out)["train"].tolist() == expected
+    check_shard_ids(out / "train_000000.bin", tokenizer.vocab_size)
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        check_shard_ids(out / "train_000000.bin", tokenizer.vocab_size - 3)
+
+
+def test_bpe_tokenizer_is_trained_on_the_sources(tmp_path):
+    from gptforge.tokenizer import load_tokenizer
+
+    docs = documents(30)
+    out = tmp_path / "out"
+    manifest = prepare([str(write_jsonl(tmp_path / "d.jsonl", docs))], "bpe:400", out, val_fraction=0, workers=1)
+    tokenizer = load_tokenizer(out / "tokenizer")
+    assert tokenizer.kind == "bpe" and manifest["tokenizer"]["vocab_size"] == tokenizer.vocab_size <= 400
+    expected = [t for d in docs for t in tokenizer.encode(d) + [tokenizer.eot_id]]
+    assert split_tokens(out)["train"].tolist() == expected
+
+
+def test_saved_tokenizer_directory_is_accepted(tmp_path):
+    source = str(write_jsonl(tmp_path / "d.jsonl", ["hello there", "general"]))
+    prepare([source], "char", tmp_path / "first", val_fraction=0, workers=1)
+    manifest = prepare([source], str(tmp_path / "first" / "tokenizer"), tmp_path / "second", val_fraction=0, workers=1)
+    assert manifest["tokenizer"]["kind"] == "char"
+    assert (tmp_path / "first" / "train_000000.bin").read_bytes() == (tmp_path / "second" / "train_000000.bin").read_bytes()
+
+
+def test_binary_and_invalid_utf8_are_reported(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_bytes(b"good text \xff here")
+    (tmp_path / "src" / "b.png").write_bytes(b"\x89PNG\x00\x00\x00")
+    manifest = prepare([str(tmp_path / "src")], "char", tmp_path / "out", val_fraction=0, workers=1)
+    counts = manifest["counts"]
+    assert counts["skipped_binary_files"] == 1 and counts["invalid_utf8_replacements"] == 1
+    assert counts["documents"] == 1 and counts["invalid_utf8_files"] == 1
+    assert any("binary" in w for w in manifest["warnings"]) and any("UTF-8" in w for w in manifest["warnings"])
+
+
+def leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".tmp-"))
+
+
+@pytest.mark.parametrize("make_source,message", [
+    (lambda d: d / "missing.txt", "no such file"),
+    (lambda d: (d / "empty.txt").write_bytes(b"") and d / "empty.txt" or d / "empty.txt", "file is empty"),
+    (lambda d: (d / "f").mkdir() or (d / "f" / "a.md").write_text("x") and d / "f", "no files matching"),
+    (lambda d: (d / "b").mkdir() or (d / "b" / "x.bin").write_bytes(b"\0\1") and d / "b", "no text found"),
+])
+def test_bad_sources_leave_nothing(tmp_path, make_source, message):
+    source = make_source(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message):
+        prepare([str(source)], "char", out, glob="*.txt" if message == "no files matching" else None, workers=1)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_out_dir_rules(tmp_path):
+    source = str(write_jsonl(tmp_path / "d.jsonl", ["one doc", "two doc"]))
+    out = tmp_path / "out"
+    out.mkdir()
+    prepare([source], "char", out, workers=1, val_fraction=0)  # an empty directory is fine
+    with pytest.raises(UserError, match="not empty; .* --force"):
+        prepare([source], "char", out, workers=1, val_fraction=0)
+    write_jsonl(tmp_path / "d.jsonl", ["another"])
+    manifest = prepare([source], "char", out, workers=1, val_fraction=0, force=True)
+    assert manifest["counts"]["documents"] == 1 and read_manifest(out)["counts"]["documents"] == 1
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        prepare([source], "char", tmp_path / "file", workers=1)
+    with pytest.raises(UserError, match="--val-fraction"):
+        prepare([source], "char", tmp_path / "x", val_fraction=1.5)
+    with pytest.raises(UserError, match="--tokenizer nope"):
+        prepare([source], "nope", tmp_path / "x")
+    with pytest.raises(UserError, match="bpe:VOCAB_SIZE"):
+        prepare([source], "bpe:many", tmp_path / "x")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupt_leaves_nothing_and_keeps_the_old_data(tmp_path, monkeypatch, workers):
+    from gptforge.data import shards
+
+    source = str(write_jsonl(tmp_path / "d.jsonl", documents(200)))
+    out = tmp_path / "out"
+    prepare([source], "char", out, workers=1, val_fraction=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    calls = {"n": 0}
+    original = shards.ShardWriter.write
+
+    def interrupted(self, tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self, tokens)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", interrupted)
+    import gptforge.data.prepare as prepare_module
+    monkeypatch.setattr(prepare_module, "TASK_CHARS", 2000)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([source], "char", out, workers=workers, val_fraction=0, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert leftovers(tmp_path) == []
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        prepare([source], "char", tmp_path / "new", workers=workers, val_fraction=0)
+    assert not (tmp_path / "new").exists() and leftovers(tmp_path) == []
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "gptforge", "prepare", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    result = run_cli(str(tmp_path / "nope.txt"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gptforge prepare: error: ") and "nope.txt" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prepares(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["some text", "more text"])
+    result = run_cli("d.jsonl", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "prepared out: 2 documents" in result.stdout
+    assert read_manifest(tmp_path / "out")["counts"]["documents"] == 2
+
+
+def make_long_line(path, megabytes):
+    block = ("lorem ipsum dolor sit amet " * 40_000)[:1 << 20].encode()
+    with open(path, "wb") as f:
+        for _ in range(megabytes):
+            f.write(block)
+    return len(block) * megabytes
+
+
+def test_long_single_line(tmp_path):
+    size = make_long_line(tmp_path / "line.txt", 8)
+    manifest = prepare([str(tmp_path / "line.txt")], "char", tmp_path / "out", workers=1, val_fraction=0.1)
+    assert manifest["counts"]["tokens"] == size + 1 and manifest["counts"]["documents"] == 1
+
+
+@pytest.mark.slow
+def test_100mb_single_line_in_flat_memory(tmp_path):
+    size = make_long_line(tmp_path / "line.txt", 100)
+    result = run_cli("line.txt", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(tmp_path / "out")["counts"]["tokens"] == size + 1
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest single process
+    assert peak_mb < 700, f"peak RSS {peak_mb:.0f} MB for a 100 MB line"
