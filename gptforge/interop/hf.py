@@ -32,7 +32,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..model import GPT
 from ..weights import load_state_into
-from . import check_output
+from . import check_output, make_shareable
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -182,6 +182,7 @@ def export_hf(model: GPT, tokenizer: "Tokenizer | None", out: str | os.PathLike,
         if tokenizer is not None:
             from .hf_tokenizer import write_hf_tokenizer
             write_hf_tokenizer(tokenizer, tmp, model_max_length=model.config.block_size)
+        make_shareable(tmp)
     return out
 
 
