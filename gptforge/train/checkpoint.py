@@ -34,8 +34,18 @@ STATE_FILE = "state.json"
 CHECKSUMS_FILE = "checksums.json"
 REQUIRED_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# Test hook: seconds to sleep half-way through writing a checkpoint, so a test can kill the process there.
+# Test hook: "SECONDS" or "STEP:SECONDS" to sleep half-way through writing a checkpoint (every one, or only
+# that step's), so a test can kill the process mid-save.
 SLEEP_HOOK_ENV = "GPTFORGE_TEST_CHECKPOINT_SLEEP"
+
+
+def _test_sleep(step: int) -> None:
+    hook = os.environ.get(SLEEP_HOOK_ENV, "")
+    if not hook:
+        return
+    when, _, seconds = hook.rpartition(":")
+    if not when or int(when) == step:
+        time.sleep(float(seconds))
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -166,9 +176,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     final = checkpoint_dir(run_dir, step)
     with atomic.atomic_directory(final, overwrite=True) as tmp:
         save_weights(model, tmp / WEIGHTS_FILE)
-        delay = float(os.environ.get(SLEEP_HOOK_ENV, "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
+        _test_sleep(step)
         tensors, metadata = optimizer_tensors(optimizer)
         with atomic.atomic_file(tmp / OPTIMIZER_FILE) as f:
             save_file(tensors, str(f), metadata=metadata)

@@ -70,10 +70,11 @@ def resolve_run_config(config_file: str | None = None, preset: str | None = None
         explicit["train.out_dir"] = out
     explicit.update(_parse_set(overrides or []))
     config = apply_overrides(config, explicit)
-    return _fit_vocab(config, explicit_vocab="model.vocab_size" in explicit)
+    return fit_vocab_to_data(config, explicit_vocab="model.vocab_size" in explicit)
 
 
-def _fit_vocab(config: RunConfig, explicit_vocab: bool) -> RunConfig:
+def fit_vocab_to_data(config: RunConfig, explicit_vocab: bool) -> RunConfig:
+    """`config` with model.vocab_size taken from its data's tokenizer (checked, when set explicitly)."""
     from .trainer import data_vocab_size
 
     data_dir = Path(config.data.path)

@@ -1,0 +1,115 @@
+"""Checkpoints: round trip, checksums, corrupt newest skipped, failed write leaves the previous one, shape
+mismatch named."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+
+from gptforge.config import ModelConfig, TrainConfig
+from gptforge.errors import UserError
+from gptforge.model import GPT
+from gptforge.train import checkpoint as ckpt
+from gptforge.train.optim import build_optimizer
+from gptforge.train.trainer import capture_rng, clip_and_step, forward_backward, restore_rng
+
+
+def _trained(config: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = GPT(config)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2), "cpu")
+    x = torch.randint(0, config.vocab_size, (2, 9))
+    loss = forward_backward(model, [(x[:, :-1], x[:, 1:])], 1, torch.device("cpu"), "fp32")
+    clip_and_step(model, opt, loss, 1.0)
+    return model, opt
+
+
+def _save(run_dir, step, model, opt, keep=3):
+    return ckpt.save_checkpoint(run_dir, step, model, opt, {"step": step, "rng": capture_rng()}, keep=keep)
+
+
+def test_round_trip_restores_weights_optimizer_and_rng(tmp_path, tiny_config):
+    model, opt = _trained(tiny_config)
+    path = _save(tmp_path, 7, model, opt)
+    assert ckpt.verify_checkpoint(path) is None
+    expected_next = torch.rand(3)
+    fresh = GPT(tiny_config)
+    fresh_opt = build_optimizer(fresh, TrainConfig(lr=1e-2), "cpu")
+    state = ckpt.load_checkpoint(path, fresh, fresh_opt)
+    restore_rng(state["rng"])
+    assert torch.equal(torch.rand(3), expected_next)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    a, b = opt.state_dict(), fresh_opt.state_dict()
+    assert a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for key in a["state"][i]:
+            assert torch.equal(torch.as_tensor(a["state"][i][key]), torch.as_tensor(b["state"][i][key]))
+    assert sorted(p.name for p in path.iterdir()) == sorted([*ckpt.REQUIRED_FILES, ckpt.CHECKSUMS_FILE])
+
+
+def test_keeps_last_k(tmp_path, tiny_config):
+    model, opt = _trained(tiny_config)
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, opt, keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "remove_sums"])
+def test_corrupt_newest_is_reported_and_skipped(tmp_path, tiny_config, damage):
+    model, opt = _trained(tiny_config)
+    _save(tmp_path, 1, model, opt)
+    newest = _save(tmp_path, 2, model, opt)
+    weights = newest / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-5] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    else:
+        (newest / ckpt.CHECKSUMS_FILE).unlink()
+    reports = []
+    assert ckpt.latest_valid_checkpoint(tmp_path, report=reports.append) == ckpt.checkpoint_dir(tmp_path, 1)
+    assert len(reports) == 1 and "step_2" in reports[0]
+    with pytest.raises(UserError, match="unusable"):
+        ckpt.load_checkpoint(newest, GPT(tiny_config))
+
+
+def test_disk_full_mid_write_keeps_previous_checkpoint(tmp_path, tiny_config, monkeypatch):
+    model, opt = _trained(tiny_config)
+    _save(tmp_path, 1, model, opt)
+    real_save_file = ckpt.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(10)  # a partial file, then the error
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(OSError):
+        _save(tmp_path, 2, model, opt)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    latest = ckpt.latest_valid_checkpoint(tmp_path)
+    assert latest == ckpt.checkpoint_dir(tmp_path, 1)
+    ckpt.load_checkpoint(latest, GPT(tiny_config), build_optimizer(GPT(tiny_config), TrainConfig(), "cpu"))
+
+
+def test_different_model_shape_names_the_fields(tmp_path, tiny_config):
+    model, opt = _trained(tiny_config)
+    path = _save(tmp_path, 1, model, opt)
+    other = ModelConfig(vocab_size=101, block_size=32, n_layer=3, n_head=2, n_embd=16)
+    with pytest.raises(UserError, match=r"n_layer: 2 in the checkpoint vs 3 now"):
+        ckpt.load_checkpoint(path, GPT(other))
+
+
+def test_state_json_is_plain_json(tmp_path, tiny_config):
+    model, opt = _trained(tiny_config)
+    path = _save(tmp_path, 3, model, opt)
+    state = json.loads((path / "state.json").read_text())
+    assert state["step"] == 3 and set(state["rng"]) >= {"python", "numpy", "torch"}

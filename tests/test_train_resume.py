@@ -1,0 +1,138 @@
+"""Exact resume: a real subprocess SIGKILLed at a random step (and one killed while writing a checkpoint),
+resumed with --resume auto, ends bitwise identical to a run that never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptforge.train.checkpoint import SLEEP_HOOK_ENV, latest_valid_checkpoint, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 24
+SETTINGS = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.1",
+            "train.micro_batch_size=4", "train.tokens_per_step=256", f"train.max_steps={MAX_STEPS}",
+            "train.warmup_steps=4", "train.lr=3e-3", "train.checkpoint_every=3", "train.keep_checkpoints=3",
+            "train.log_every=1", "train.eval_every=10", "train.eval_batches=2", "train.sample_every=1000",
+            "train.deterministic=true", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from gptforge.data.prepare import prepare
+    root = tmp_path_factory.mktemp("resume_data")
+    text = "".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 5}\n\n" for i in range(600))
+    (root / "corpus.txt").write_text(text)
+    prepare([str(root / "corpus.txt")], "char", root / "data", workers=1)
+    return root / "data"
+
+
+def _cmd(data_dir: Path, out: Path, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "gptforge", "train", "--data", str(data_dir), "--out", str(out)]
+    for s in SETTINGS:
+        cmd += ["--set", s]
+    return cmd + (["--resume", "auto"] if resume else [])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    env.pop(SLEEP_HOOK_ENV, None)
+    env.update(extra)
+    return env
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    wa, wb = _final_weights(a), _final_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after resume"
+    rows_a = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed", "mfu")} for r in rows]
+    assert strip(rows_a) == strip(rows_b)  # same curve, no duplicated or torn rows
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    subprocess.run(_cmd(data_dir, out), env=_env(), check=True, capture_output=True, timeout=300)
+    return out
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training subprocess")
+        time.sleep(0.02)
+
+
+def _logged_step(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(l).get("step", 0) for l in path.read_text().splitlines() if l.endswith("}")]
+    return max(steps, default=0)
+
+
+def test_sigkill_at_random_step_then_resume_is_bitwise_identical(data_dir, reference_run, tmp_path):
+    kill_at = random.Random().randint(4, MAX_STEPS - 3)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(data_dir, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _wait_for(lambda: _logged_step(out) >= kill_at, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _logged_step(out) < MAX_STEPS, "the run finished before it could be killed"
+    resumed = subprocess.run(_cmd(data_dir, out, resume=True), env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    _assert_identical(reference_run, out)
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(data_dir, reference_run, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(data_dir, out), env=_env(**{SLEEP_HOOK_ENV: "9:60"}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = lambda: any(p.name.startswith(".tmp-step_9") for p in (out / "checkpoints").glob(".tmp-*")
+                          if (p / "model.safetensors").exists())
+    _wait_for(partial, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert [s for s, _ in list_checkpoints(out)] == [3, 6]
+    assert latest_valid_checkpoint(out) == out / "checkpoints" / "step_6"
+    resumed = subprocess.run(_cmd(data_dir, out, resume=True), env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from step_6" in resumed.stdout
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the killed save's leftovers are cleaned up
+    _assert_identical(reference_run, out)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(data_dir, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(lambda: _logged_step(out) >= 4, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    steps = [s for s, _ in list_checkpoints(out)]
+    assert steps and steps[-1] >= 4 and steps[-1] < MAX_STEPS
+    assert b"--resume auto" in stdout
