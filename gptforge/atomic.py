@@ -17,6 +17,13 @@ from typing import Iterator
 TMP_PREFIX = ".tmp-"
 
 
+def _default_mode(directory: bool) -> int:
+    """The mode open()/mkdir() would give under the current umask (mkstemp/mkdtemp use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (a no-op where the OS cannot open directories)."""
     try:
@@ -37,6 +44,7 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
+    os.fchmod(fd, _default_mode(directory=False))
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -77,6 +85,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
         _fsync_tree(tmp)

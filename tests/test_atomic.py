@@ -30,3 +30,16 @@ def test_directory_replaced_only_when_complete(tmp_path):
         (tmp / "a").write_text("4")
     assert (target / "a").read_text() == "4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "f", "x")
+        with atomic.atomic_directory(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

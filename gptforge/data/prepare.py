@@ -212,12 +212,6 @@ class _SplitWriters:
         return self.val if split else self.train
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _check_out_dir(out_dir: Path, force: bool) -> bool:
     """Whether an existing out_dir may be replaced; refuse a non-empty one unless forced."""
     if not out_dir.exists():
@@ -251,7 +245,6 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
     started = time.monotonic()
 
     with atomic_directory(out_dir, overwrite=replace) as tmp:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; prepared data is ordinary output
         tokenizer = build_tokenizer(tokenizer_spec, resolved, glob, text_field)
         tokenizer_dir = tmp / TOKENIZER_DIR
         tokenizer.save(tokenizer_dir)
