@@ -40,6 +40,7 @@ class ModelConfig:
     d_ff: int | None = None  # None: 4 * n_embd
     dropout: float = 0.0
     bias: bool = True
+    qkv_bias: bool = True  # with bias: GPT-Neo (the HF layout for banded models) has none, so turn off to export
     norm: Literal["pre", "post"] = "pre"
     attention: Literal["dense", "alternating"] = "dense"
     window: int = 256
@@ -326,6 +327,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has it
     compile: bool = False
     deterministic: bool = False
+    # several processes (torchrun): "auto" = ddp when WORLD_SIZE > 1; "fsdp" shards weights, grads and AdamW
+    # state over the ranks (FSDP2). See gptforge/train/distributed.py.
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     # batch: tokens_per_step 0 means one micro-batch per step; otherwise gradient accumulation reaches it
     micro_batch_size: int = 8
     seq_len: int | None = None  # None: the model's block_size

@@ -16,9 +16,10 @@ BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
     """Parameters with the tied head counted once and vocabulary padding excluded (GPT-2 124M: 124,439,808)."""
     d, f, b = config.n_embd, config.ffn_dim, int(config.bias)
+    qkv_b = int(config.bias and config.qkv_bias)
     layer_norm = d * (1 + b)
     per_layer = (2 * layer_norm
-                 + 3 * d * d + 3 * d * b      # c_attn
+                 + 3 * d * d + 3 * d * qkv_b  # c_attn
                  + d * d + d * b              # attn.c_proj
                  + d * f + f * b              # mlp.c_fc
                  + f * d + d * b)             # mlp.c_proj

@@ -12,6 +12,7 @@ from gptforge.model import GPT
 @pytest.mark.parametrize("fields", [
     dict(),
     dict(bias=False),
+    dict(qkv_bias=False),
     dict(norm="post"),
     dict(d_ff=40, attention="alternating", window=4),
 ])

@@ -91,11 +91,21 @@ def test_band_model_round_trips_through_gpt_neo_with_folded_biases(tmp_path):
     assert (ours(dense, idx) - theirs).abs().max().item() > 1e-3
 
 
+def test_band_model_trained_without_qkv_bias_exports_exactly(tmp_path):
+    config = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=16, attention="alternating",
+                         window=4, qkv_bias=False)
+    model = random_model(config, seed=4)
+    assert model.transformer.h[0].attn.c_attn.bias is None and model.transformer.h[0].attn.c_proj.bias is not None
+    out = export_hf(model, None, tmp_path / "neo")
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(5))
+    assert (ours(model, idx) - hf_logits(out, idx)).abs().max().item() <= 1e-4
+
+
 def test_band_model_with_query_bias_is_refused(tmp_path):
     model = band_model()
     with torch.no_grad():
         model.transformer.h[1].attn.c_attn.bias[0] = 0.5
-    with pytest.raises(UserError, match="query bias.*bias=false"):
+    with pytest.raises(UserError, match="query bias.*qkv_bias=false"):
         export_hf(model, None, tmp_path / "neo")
     assert not (tmp_path / "neo").exists()
 

@@ -28,18 +28,3 @@ def check_output(out: str | os.PathLike, force: bool, what: str = "--out") -> Pa
     elif out.exists() and not force:
         raise UserError(f"{what} {out} already exists; choose a new path or pass --force to replace it")
     return out
-
-
-def make_shareable(path: str | os.PathLike) -> None:
-    """Give an export the permissions a normally created file would have (umask applied).
-
-    Temporary files and directories are created private (0600/0700); an export is meant to be read by
-    other tools and often other accounts (an evaluation job, a llama.cpp server), so it is opened up
-    before the rename publishes it.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    path = Path(path)
-    targets = [path] + (sorted(path.rglob("*")) if path.is_dir() else [])
-    for target in targets:
-        os.chmod(target, (0o777 if target.is_dir() else 0o666) & ~umask)

@@ -25,7 +25,7 @@ import numpy as np
 from .. import atomic
 from ..errors import UserError
 from ..model import GPT
-from . import check_output, make_shareable
+from . import check_output
 from .hf import _full_state
 
 if TYPE_CHECKING:
@@ -161,5 +161,4 @@ def export_gguf(model: GPT, tokenizer: "Tokenizer", out: str | os.PathLike, forc
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        make_shareable(tmp)
     return out

@@ -32,7 +32,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..model import GPT
 from ..weights import load_state_into
-from . import check_output, make_shareable
+from . import check_output
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -75,11 +75,10 @@ def _full_state(model: GPT) -> dict[str, torch.Tensor]:
     config = model.config
     state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items() if k != "lm_head.weight"}
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: config.vocab_size]
-    if not config.bias:
-        for key, value in list(state.items()):
-            if key.endswith(".weight") and key.replace(".weight", ".bias") not in state and "wte" not in key \
-                    and "wpe" not in key:
-                state[key.replace(".weight", ".bias")] = torch.zeros(value.shape[0])
+    for key, value in list(state.items()):
+        if key.endswith(".weight") and key.replace(".weight", ".bias") not in state and "wte" not in key \
+                and "wpe" not in key:
+            state[key.replace(".weight", ".bias")] = torch.zeros(value.shape[0])
     return state
 
 
@@ -109,7 +108,7 @@ def gpt_neo_tensors(model: GPT) -> dict[str, torch.Tensor]:
             raise UserError(
                 f"layer {i} has a nonzero attention query bias, which GPT-Neo (the Hugging Face layout for "
                 "alternating dense/banded attention) cannot represent exactly; such a model can only be exported "
-                "if trained with bias=false (or with the q bias kept at zero) — export refused")
+                "if trained with model option qkv_bias=false (or bias=false) — export refused")
         w_o, b_o = state[p + "attn.c_proj.weight"], state[p + "attn.c_proj.bias"]
         out[q + "q_proj.weight"] = w[:C] / math.sqrt(config.head_dim)
         out[q + "k_proj.weight"] = w[C:2 * C]  # k bias: a per-query constant, cancelled by softmax
@@ -182,7 +181,6 @@ def export_hf(model: GPT, tokenizer: "Tokenizer | None", out: str | os.PathLike,
         if tokenizer is not None:
             from .hf_tokenizer import write_hf_tokenizer
             write_hf_tokenizer(tokenizer, tmp, model_max_length=model.config.block_size)
-        make_shareable(tmp)
     return out
 
 
