@@ -1,0 +1,203 @@
+"""Sharded checkpoints for FSDP2 runs (torch.distributed.checkpoint), and their consolidation into one file.
+
+Why sharded: under FSDP2 no rank holds the whole model, and gathering weights plus AdamW moments (16 bytes
+per parameter) onto rank 0 to write one file would need the memory FSDP exists to avoid. Instead every rank
+writes its own shards with `torch.distributed.checkpoint` (DCP), which also reshards on load, so a run can
+resume on a different number of GPUs.
+
+Layout of `checkpoints/step_N/` for an FSDP2 run:
+  sharded/            DCP directory: `.metadata` + one `__R_0.distcp` per rank; keys `model.<name>` and
+                      `optim.<...>` (from torch.distributed.checkpoint.state_dict.get_state_dict)
+  model_config.json   the ModelConfig, so the directory is self-describing
+  state.json          step, tokens, loader cursor, per-rank RNG states (as the single-process checkpoint)
+  checksums.json      sha256 of every file above
+  model.safetensors   only after `consolidate` (`gptforge consolidate`, or automatically at the end of a
+                      run): the full weights in gptforge.weights' format, so sample/eval/export read it.
+
+Atomicity: all ranks write into `checkpoints/.tmp-step_N.sharded/`; after a barrier rank 0 writes the small
+files and checksums, fsyncs and renames the directory into place; a second barrier keeps every rank from
+going on before the checkpoint exists. A kill at any moment leaves the previous checkpoint the newest
+valid one. The directory must be on a filesystem all ranks share (always true on one node).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import atomic
+from ..config import ModelConfig
+from ..errors import UserError
+from ..weights import TIED_KEYS, WEIGHTS_FILE, save_weights
+from . import distributed as D
+
+SHARDED_DIR = "sharded"
+MODEL_CONFIG_FILE = "model_config.json"
+STATE_FILE = "state.json"
+CHECKSUMS_FILE = "checksums.json"
+DCP_METADATA = ".metadata"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / SHARDED_DIR / DCP_METADATA).is_file()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _all_files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
+
+
+def write_checksums(root: Path) -> None:
+    """checksums.json over every file of the checkpoint (shards included), atomically."""
+    sums = {name: _sha256(root / name) for name in _all_files(root)}
+    atomic.write_text(root / CHECKSUMS_FILE, json.dumps(sums, indent=1))
+
+
+def save_sharded(final: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 state: dict[str, Any], model_config: ModelConfig) -> Path:
+    """Write a sharded checkpoint to `final` from every rank (a collective: all ranks must call it).
+
+    `state` is rank 0's state.json content. Returns `final` once it exists on disk for everyone.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = Path(final)
+    tmp = final.parent / f"{atomic.TMP_PREFIX}{final.name}.sharded"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    D.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
+    D.barrier()
+    error = None
+    if _rank() == 0:
+        try:
+            atomic.write_text(tmp / MODEL_CONFIG_FILE, json.dumps(model_config.to_dict(), indent=1))
+            atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=_json_default))
+            write_checksums(tmp)
+            atomic._fsync_tree(tmp)
+            if final.exists():
+                old = final.parent / f"{atomic.TMP_PREFIX}{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            atomic.fsync_dir(final.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"{type(e).__name__}: {e}"
+    error = D.broadcast_object(error)
+    if error:
+        raise OSError(error)
+    return final
+
+
+def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load a sharded checkpoint into an FSDP2 model (and optimizer) on every rank; returns state.json.
+
+    DCP reshards: the checkpoint may come from a different number of ranks.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise UserError(f"checkpoint {path} is not a sharded (FSDP) checkpoint: it has no {SHARDED_DIR}/{DCP_METADATA}")
+    _check_model_config(path, D.unwrap(model).config)
+    if optimizer is None:
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, checkpoint_id=str(path / SHARDED_DIR))
+        set_model_state_dict(model, model_sd)
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        sd = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=str(path / SHARDED_DIR))
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    file = Path(path) / MODEL_CONFIG_FILE
+    if not file.is_file():
+        raise UserError(f"sharded checkpoint {path} has no {MODEL_CONFIG_FILE}; it was not written by gptforge")
+    return ModelConfig.from_dict(json.loads(file.read_text()))
+
+
+def _check_model_config(path: Path, current: ModelConfig) -> None:
+    from .checkpoint import model_config_differences
+    differing = model_config_differences(read_model_config(path).to_dict(), current.to_dict())
+    if differing:
+        raise UserError(f"checkpoint {path} was trained with a different model shape ({differing}); resume "
+                        "with the run's own model settings or start a new run with another --out")
+
+
+def consolidate(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Gather a sharded checkpoint's weights into one safetensors file (default: `path/model.safetensors`).
+
+    Runs in one process with no process group (DCP's `no_dist` mode) and loads the shards directly into
+    a freshly allocated fp32 GPT, so peak memory is one copy of the weights; AdamW moments are not read.
+    The result is exactly the format `gptforge.weights.load_weights` (and so sample / eval / export) reads.
+    When writing inside the checkpoint, checksums.json is updated to cover the new file.
+    """
+    import torch.distributed.checkpoint as dcp
+    from ..model import GPT
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        if (path / WEIGHTS_FILE).is_file():
+            raise UserError(f"{path} already holds {WEIGHTS_FILE} and no shards: nothing to consolidate")
+        raise UserError(f"{path} is not a sharded checkpoint (no {SHARDED_DIR}/{DCP_METADATA}); pass "
+                        "checkpoints/step_N of a run trained with train.parallel=fsdp")
+    config = read_model_config(path)
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight
+    targets = {f"model.{k}": v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    reader = dcp.FileSystemReader(str(path / SHARDED_DIR))
+    stored = {k for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
+    missing = sorted(set(targets) - stored)
+    if missing:
+        raise UserError(f"sharded checkpoint {path} lacks {', '.join(missing[:3])}: it does not match its "
+                        f"{MODEL_CONFIG_FILE}; it may be from another program")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(targets, storage_reader=reader, no_dist=True)
+    destination = Path(out) if out is not None else path / WEIGHTS_FILE
+    save_weights(model, destination)
+    if out is None and (path / CHECKSUMS_FILE).is_file():
+        sums = json.loads((path / CHECKSUMS_FILE).read_text())
+        sums[WEIGHTS_FILE] = _sha256(destination)
+        atomic.write_text(path / CHECKSUMS_FILE, json.dumps(sums, indent=1))
+    return destination
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in {STATE_FILE}")
