@@ -73,6 +73,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def required_files(path: Path) -> tuple[str, ...]:
+    """Files a complete checkpoint lists in its checksums: the single-file layout, or an FSDP run's sharded
+    one (gptforge/train/dist_checkpoint.py: a torch.distributed.checkpoint directory plus state.json)."""
+    from .dist_checkpoint import DCP_METADATA, SHARDED_DIR, is_sharded_checkpoint
+    if is_sharded_checkpoint(path):
+        return (STATE_FILE, f"{SHARDED_DIR}/{DCP_METADATA}")
+    return REQUIRED_FILES
+
+
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
     """None if the checkpoint at `path` is complete and every file matches its checksum, else why not."""
     path = Path(path)
@@ -83,7 +92,7 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         sums = json.loads(sums_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{CHECKSUMS_FILE} is not valid JSON"
-    for name in REQUIRED_FILES:
+    for name in required_files(path):
         if name not in sums:
             return f"{name} is not listed in {CHECKSUMS_FILE}"
     for name, expected in sums.items():

@@ -9,6 +9,7 @@ resumed produces the same weights as one that never stopped (on CPU with determi
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..model import GPT
 from . import checkpoint as ckpt
+from . import distributed as D
 from .metrics import METRICS_FILE, MetricsLogger, device_peak_flops, flops_per_token, truncate_metrics
 from .optim import build_optimizer
 from .plot import PLOT_FILE, plot_losses
@@ -66,14 +68,17 @@ def forward_backward(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
 
     Each micro-batch loss is divided by `n_batches`, so k micro-batches of size b give the gradient of one
     batch of size k·b.
+
+    Under DDP / FSDP2 gradients are communicated only on the last micro-batch (`distributed.grad_sync`).
     """
     total = torch.zeros((), device=device)
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            _, loss = model(x, y)
-        (loss / n_batches).backward()
+        with D.grad_sync(model, sync=i == n_batches - 1):
+            with autocast(device, precision):
+                _, loss = model(x, y)
+            (loss / n_batches).backward()
         total += loss.detach().float()
     return total / n_batches
 
@@ -85,7 +90,7 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss
     Returns (stepped, loss, grad_norm) with one host sync for both numbers.
     """
     max_norm = grad_clip if grad_clip > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = D.clip_grad_norm(model.parameters(), max_norm)  # global norm, FSDP2's sharded grads included
     numbers = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
     ok = all(math.isfinite(v) for v in numbers)
     if ok:
@@ -186,10 +191,15 @@ class Trainer:
         self.log = log or (lambda msg: print(msg, flush=True))
         self.eval_callbacks = list(eval_callbacks)
         self.run_dir = Path(self.tc.out_dir)
-        # Distributed training (gptforge/train/distributed.py) sets these; a single process is rank 0 of 1.
-        self.rank, self.world_size, self.is_main = 0, 1, True
+        # Under torchrun: join the process group; a single process is rank 0 of 1 with no group.
+        self._owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self.dist = D.init_distributed(self.tc.device)
+        self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
+        self.parallel = D.resolve_parallel(self.tc.parallel, self.world_size)
+        if not self.is_main:
+            self.log = lambda msg: None  # rank 0 speaks for the job
 
-        self.device = resolve_device(self.tc.device)
+        self.device = self.dist.device if self.dist.distributed else resolve_device(self.tc.device)
         self.precision = resolve_precision(self.tc.precision, self.device)
         if self.tc.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -207,13 +217,18 @@ class Trainer:
                                                self.seq_len) * self.micro_tokens)
         self.total_steps = self._schedule_horizon()
 
-        self._prepare_run_dir(resume, fresh)
+        # rank 0 alone touches the run directory; every rank learns where to resume from (or its error)
+        self.resume_path = D.on_main(lambda: self._prepare_run_dir(resume, fresh))
         random.seed(self.tc.seed)
         np.random.seed(self.tc.seed)
-        torch.manual_seed(self.tc.seed)
+        torch.manual_seed(self.tc.seed)  # same initial weights on every rank
         self.raw_model = GPT(config.model).to(self.device)
-        self.optimizer = build_optimizer(self.raw_model, self.tc, self.device)
-        self.model: torch.nn.Module = self.raw_model  # what the forward pass runs (compiled/wrapped below)
+        # what the forward pass runs: DDP wrapper, or the model itself sharded in place by FSDP2 (compiled below)
+        self.model: torch.nn.Module = D.wrap_model(self.raw_model, self.dist, self.parallel, self.precision,
+                                                   self.tc.activation_checkpointing)
+        self.optimizer = build_optimizer(self.raw_model, self.tc, self.device)  # after FSDP2 has sharded
+        if self.world_size > 1:  # own dropout stream per rank; the weights above are already identical
+            torch.manual_seed(self.tc.seed + 1_000_003 * self.rank)
         self.train_loader = self._make_loader("train")
         self.step = 0
         self.tokens = 0
@@ -226,7 +241,7 @@ class Trainer:
         if self.resume_path is not None:
             self._load(self.resume_path)
         if self.tc.compile:
-            self.model = torch.compile(self.raw_model)
+            self.model = torch.compile(self.model)
         self.n_params = self.raw_model.num_parameters() - self.raw_model.transformer.wpe.weight.numel()
         self.flops_per_token = flops_per_token(self.n_params, config.model.n_layer, config.model.n_embd, self.seq_len)
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -250,7 +265,8 @@ class Trainer:
             return math.ceil(self.tc.max_tokens / self.full_tokens)
         return 0
 
-    def _prepare_run_dir(self, resume: str | None, fresh: bool) -> None:
+    def _prepare_run_dir(self, resume: str | None, fresh: bool) -> Path | None:
+        """Create or check the run directory; returns the checkpoint to resume from (None: a new run)."""
         run_dir = self.run_dir
         existing = ckpt.list_checkpoints(run_dir)
         self.resume_path: Path | None = None
@@ -286,6 +302,7 @@ class Trainer:
         if tok_src.is_dir() and not (run_dir / TOKENIZER_DIR).is_dir():
             with atomic.atomic_directory(run_dir / TOKENIZER_DIR) as tmp:
                 shutil.copytree(tok_src, tmp, dirs_exist_ok=True)
+        return self.resume_path
 
     def _make_loader(self, split: str):
         from ..data.loader import SequenceLoader
@@ -316,38 +333,98 @@ class Trainer:
             "schedule": {"name": self.tc.schedule, "total_steps": self.total_steps},
             "precision": self.precision,
             "world_size": self.world_size,
+            "parallel": self.parallel,
+            "global_batch_tokens": self.full_tokens,
             "log_window": dict(self.window),
             "loader": self.train_loader.state_dict(),
             "rng": capture_rng(),
         }
 
+    def _collect_state(self) -> dict[str, Any]:
+        """state() of rank 0 plus every rank's RNG states (a collective under torchrun)."""
+        state = self.state()
+        if self.world_size > 1:
+            state["rng_per_rank"] = D.all_gather_object(state["rng"])
+        return state
+
     def save(self) -> Path:
         """Checkpoint the current step (atomic; a failure leaves the previous checkpoint as newest)."""
-        try:
-            path = ckpt.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer, self.state(),
-                                        keep=self.tc.keep_checkpoints)
-        except OSError as e:
+        state = self._collect_state()
+
+        def failed(e: OSError) -> UserError:
             previous = f"step {self.last_checkpoint.name}" if self.last_checkpoint else "none"
-            raise UserError(f"could not write checkpoint step_{self.step} in {self.run_dir / ckpt.CHECKPOINTS_DIR} "
-                            f"({e.strerror or e}); the previous checkpoint ({previous}) is intact: free disk "
-                            "space, then continue with --resume auto") from None
+            return UserError(f"could not write checkpoint step_{self.step} in {self.run_dir / ckpt.CHECKPOINTS_DIR} "
+                             f"({e.strerror or e}); the previous checkpoint ({previous}) is intact: free disk "
+                             "space, then continue with --resume auto")
+
+        def write_full() -> Path:
+            try:
+                return ckpt.save_checkpoint(self.run_dir, self.step, D.unwrap(self.raw_model), self.optimizer, state,
+                                            keep=self.tc.keep_checkpoints)
+            except OSError as e:
+                raise failed(e) from None
+
+        if self.parallel == "fsdp":  # every rank writes its own shards (dist_checkpoint.py)
+            from .dist_checkpoint import save_sharded
+            try:
+                path = save_sharded(ckpt.checkpoint_dir(self.run_dir, self.step), self.raw_model, self.optimizer,
+                                    state, self.config.model)
+            except OSError as e:
+                raise failed(e) from None
+            D.on_main(lambda: ckpt.prune_checkpoints(self.run_dir, self.tc.keep_checkpoints))
+        else:  # one process, or DDP's identical full copies: rank 0 writes them
+            path = D.on_main(write_full)
         self.last_checkpoint = path
         return path
 
     def _load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        from .dist_checkpoint import is_sharded_checkpoint, load_sharded
+        if is_sharded_checkpoint(path):  # DCP loads (and reshards) into any layout, FSDP2 or full copies
+            state = load_sharded(path, self.raw_model, self.optimizer)
+        elif self.parallel == "fsdp":
+            raise UserError(f"checkpoint {path} holds full weights from a single-process or DDP run; resuming it "
+                            "with train.parallel=fsdp is not supported: resume with train.parallel=ddp")
+        else:
+            state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
+        self._check_resume_layout(state, path)
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.elapsed = state.get("elapsed", 0.0)
         self.skipped_steps = state.get("skipped_steps", 0)
         self.bad_in_row = state.get("bad_in_row", 0)
         self.window = {**self._new_window(), **state.get("log_window", {})}
-        self.train_loader.load_state_dict(state["loader"])
-        restore_rng(state["rng"])
-        truncate_metrics(self.run_dir / METRICS_FILE, self.step)
-        truncate_samples(self.run_dir, self.step)
+        self.train_loader.load_state_dict(state["loader"])  # a global cursor: exact for any world size
+        per_rank = state.get("rng_per_rank")
+        if per_rank and len(per_rank) == self.world_size:
+            restore_rng(per_rank[self.rank])
+        else:
+            restore_rng(state["rng"])
+            if self.world_size > 1:
+                torch.manual_seed(self.tc.seed + 1_000_003 * self.rank + 7919 * self.step)
+        if self.is_main:
+            truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+            truncate_samples(self.run_dir, self.step)
         self.resumed_from = self.step
         self.log(f"resuming {self.run_dir} from {path.name} ({_fmt_count(self.tokens)} tokens seen)")
+
+    def _check_resume_layout(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a resume that would silently change the optimization: the global batch must stay the same.
+
+        A different number of ranks is fine when the global batch (train.tokens_per_step) is unchanged: the
+        loader's cursor is global, so the data is re-partitioned exactly; only dropout's random streams
+        and the order of floating-point sums differ from an uninterrupted run.
+        """
+        saved_world = int(state.get("world_size", 1))
+        saved_batch = state.get("global_batch_tokens")
+        if saved_batch is not None and int(saved_batch) != self.full_tokens:
+            raise UserError(
+                f"checkpoint {path} was trained with {saved_batch} tokens per step on {saved_world} rank(s); with "
+                f"{self.world_size} rank(s) these settings give {self.full_tokens}: set train.tokens_per_step="
+                f"{saved_batch} (a multiple of micro_batch_size x seq_len x ranks = {self.micro_tokens}) or resume "
+                f"with {saved_world} rank(s)")
+        if saved_world != self.world_size:
+            self.log(f"resuming a {saved_world}-rank run on {self.world_size} rank(s): same global batch, data "
+                     "re-partitioned from the saved position")
 
     # ---- evaluation and samples ----------------------------------------------------------------------
 
@@ -369,14 +446,16 @@ class Trainer:
                     loader = None
                 if loader is not None:
                     losses = []
+                    # every rank runs the same number of forwards (FSDP2 gathers weights collectively)
+                    n_batches = min(self.tc.eval_batches, -(-loader.sequences_per_rank // self.tc.micro_batch_size))
                     for i, (x, y) in enumerate(loader.iter_sequential(self.tc.micro_batch_size)):
-                        if i >= self.tc.eval_batches:
+                        if i >= n_batches:
                             break
                         with autocast(self.device, self.precision):
                             _, loss = model(x.to(self.device), y.to(self.device))
                         losses.append(loss.float().item())
                     if losses:
-                        val = sum(losses) / len(losses)
+                        val = D.all_reduce_mean(torch.tensor(sum(losses) / len(losses), device=self.device)).item()
                         results["val_loss"] = val
                         results["val_ppl"] = math.exp(min(val, 50.0))
                 for callback in self.eval_callbacks:
@@ -388,9 +467,14 @@ class Trainer:
     def write_samples(self) -> None:
         if self.tokenizer is None or not self.tc.sample_prompts or self.tc.sample_tokens == 0:
             return
-        texts = sample_texts(self.raw_model, self.tokenizer, list(self.tc.sample_prompts), self.tc.sample_tokens,
-                             self.tc.sample_temperature, self.tc.sample_top_k, seed=self.tc.seed + self.step)
-        append_samples(self.run_dir, self.step, self.tokens, texts)
+        # Under FSDP2 every rank generates in lockstep (same seed, same logits) and rank 0 writes; autocast
+        # matches the KV cache (allocated in the fp32 dtype of the sharded weights) to FSDP2's bf16 compute.
+        fsdp = self.parallel == "fsdp"
+        with autocast(self.device, self.precision) if fsdp else contextlib.nullcontext():
+            texts = sample_texts(self.raw_model, self.tokenizer, list(self.tc.sample_prompts), self.tc.sample_tokens,
+                                 self.tc.sample_temperature, self.tc.sample_top_k, seed=self.tc.seed + self.step)
+        if self.is_main:
+            append_samples(self.run_dir, self.step, self.tokens, texts)
         self.last_samples = texts
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -403,6 +487,19 @@ class Trainer:
                  "(press Ctrl-C again to abort without saving)")
 
     def _stop_reason(self) -> str | None:
+        """Why to stop now, or None; under torchrun all ranks agree (a signal or rank 0's clock decides)."""
+        reason = self._local_stop_reason()
+        if self.world_size == 1:
+            return reason
+        signalled, timed_out = D.any_rank([self._stop_signal is not None,
+                                           self.is_main and reason == "max_time"], self.device)
+        if signalled:
+            return "interrupted"
+        if reason in ("max_steps", "max_tokens"):  # counters are identical on every rank
+            return reason
+        return "max_time" if timed_out else None
+
+    def _local_stop_reason(self) -> str | None:
         if self._stop_signal:
             return "interrupted"
         if self.tc.max_steps and self.step >= self.tc.max_steps:
@@ -443,11 +540,13 @@ class Trainer:
         tc = self.tc
         self.log(f"training {_fmt_count(self.raw_model.num_parameters())} parameters on {self.device} "
                  f"({self.precision}{', compiled' if tc.compile else ''}); {_fmt_count(self.full_tokens)} tokens "
-                 f"per step = {self.full_tokens // self.micro_tokens} x {tc.micro_batch_size} x {self.seq_len}; "
+                 f"per step = {self.full_tokens // self.micro_tokens} x "
+                 + (f"{self.world_size} ranks ({self.parallel}) x " if self.world_size > 1 else "")
+                 + f"{tc.micro_batch_size} x {self.seq_len}; "
                  f"run directory {self.run_dir}")
         self.raw_model.train()
         train_loss = val_loss = None
-        if self.step == 0 and self.is_main:
+        if self.step == 0:
             val_loss = self._eval_and_log(logger)
         reason = self._stop_reason()
         window = self.window
@@ -461,6 +560,7 @@ class Trainer:
             try:
                 batches = (self.train_loader.next_batch() for _ in range(n_micro))
                 loss = forward_backward(self.model, batches, n_micro, self.device, self.precision)
+                loss = D.all_reduce_mean(loss)  # the global batch's loss; same skip decision on every rank
                 ok, loss_value, grad_norm = clip_and_step(self.raw_model, self.optimizer, loss, tc.grad_clip)
             except Exception as e:
                 if _is_oom(e):
@@ -508,22 +608,32 @@ class Trainer:
                 self.window = window = self._new_window()
             reason = self._stop_reason()
             finishing = reason is not None and reason != "interrupted"
-            if self.is_main and (self.step % tc.eval_every == 0 or finishing):
+            if self.step % tc.eval_every == 0 or finishing:
                 val_loss = self._eval_and_log(logger)
-            if self.is_main and (self.step % tc.sample_every == 0 or finishing):
+            if (self.is_main or self.parallel == "fsdp") and (self.step % tc.sample_every == 0 or finishing):
                 self.write_samples()
             if self.step % tc.checkpoint_every == 0 or reason:
                 self.save()
+        if self.parallel == "fsdp" and self.last_checkpoint is not None:
+            self._consolidate_last()
         if reason == "interrupted":
             self.log(f"stopped at step {self.step}; checkpoint {self.last_checkpoint}; "
                      f"continue with: gptforge train --out {self.run_dir} --resume auto")
         return TrainResult(self.run_dir, self.step, self.tokens, reason, train_loss, val_loss,
                            self.last_checkpoint, self.resumed_from)
 
+    def _consolidate_last(self) -> None:
+        """Give the final sharded checkpoint a model.safetensors, so sample / eval / export read the run."""
+        from .dist_checkpoint import consolidate
+        path = self.last_checkpoint
+        D.on_main(lambda: None if (path / "model.safetensors").is_file() else consolidate(path))
+        self.log(f"consolidated the sharded checkpoint into {path / 'model.safetensors'}")
+
     def _eval_and_log(self, logger: MetricsLogger | None) -> float | None:
+        """Run by every rank (the validation set is split over ranks); rank 0 logs and plots."""
         results = self.evaluate()
-        if not results:
-            return None
+        if not results or not self.is_main:
+            return results.get("val_loss") if results else None
         if logger:
             logger.log({"step": self.step, "tokens": self.tokens, **results})
         if "val_loss" in results:
@@ -535,4 +645,9 @@ class Trainer:
 def train(config: RunConfig, resume: str | None = None, fresh: bool = False,
           eval_callbacks: Iterable[EvalCallback] = (), log: Callable[[str], None] | None = None) -> TrainResult:
     """Train `config` into `config.train.out_dir` (see `Trainer`); the Python API of `gptforge train`."""
-    return Trainer(config, resume=resume, fresh=fresh, eval_callbacks=eval_callbacks, log=log).fit()
+    trainer = Trainer(config, resume=resume, fresh=fresh, eval_callbacks=eval_callbacks, log=log)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer._owns_group:
+            D.teardown()
