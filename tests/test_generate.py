@@ -56,11 +56,12 @@ def test_cached_greedy_equals_recompute_batch1(attention):
     assert len(set(got)) > 3  # the reference is not a degenerate repeat
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("attention", ["dense", "alternating"])
-def test_ragged_batch_equals_each_alone(attention):
+def test_ragged_batch_equals_each_alone(attention, static):
     model = make_model(attention)
     prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 43]]
-    got = generate_ids(model, prompts, GREEDY.replace(max_new_tokens=12))
+    got = generate_ids(model, prompts, GREEDY.replace(max_new_tokens=12), static=static)
     for prompt, tokens in zip(prompts, got):
         assert tokens == reference_greedy(model, prompt, 12)
 
@@ -74,6 +75,14 @@ def test_generation_past_the_context(attention, keep):
     for prompt, tokens in zip(prompts, got):
         assert len(tokens) == 40
         assert tokens == reference_greedy(model, prompt, 40, keep)
+
+
+def test_static_cache_path_past_the_context():
+    """The fixed-shape decode step (what a CUDA graph captures) slides and masks like the dynamic one."""
+    model = make_model("alternating", block=24)
+    prompts = [[5, 6, 7], list(range(30, 50))]
+    got = generate_ids(model, prompts, GREEDY.replace(max_new_tokens=30), static=True)
+    assert got == [reference_greedy(model, p, 30) for p in prompts]
 
 
 def test_prompt_longer_than_context_is_cut_with_a_warning():

@@ -46,7 +46,8 @@ class TokenGenerator:
     """
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], configs: Sequence[SamplingConfig],
-                 seeds: Sequence[int | None], eot_id: int | None = None, context_keep: int | None = None) -> None:
+                 seeds: Sequence[int | None], eot_id: int | None = None, context_keep: int | None = None,
+                 static: bool = False, cuda_graph: bool = False) -> None:
         block = model.config.block_size
         if not prompts:
             raise ValueError("no prompts")
@@ -58,6 +59,9 @@ class TokenGenerator:
         if not 1 <= self.context_keep <= block:
             raise ValueError(f"context_keep must be in [1, {block}], got {context_keep}")
         self.eot_id = eot_id
+        self.static = static or cuda_graph  # fixed-shape decode steps (see KVCache)
+        self.cuda_graph = cuda_graph
+        self._decoder = None
         self.configs = list(configs)
         self.histories: list[list[int]] = []
         for i, prompt in enumerate(prompts):
@@ -112,10 +116,10 @@ class TokenGenerator:
                 self._select(live)
                 logits = self._prefill([self._window(i) for i in self.rows])
                 continue
-            if len(live) <= (1 - COMPACT_FRACTION) * len(self.rows):
-                self._select(live)
+            if not self.cuda_graph and len(live) <= (1 - COMPACT_FRACTION) * len(self.rows):
+                self._select(live)  # a captured graph has a fixed batch: it keeps finished rows instead
                 tokens = tokens[torch.tensor(live, device=self.device)]
-            logits = self.cache.decode(tokens)
+            logits = self._decoder.decode(tokens)
 
     def _select(self, live: list[int]) -> None:
         if len(live) == len(self.rows):
@@ -124,6 +128,7 @@ class TokenGenerator:
         self.sampler.select(live)
         if self.cache is not None:
             self.cache.select(live)
+            self._decoder = self.cache
 
     def _window(self, index: int) -> list[int]:
         """What row `index` conditions on after a slide: its current context, cut to the last
@@ -140,19 +145,25 @@ class TokenGenerator:
         pads = [width - len(s) for s in sequences]
         pad_id = sequences[0][-1]  # any valid id: padded positions are masked out
         idx = torch.tensor([[pad_id] * p + s for p, s in zip(pads, sequences)], device=self.device)
-        self.cache = KVCache(self.model, pads, capacity)
-        return self.cache.prefill(idx)
+        self.cache = KVCache(self.model, pads, capacity, static=self.static)
+        logits = self.cache.prefill(idx)
+        self._decoder = self.cache
+        if self.cuda_graph and self.device.type == "cuda":
+            from .kv_cache import CudaGraphDecoder
+            self._decoder = CudaGraphDecoder(self.cache)
+        return logits
 
 
 def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
                  seed: int | Sequence[int | None] | None = None, eot_id: int | None = None,
-                 context_keep: int | None = None) -> list[list[int]]:
+                 context_keep: int | None = None, static: bool = False, cuda_graph: bool = False) -> list[list[int]]:
     """Tokenizer-free batched generation: the new token ids of each prompt (an end-of-text token that ended
     a sequence is not included). `seed` is one base seed (sample i gets a seed derived from it and i) or
-    one seed per prompt."""
+    one seed per prompt. `static`/`cuda_graph`: fixed-shape decode steps, replayed as a CUDA graph on a GPU."""
     configs, seeds = expand_settings(len(prompt_ids), config, seed)
     out: list[list[int]] = [[] for _ in prompt_ids]
-    for events in TokenGenerator(model, prompt_ids, configs, seeds, eot_id, context_keep):
+    for events in TokenGenerator(model, prompt_ids, configs, seeds, eot_id, context_keep,
+                                 static=static, cuda_graph=cuda_graph):
         for e in events:
             if not (e.finish_reason == "stop" and e.token == eot_id):
                 out[e.index].append(e.token)

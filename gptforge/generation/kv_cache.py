@@ -23,9 +23,13 @@ from ..model import GPT
 class KVCache:
     """Cache and cached forward passes for one batch; `prefill` once, then `decode` one token per call."""
 
-    def __init__(self, model: GPT, pads: list[int], capacity: int) -> None:
+    def __init__(self, model: GPT, pads: list[int], capacity: int, static: bool = False) -> None:
         """`pads[i]`: left-padding slots of row i; `capacity`: the most slots this cache will hold
-        (prompt width + new tokens, at most the model's context)."""
+        (prompt width + new tokens, at most the model's context).
+
+        `static=True`: decode steps have fixed shapes and no Python values that change per step (the slot
+        is a device tensor, attention always spans the whole buffer under a mask), so a step can be
+        captured in a CUDA graph. It does more attention work, so the dynamic path is the CPU default."""
         config = model.config
         if capacity > config.block_size:
             raise ValueError(f"cache capacity {capacity} exceeds the context {config.block_size}")
@@ -42,8 +46,9 @@ class KVCache:
         for window in self.windows:
             size = capacity if window is None else min(window, capacity)
             shape = (self.batch, config.n_head, size, config.head_dim)
-            self.keys.append(torch.empty(shape, device=device, dtype=dtype))
-            self.values.append(torch.empty(shape, device=device, dtype=dtype))
+            # zeros, not empty: masked-out entries still enter the matmul, and garbage NaNs would leak
+            self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.values.append(torch.zeros(shape, device=device, dtype=dtype))
         self.max_pad = max(pads)
         slots = torch.arange(capacity, device=device)
         if self.max_pad:
@@ -53,6 +58,8 @@ class KVCache:
             self.pad = None
             self.valid = None
         self._slots = slots
+        self.static = static
+        self._t = torch.zeros((), dtype=torch.long, device=device)  # static mode: the slot being written
         # One attention callable per layer, made once: decode steps must not allocate closures.
         self._attention = [self._make_attention(i) for i in range(len(self.windows))]
         self._masks: dict[int | None, torch.Tensor | None] = {}
@@ -75,6 +82,7 @@ class KVCache:
         finally:
             self._prefill = False
         self.length = T
+        self._t.fill_(T)
         return logits
 
     @torch.inference_mode()
@@ -84,10 +92,30 @@ class KVCache:
         if t >= self.capacity:
             raise ValueError("KV cache is full; the caller must re-prefill (slide the context window)")
         idx = tokens.view(self.batch, 1)
+        if self.static:
+            logits = self.decode_static(idx)
+            self.length = t + 1
+            return logits
         positions = self._slots[t:t + 1] if self.pad is None else (t - self.pad)
         self._masks = {w: self._decode_mask(t, w) for w in set(self.windows)}
         logits = self._forward(idx, positions)
         self.length = t + 1
+        return logits
+
+    def decode_static(self, idx: torch.Tensor) -> torch.Tensor:
+        """One decode step that reads the slot from `self._t` and advances it on the device: the same work
+        every call, safe to capture in a CUDA graph. `self.length` is the caller's to advance."""
+        t = self._t
+        positions = t.view(1) if self.pad is None else (t - self.pad)
+        lo = 0 if self.pad is None else self.pad
+        self._masks = {}
+        for window in set(self.windows):
+            size = self.capacity if window is None else min(window, self.capacity)
+            ring = self._slots[:size]
+            slot_of = ring if window is None else t - torch.remainder(t - ring, size)
+            self._masks[window] = ((slot_of >= lo) & (slot_of <= t))[..., None, None, :].expand(self.batch, 1, 1, size)
+        logits = self._forward(idx, positions)
+        self._t.add_(1)
         return logits
 
     def _forward(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -118,6 +146,11 @@ class KVCache:
                 if mask is None and window is not None:
                     mask = _band(T, T, window, k.device)
                 return attn.attend(q, k, v, mask)
+            if self.static:
+                slot = (self._t if window is None else self._t % size).view(1)
+                keys.index_copy_(2, slot, k)
+                values.index_copy_(2, slot, v)
+                return attn.attend(q, keys, values, mask)
             t = self.length
             slot = t if window is None else t % size
             keys[:, :, slot:slot + 1].copy_(k)
@@ -185,3 +218,36 @@ def _attend_one(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     y = F.scaled_dot_product_attention(q, k, v)
     B, _, T, _ = q.shape
     return attn.resid_dropout(attn.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+class CudaGraphDecoder:
+    """Replays one captured decode step of a static KVCache (CUDA only; experimental — it was written
+    without a GPU to test on, and the CPU tests cover only the static path it captures).
+
+    Per step the Python work is one copy of the new tokens and one graph replay, which is what makes
+    batch-1 decoding fast on a GPU, where launching ~150 small kernels per token dominates otherwise.
+    """
+
+    def __init__(self, cache: KVCache) -> None:
+        if not cache.static or cache.device.type != "cuda":
+            raise ValueError("CUDA graphs need a static KVCache on a CUDA device")
+        self.cache = cache
+        self.tokens = torch.zeros(cache.batch, 1, dtype=torch.long, device=cache.device)
+        t = cache._t.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            cache.decode_static(self.tokens)  # warm-up; writes only the slot the first real step rewrites
+        torch.cuda.current_stream().wait_stream(stream)
+        cache._t.copy_(t)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.logits = cache.decode_static(self.tokens)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.cache.length >= self.cache.capacity:
+            raise ValueError("KV cache is full; the caller must re-prefill (slide the context window)")
+        self.tokens.copy_(tokens.view(-1, 1))
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
