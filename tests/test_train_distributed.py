@@ -1,0 +1,327 @@
+"""Distributed training on CPU with gloo: 2 ranks launched by torchrun, as a user would launch them.
+
+What must hold: DDP and FSDP2 on 2 ranks follow the single-process loss curve for the same global batch;
+the ranks read disjoint data that together cover the epoch; a 2-rank DDP run killed and resumed ends with
+the same weights as one that never stopped; an FSDP2 sharded checkpoint consolidates into a safetensors
+file whose logits equal the sharded model's and which `gptforge sample` loads; a resume that would change
+the global batch stops with a message. Tiny models, fp32, deterministic, so differences are only the
+order of floating-point sums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gptforge.config import ModelConfig
+from gptforge.errors import UserError
+from gptforge.memory import per_gpu_memory
+from gptforge.train.checkpoint import latest_valid_checkpoint, list_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 8
+SETTINGS = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0",
+            "train.micro_batch_size=4", "train.tokens_per_step=256", f"train.max_steps={MAX_STEPS}",
+            "train.warmup_steps=2", "train.lr=3e-3", "train.checkpoint_every=3", "train.keep_checkpoints=5",
+            "train.log_every=1", "train.eval_every=4", "train.eval_batches=2", "train.sample_every=1000",
+            "train.precision=fp32", "train.deterministic=true", "train.device=cpu"]
+# Same global batch (256 tokens = 2 x 4 x 32 single-process, 2 ranks x 1 x 4 x 32) and fp32: only the order
+# of the sums differs (accumulation vs all-reduce), so per-step losses agree to ~1e-6; 1e-4 leaves margin.
+LOSS_ATOL = 1e-4
+TIMEOUT = 240
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPTFORGE_TEST_CHECKPOINT_SLEEP"):
+        env.pop(key, None)
+    return env
+
+
+def _torchrun(nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", "0", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", "127.0.0.1:0"]
+
+
+def _train_cmd(data: Path, out: Path, extra: list[str] = (), nproc: int = 1, resume: bool = False) -> list[str]:
+    launcher = _torchrun(nproc) + ["-m", "gptforge"] if nproc > 1 else [sys.executable, "-m", "gptforge"]
+    cmd = launcher + ["train", "--data", str(data), "--out", str(out)]
+    for s in SETTINGS + list(extra):
+        cmd += ["--set", s]
+    return cmd + (["--resume", "auto"] if resume else [])
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from gptforge.data.prepare import prepare
+    root = tmp_path_factory.mktemp("dist_data")
+    docs = root / "docs"
+    docs.mkdir()
+    for d in range(40):
+        docs.joinpath(f"d{d}.txt").write_text(
+            "".join(f"def f{i}(x):\n    return x * {i % 7} + {i % 5}\n\n" for i in range(d * 20, d * 20 + 20)))
+    prepare([str(docs)], "char", root / "data", workers=1, val_fraction=0.2)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def single_run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    _run(_train_cmd(data_dir, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = _run(_train_cmd(data_dir, out, nproc=2))
+    assert "2 ranks (ddp)" in result.stdout
+    return out
+
+
+def test_ddp_two_ranks_follow_the_single_process_loss_curve(single_run, ddp_run):
+    single, ddp = _losses(single_run), _losses(ddp_run)
+    assert sorted(single) == sorted(ddp) == list(range(1, MAX_STEPS + 1))
+    assert single[MAX_STEPS] < single[1] - 0.1  # it actually trains
+    for step in single:
+        assert abs(single[step] - ddp[step]) <= LOSS_ATOL, (step, single[step], ddp[step])
+    wa = load_file(str(single_run / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
+    wb = load_file(str(ddp_run / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-4)
+    # rank 0 alone wrote the run files: one row per step, no duplicates from rank 1
+    steps = [json.loads(l)["step"] for l in (ddp_run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, MAX_STEPS + 1))
+
+
+def test_fsdp_two_ranks_follow_the_single_process_loss_curve(single_run, data_dir, tmp_path):
+    out = tmp_path / "fsdp"
+    result = _run(_train_cmd(data_dir, out, ["train.parallel=fsdp"], nproc=2))
+    assert "2 ranks (fsdp)" in result.stdout
+    single, fsdp = _losses(single_run), _losses(out)
+    assert sorted(fsdp) == list(range(1, MAX_STEPS + 1))
+    for step in single:
+        assert abs(single[step] - fsdp[step]) <= LOSS_ATOL, (step, single[step], fsdp[step])
+    # sharded checkpoints, verified by checksums; the last one consolidated for sample/eval/export
+    final = latest_valid_checkpoint(out)
+    assert final == out / "checkpoints" / f"step_{MAX_STEPS}"
+    assert (final / "sharded" / ".metadata").is_file() and (final / "model.safetensors").is_file()
+    assert not (out / "checkpoints" / "step_3" / "model.safetensors").exists()
+    single_w = load_file(str(single_run / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
+    fsdp_w = load_file(str(final / "model.safetensors"))
+    for k in single_w:
+        torch.testing.assert_close(single_w[k], fsdp_w[k], atol=1e-4, rtol=1e-4)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both of its workers: this test started them all
+    proc.wait()
+
+
+def test_ddp_kill_and_resume_matches_the_uninterrupted_run(data_dir, ddp_run, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(data_dir, out, nproc=2), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not (out / "checkpoints" / "step_3" / "checksums.json").exists():
+            assert proc.poll() is None, "training exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+    finally:
+        _kill_group(proc)
+    assert max(s for s, _ in list_checkpoints(out)) < MAX_STEPS, "the run finished before it could be killed"
+    resumed = _run(_train_cmd(data_dir, out, nproc=2, resume=True))
+    assert "resuming" in resumed.stdout
+    wa = load_file(str(ddp_run / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
+    wb = load_file(str(out / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after a 2-rank kill and resume"
+    assert _losses(ddp_run) == _losses(out)
+
+
+def test_resume_on_another_world_size(data_dir, ddp_run, tmp_path):
+    """Same global batch: re-partitioned exactly (one process continues the 2-rank curve). Different global
+    batch: refused with a message naming train.tokens_per_step."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(ddp_run, out)
+    for step, path in list_checkpoints(out):
+        if step > 6:
+            shutil.rmtree(path)
+    result = _run(_train_cmd(data_dir, out, resume=True))
+    assert "re-partitioned" in result.stdout
+    ddp, single = _losses(ddp_run), _losses(out)
+    for step in (7, 8):
+        assert abs(ddp[step] - single[step]) <= LOSS_ATOL, (step, ddp[step], single[step])
+    refused = subprocess.run(_train_cmd(data_dir, out, ["train.tokens_per_step=128", "train.max_steps=12"],
+                                        resume=True), env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert refused.returncode == 2
+    assert "train.tokens_per_step=256" in refused.stderr and "Traceback" not in refused.stderr
+
+
+WORKER = textwrap.dedent('''
+    """2 ranks: the trainer's loader partition over one epoch, then 2 FSDP2 steps, a sharded checkpoint and
+    the sharded model's logits on a fixed input."""
+    import json, sys
+    import torch
+    from safetensors.torch import save_file
+    from gptforge.train import distributed as D
+    from gptforge.train.run_config import resolve_run_config
+    from gptforge.train.trainer import Trainer
+
+    data, out, report = sys.argv[1], sys.argv[2], sys.argv[3]
+    config = resolve_run_config(data=data, out=out, overrides=sys.argv[4:])
+    trainer = Trainer(config)
+    loader = trainer._make_loader("train")  # built exactly as the trainer builds its own
+    seen = [loader._next_index() for _ in range(loader.sequences_per_rank)]  # this rank's whole epoch
+    assert loader.epoch == 0
+    everyone = D.all_gather_object(seen)
+    result = trainer.fit()
+    trainer.model.eval()
+    idx = torch.arange(24).remainder(config.model.vocab_size).view(2, 12)
+    with torch.no_grad():
+        logits = trainer.model(idx)[0]
+    if trainer.is_main:
+        save_file({"logits": logits.contiguous(), "idx": idx}, report + ".safetensors")
+        with open(report, "w") as f:
+            json.dump({"seen": everyone, "sequences": loader.sequences_per_epoch, "checkpoint": str(result.checkpoint),
+                       "ranks": loader.world_size}, f)
+    D.teardown()
+''')
+
+
+@pytest.fixture(scope="module")
+def fsdp_worker(data_dir, tmp_path_factory) -> tuple[dict, Path]:
+    root = tmp_path_factory.mktemp("fsdp_worker")
+    script = root / "worker.py"
+    script.write_text(WORKER)
+    report = root / "report.json"
+    overrides = [s for s in SETTINGS if not s.startswith("train.max_steps")] + ["train.max_steps=2",
+                                                                                 "train.parallel=fsdp"]
+    result = subprocess.run(_torchrun() + [str(script), str(data_dir), str(root / "run"), str(report)] + overrides,
+                            env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(report.read_text()), root
+
+
+def test_ranks_read_disjoint_data_covering_the_epoch(fsdp_worker):
+    report, _ = fsdp_worker
+    rank0, rank1 = (set(s) for s in report["seen"])
+    assert len(rank0) == len(report["seen"][0]) and len(rank1) == len(report["seen"][1])  # no repeats
+    assert not rank0 & rank1
+    n = report["sequences"]
+    assert n > 50 and report["ranks"] == 2
+    assert rank0 | rank1 <= set(range(n))
+    assert len(rank0 | rank1) == n - n % 2  # the whole epoch but the odd sequence out
+
+
+def test_fsdp_checkpoint_consolidates_to_identical_logits_and_samples(fsdp_worker, tmp_path):
+    from gptforge.train.dist_checkpoint import consolidate, is_sharded_checkpoint
+    from gptforge.weights import load_weights
+
+    report, root = fsdp_worker
+    checkpoint = Path(report["checkpoint"])
+    assert is_sharded_checkpoint(checkpoint)
+    expected = load_file(str(root / "report.json.safetensors"))
+    separate = consolidate(checkpoint, tmp_path / "consolidated.safetensors")  # explicit, in this process
+    for weights in (separate, checkpoint / "model.safetensors"):  # and the trainer's own consolidation
+        model = load_weights(weights).eval()
+        with torch.no_grad():
+            logits = model(expected["idx"])[0]
+        torch.testing.assert_close(logits, expected["logits"], atol=1e-6, rtol=1e-6)
+    sample = subprocess.run([sys.executable, "-m", "gptforge", "sample", "--model", str(checkpoint), "--seed", "1",
+                             "--max-new-tokens", "8", "def"], env=_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert sample.returncode == 0, sample.stderr
+    assert sample.stdout.strip()
+    cli = subprocess.run([sys.executable, "-m", "gptforge", "consolidate", str(root / "run")], env=_env(),
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert cli.returncode == 0 and "model.safetensors" in cli.stdout, cli.stderr
+
+
+def test_consolidate_refuses_a_non_sharded_directory(tmp_path):
+    from gptforge.train.dist_checkpoint import consolidate
+    with pytest.raises(UserError, match="not a sharded checkpoint"):
+        consolidate(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "gptforge", "consolidate", str(tmp_path / "missing")],
+                            env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+# ---- single-process pieces ---------------------------------------------------------------------------------
+
+
+def test_single_process_context_has_no_process_group(monkeypatch):
+    from gptforge.train import distributed as D
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    ctx = D.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.distributed) == (0, 1, True, False)
+    assert not torch.distributed.is_initialized()
+    assert D.resolve_parallel("auto", 1) == "none" and D.resolve_parallel("auto", 4) == "ddp"
+    with pytest.raises(UserError, match="unrelated"):
+        D.resolve_parallel("none", 2)
+    with pytest.raises(UserError, match="torchrun"):
+        D.wrap_model(torch.nn.Linear(2, 2), ctx, "fsdp")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(UserError, match="inconsistent"):
+        D.init_distributed("cpu")
+
+
+def test_activation_checkpointing_keeps_names_and_gradients(tiny_config):
+    from gptforge.model import GPT
+    from gptforge.train import distributed as D
+    torch.manual_seed(0)
+    plain, checkpointed = GPT(tiny_config), GPT(tiny_config)
+    checkpointed.load_state_dict(plain.state_dict())
+    D.apply_activation_checkpointing(checkpointed)
+    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in checkpointed.named_parameters()]
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    for model in (plain, checkpointed):
+        model(idx, idx)[1].backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_per_gpu_memory_formula():
+    config = ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+    P = 124_439_808 + (50304 - 50257) * 768  # GPT-2 124M (tied head once) + the vocabulary padding rows
+    ddp = per_gpu_memory(config, 8, micro_batch=4, parallel="ddp")
+    assert ddp["params"] == P
+    assert ddp["parts"]["weights (fp32)"] == 4 * P and ddp["parts"]["AdamW state (fp32 m, v)"] == 8 * P
+    assert per_gpu_memory(config, 1, 4, parallel="ddp")["total"] == ddp["total"]  # replicas: no saving
+    one, eight = (per_gpu_memory(config, n, 4, parallel="fsdp") for n in (1, 8))
+    states = lambda r: sum(v for k, v in r["parts"].items() if " shard)" in k)
+    assert states(one) == 16 * P and states(eight) == 2 * P  # 16 bytes/param divided by the ranks
+    assert eight["total"] < one["total"] < ddp["total"]
+    act = lambda r: next(v for k, v in r["parts"].items() if k.startswith("activations"))
+    checkpointed = per_gpu_memory(config, 8, 4, parallel="fsdp", activation_checkpointing=True)
+    assert act(checkpointed) < act(eight)
+    with pytest.raises(UserError):
+        per_gpu_memory(config, 0, 4)
