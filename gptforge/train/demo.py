@@ -2,14 +2,16 @@
 something Python-shaped out, in a few minutes on a laptop CPU.
 
 Needs no download: the corpus is the interpreter's own sources (`builtin:pystdlib`), tokenized with a small
-byte-level BPE trained on them. The model is sized for ~4 minutes on 2 CPU cores with bf16 autocast;
-`max_time` caps it on slower machines (the LR schedule still ends at max_steps, so a capped run stops
-early on a higher LR, which is fine for a demo).
+byte-level BPE trained on them. The model is small (~2.5M parameters, 128-token windows) and, before a
+new run, a few timed steps on this machine set `max_steps` so the whole cosine schedule fits in about four
+minutes (a fixed step count, written to config.json, keeps the run resumable bit for bit); `max_time`
+is only a safety cap.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -22,13 +24,51 @@ DEMO_SOURCE = "builtin:pystdlib"
 DEMO_TOKENIZER = "bpe:4096"
 DEMO_VOCAB = 4096
 DEMO_PROMPTS = ["def ", "import os\n\nclass ", "    for i in range("]
+DEMO_SECONDS = 240.0
+
+
+def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS) -> tuple[int, float]:
+    """(steps that fit in `seconds`, seconds per step) from three timed steps of the demo model here."""
+    import time
+
+    import torch
+
+    from ..model import GPT
+    from .optim import build_optimizer
+    from .precision import resolve_device, resolve_precision
+    from .trainer import clip_and_step, forward_backward
+
+    device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device)
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(config.model).to(device)
+        opt = build_optimizer(model, config.train, device)
+        x = torch.randint(0, config.model.vocab_size, (config.train.micro_batch_size, config.seq_len + 1))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            loss = forward_backward(model, [(x[:, :-1], x[:, 1:])], 1, device, precision)
+            clip_and_step(model, opt, loss, 1.0)
+            times.append(time.perf_counter() - t0)
+    per_step = min(times[1:]) * 1.15  # + evaluation, logging and checkpoint overhead
+    return int(min(3000, max(60, seconds / per_step))), per_step
+
+
+def with_steps(config: RunConfig, steps: int) -> RunConfig:
+    """The demo config with its step count and every interval scaled to `steps`."""
+    every = max(10, steps // 6)
+    train = dataclasses.replace(config.train, max_steps=steps, warmup_steps=max(10, steps // 20),
+                                eval_every=every, checkpoint_every=every, sample_every=max(10, steps // 2),
+                                log_every=max(5, steps // 30))
+    return dataclasses.replace(config, train=train)
 
 
 def demo_config(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN) -> RunConfig:
-    """The demo run: a 4-layer, 256-wide GPT over 256-token windows of stdlib code (~4.2M parameters)."""
-    model = ModelConfig(vocab_size=DEMO_VOCAB, block_size=256, n_layer=4, n_head=4, n_embd=256)
+    """The demo run: a 4-layer, 192-wide GPT over 128-token windows of stdlib code (~2.5M parameters);
+    max_steps here is the default, replaced by `calibrate_steps` for a new run."""
+    model = ModelConfig(vocab_size=DEMO_VOCAB, block_size=128, n_layer=4, n_head=4, n_embd=192)
     train = TrainConfig(
-        out_dir=out_dir, micro_batch_size=16, max_steps=600, max_time=330.0,
+        out_dir=out_dir, micro_batch_size=24, max_steps=300, max_time=1.5 * DEMO_SECONDS,
         lr=2e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
         log_every=25, eval_every=100, eval_batches=8, sample_every=300, checkpoint_every=100,
         keep_checkpoints=2, sample_prompts=list(DEMO_PROMPTS), sample_tokens=96, sample_temperature=0.7,
@@ -59,17 +99,21 @@ def _resume_mode(config: RunConfig, log: Callable[[str], None]) -> tuple[str | N
             return None, True
         return None, False
     step = ckpt.read_state(latest)["step"]
-    if step < config.train.max_steps:
-        log(f"{run_dir} holds an unfinished demo run (step {step} of {config.train.max_steps}): resuming it "
+    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    max_steps = saved.get("train", {}).get("max_steps", config.train.max_steps)
+    if step < max_steps and saved.get("model") == config.model.to_dict():
+        log(f"{run_dir} holds an unfinished demo run (step {step} of {max_steps}): resuming it "
             f"(delete {run_dir} to start over)")
         return "auto", False
-    log(f"{run_dir} holds a finished demo run (step {step}): starting a fresh one in its place")
+    log(f"{run_dir} holds a finished (or different) demo run at step {step}: starting a fresh one in its place")
     return None, True
 
 
 def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[str], None] | None = None,
-             config: RunConfig | None = None):
-    """Prepare the corpus if needed, train the demo model, print its final samples; returns a TrainResult."""
+             config: RunConfig | None = None, calibrate: bool = True):
+    """Prepare the corpus if needed, train the demo model, print its final samples; returns a TrainResult.
+
+    `calibrate=False` keeps `config`'s own max_steps (tests use a tiny config that way)."""
     from .run_config import fit_vocab_to_data
     from .trainer import Trainer
 
@@ -78,6 +122,16 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
     ensure_demo_data(config.data.path, log)
     config = fit_vocab_to_data(config, explicit_vocab=False)
     resume, fresh = _resume_mode(config, log)
+    run_dir = Path(config.train.out_dir)
+    if resume:
+        saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        config = dataclasses.replace(config, train=saved.train)  # the step count it was started with
+    elif calibrate:
+        steps, per_step = calibrate_steps(config)
+        config = with_steps(config, steps)
+        log(f"this machine: {per_step:.2f} s per step -> {steps} steps "
+            f"({steps * config.train.micro_batch_size * config.seq_len:,} tokens, about "
+            f"{steps * per_step / 60:.0f} min)")
     trainer = Trainer(config, resume=resume, fresh=fresh, log=log)
     result = trainer.fit()
     samples = getattr(trainer, "last_samples", None)
@@ -85,7 +139,6 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
         log("\n==== samples from the trained model ====")
         for text in samples:
             log(text.rstrip() + "\n----")
-    run_dir = Path(config.train.out_dir)
     log(f"done: {result.step} steps, {result.tokens:,} tokens; "
         + (f"val loss {result.val_loss:.3f}; " if result.val_loss is not None else "")
         + f"curve in {run_dir / 'loss.png'}, samples in {run_dir / 'samples.txt'}; "

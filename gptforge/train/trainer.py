@@ -590,7 +590,8 @@ class Trainer:
             window["tokens"] += step_tokens
             window["time"] += dt
             window["all_steps"] += 1
-            if self.is_main and (self.step % tc.log_every == 0 or self.step == 1):
+            reason = self._stop_reason()
+            if self.is_main and (self.step % tc.log_every == 0 or self.step == 1 or reason):
                 tok_s = window["tokens"] / max(window["time"], 1e-9)
                 mfu = (tok_s * self.flops_per_token / self.peak_flops) if self.peak_flops else None
                 avg_loss = window["loss"] / window["steps"] if window["steps"] else float("nan")
@@ -606,13 +607,13 @@ class Trainer:
                          f"{_fmt_count(tok_s)} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
                          + f" | {_fmt_count(self.tokens)} tok | ETA {self._eta(step_time)}")
                 self.window = window = self._new_window()
-            reason = self._stop_reason()
             finishing = reason is not None and reason != "interrupted"
             if self.step % tc.eval_every == 0 or finishing:
                 val_loss = self._eval_and_log(logger)
             if (self.is_main or self.parallel == "fsdp") and (self.step % tc.sample_every == 0 or finishing):
                 self.write_samples()
-            if self.step % tc.checkpoint_every == 0 or reason:
+            # no periodic checkpoint in the middle of a run of non-finite steps: the last good one stays newest
+            if (self.step % tc.checkpoint_every == 0 and self.bad_in_row == 0) or reason:
                 self.save()
         if self.parallel == "fsdp" and self.last_checkpoint is not None:
             self._consolidate_last()

@@ -1,0 +1,159 @@
+"""The training loop end to end on tiny data: the demo recipe learns, NaN steps are skipped then stop the
+run, resume refuses a different model shape, and the CLI rejects bad settings in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptforge.cli import main
+from gptforge.config import RunConfig, apply_overrides
+from gptforge.errors import UserError
+from gptforge.train import checkpoint as ckpt
+from gptforge.train.demo import run_demo, tiny_demo_config
+from gptforge.train.metrics import read_metrics
+from gptforge.train.trainer import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def code_data(tmp_path_factory) -> Path:
+    """A char-level corpus of real Python: a few standard-library modules (what the demo trains on)."""
+    from gptforge.data.prepare import prepare
+    root = tmp_path_factory.mktemp("code")
+    src = root / "src"
+    src.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py",
+                 "fnmatch.py", "glob.py", "shlex.py", "copy.py", "colorsys.py", "keyword.py"):
+        if (stdlib / name).is_file():
+            shutil.copy(stdlib / name, src / name.replace("/", "_"))
+    prepare([str(src)], "char", root / "data", workers=1, val_fraction=0.2)
+    return root / "data"
+
+
+def _tiny(data: Path, out: Path, steps: int = 40, **train) -> RunConfig:
+    config = tiny_demo_config(str(data), str(out), max_steps=steps)
+    overrides = {f"train.{k}": v for k, v in train.items()}
+    from gptforge.train.run_config import fit_vocab_to_data
+    return fit_vocab_to_data(apply_overrides(config, overrides), explicit_vocab=False)
+
+
+def test_demo_recipe_val_loss_falls(code_data, tmp_path):
+    logs = []
+    config = _tiny(code_data, tmp_path / "demo", steps=60)
+    result = run_demo(config=config, log=logs.append, calibrate=False)
+    rows = read_metrics(tmp_path / "demo" / "metrics.jsonl")
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) >= 3 and val[-1] < val[0] - 0.7, val  # from ~ln(vocab) clearly down
+    assert result.stopped == "max_steps" and result.step == 60
+    assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000
+    assert "=== step 60" in (tmp_path / "demo" / "samples.txt").read_text()
+    assert (tmp_path / "demo" / "tokenizer").is_dir()
+    assert any("samples from the trained model" in line for line in logs)
+    # the second run of a finished demo starts fresh and says so
+    logs.clear()
+    run_demo(config=_tiny(code_data, tmp_path / "demo", steps=2), log=logs.append, calibrate=False)
+    assert any("starting a fresh one" in line for line in logs)
+
+
+def test_eval_callback_results_go_to_metrics(code_data, tmp_path):
+    calls = []
+
+    def hook(model, step):
+        calls.append((model.training, step))
+        return {"my_task_acc": 0.25}
+
+    train(_tiny(code_data, tmp_path / "r", steps=4, eval_every=2), eval_callbacks=[hook], log=lambda m: None)
+    assert calls == [(False, 0), (False, 2), (False, 4)]
+    rows = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "my_task_acc" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+
+
+def test_nan_steps_are_skipped_then_stop_with_checkpoint_untouched(code_data, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    train(_tiny(code_data, out, steps=2, checkpoint_every=2), log=lambda m: None)
+    good = ckpt.checkpoint_dir(out, 2)
+    before = (good / "model.safetensors").read_bytes()
+    config = _tiny(code_data, out, steps=20, checkpoint_every=2, max_bad_steps=3)
+    trainer = Trainer(config, resume="auto", log=lambda m: None)
+    real_forward = trainer.raw_model.forward
+    monkeypatch.setattr(trainer.raw_model, "forward",
+                        lambda idx, targets=None, **kw: (None, real_forward(idx, targets)[1] * float("nan")))
+    with pytest.raises(UserError, match="3 steps in a row with non-finite loss") as err:
+        trainer.fit()
+    assert "step_2" in str(err.value)
+    assert trainer.skipped_steps == 3 and trainer.step == 5
+    assert (good / "model.safetensors").read_bytes() == before
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
+
+
+def test_resume_with_different_model_shape_names_fields(code_data, tmp_path):
+    out = tmp_path / "r"
+    train(_tiny(code_data, out, steps=2), log=lambda m: None)
+    bigger = apply_overrides(_tiny(code_data, out, steps=4), {"model.n_layer": 3, "model.n_embd": 96})
+    with pytest.raises(UserError, match=r"n_embd: 64 .* vs 96 now, n_layer: 2 .* vs 3 now"):
+        Trainer(bigger, resume="auto", log=lambda m: None)
+
+
+def test_existing_run_needs_resume_or_fresh(code_data, tmp_path):
+    out = tmp_path / "r"
+    train(_tiny(code_data, out, steps=2), log=lambda m: None)
+    with pytest.raises(UserError, match="--resume"):
+        Trainer(_tiny(code_data, out, steps=4), log=lambda m: None)
+    fresh = Trainer(_tiny(code_data, out, steps=4), fresh=True, log=lambda m: None)
+    assert fresh.step == 0 and not ckpt.list_checkpoints(out)
+
+
+def test_gradient_accumulation_and_ramp_in_the_loop(code_data, tmp_path):
+    config = _tiny(code_data, tmp_path / "r", steps=5, tokens_per_step=2048, batch_ramp_tokens=2048,
+                   batch_ramp_start=512)
+    train(config, log=lambda m: None)
+    rows = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "batch_tokens" in r]
+    # 8 x 64 tokens per micro-batch; ramp 512 -> 2048 over the first 2048 tokens, then full
+    assert [r["batch_tokens"] for r in rows] == [512, 2048]  # logged at step 1 and at the last step
+    assert [r["tokens"] for r in rows] == [512, 512 + 1024 + 1536 + 2048 + 2048]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "train.lrr=1"], "unknown setting 'train.lrr'"),
+    (["--set", "train.max_steps=many"], "train.max_steps: expected an integer"),
+    (["--set", "model.n_layer"], "expected key=value"),
+    (["--set", "train.schedule=linear"], "is not one of"),
+    (["--preset", "gpt9"], "unknown preset"),
+])
+def test_cli_bad_settings_are_one_line_errors(code_data, tmp_path, capsys, argv, message):
+    code = main(["train", "--data", str(code_data), "--out", str(tmp_path / "r"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_print_config_resolves_preset_toml_and_set(code_data, tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "gpt3-small"\n[train]\nmax_steps = 123\nlr = 1e-3\n[model]\nblock_size = 512\n')
+    code = main(["train", "--config", str(toml), "--data", str(code_data), "--out", str(tmp_path / "r"),
+                 "--set", "train.lr=2e-4", "--print-config"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    config = json.loads(captured.out)
+    assert config["model"]["n_embd"] == 768 and config["model"]["block_size"] == 512
+    assert config["model"]["vocab_size"] == json.loads((code_data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    assert config["train"]["max_steps"] == 123 and config["train"]["lr"] == 2e-4
+    assert config["train"]["out_dir"] == str(tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_trains_and_resumes(code_data, tmp_path, capsys):
+    args = ["train", "--data", str(code_data), "--out", str(tmp_path / "r"), "--set", "model.n_layer=1",
+            "--set", "model.n_embd=32", "--set", "model.n_head=2", "--set", "model.block_size=32",
+            "--set", "train.micro_batch_size=4", "--set", "train.eval_batches=1", "--set", "train.sample_tokens=4"]
+    assert main([*args, "--set", "train.max_steps=3"]) == 0
+    assert main([*args, "--set", "train.max_steps=5", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "step 5/5" in out
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 5 and saved["model"]["n_layer"] == 1
