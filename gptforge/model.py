@@ -50,11 +50,15 @@ class CausalSelfAttention(nn.Module):
                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of q over k/v, then the output projection. `mask` overrides the layer's own pattern."""
         dropout = self.dropout if self.training else 0.0
-        if mask is None and self.window is None and q.size(2) == k.size(2):
+        q_len, k_len = q.size(2), k.size(2)
+        band_reaches_all = self.window is None or self.window >= k_len  # the band is then just causal
+        if mask is None and band_reaches_all and q_len == k_len:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif mask is None and band_reaches_all and q_len == 1:  # one new query: every key is in its past
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             if mask is None:
-                mask = band_mask(q.size(2), k.size(2), self.window or k.size(2), q.device)
+                mask = band_mask(q_len, k_len, self.window or k_len, q.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         B, _, T, _ = q.shape
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)

@@ -15,7 +15,6 @@ states finite — a fully masked row would be NaN, and NaN values leak through a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..model import GPT
 
@@ -156,7 +155,7 @@ class KVCache:
             keys[:, :, slot:slot + 1].copy_(k)
             values[:, :, slot:slot + 1].copy_(v)
             n = min(t + 1, size)
-            return _attend_one(attn, q, keys[:, :, :n], values[:, :, :n], mask)
+            return attn.attend(q, keys[:, :, :n], values[:, :, :n], mask)
 
         return attention
 
@@ -208,16 +207,6 @@ def _band(q_len: int, k_len: int, window: int, device: torch.device) -> torch.Te
     q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     k = torch.arange(k_len, device=device)[None, :]
     return (k <= q) & (k > q - window)
-
-
-def _attend_one(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of a single new query over cached keys. Every cached key is in its past, so with no
-    padding no mask is needed at all; the layer's `attend` would build a causal mask for q_len != k_len."""
-    if mask is not None:
-        return attn.attend(q, k, v, mask)
-    y = F.scaled_dot_product_attention(q, k, v)
-    B, _, T, _ = q.shape
-    return attn.resid_dropout(attn.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
 class CudaGraphDecoder:
