@@ -446,8 +446,12 @@ class Trainer:
                     loader = None
                 if loader is not None:
                     losses = []
-                    # every rank runs the same number of forwards (FSDP2 gathers weights collectively)
-                    n_batches = min(self.tc.eval_batches, -(-loader.sequences_per_rank // self.tc.micro_batch_size))
+                    # eval_batches is the total over ranks: rank r's strided share of the first
+                    # ceil(eval_batches / ranks) batches covers the sequences one process would score, so the
+                    # number does not depend on the world size; and every rank runs the same number of
+                    # forwards (FSDP2 gathers weights collectively)
+                    n_batches = min(-(-self.tc.eval_batches // self.world_size),
+                                    -(-loader.sequences_per_rank // self.tc.micro_batch_size))
                     for i, (x, y) in enumerate(loader.iter_sequential(self.tc.micro_batch_size)):
                         if i >= n_batches:
                             break
