@@ -1,0 +1,129 @@
+"""Training-step throughput and peak memory: gptforge vs Hugging Face GPT2LMHeadModel, same run.
+
+One step = forward + backward + global grad-norm clip + AdamW step on the same random batch, with the same
+AdamW settings (fused where supported, GPT-3 betas) and the same autocast dtype for both. Each measurement
+runs in a fresh subprocess so its peak RSS is its own.
+
+    python benchmarks/train_throughput.py                 # CPU: gpt2 @ T=256 and a small config @ T=64
+    python benchmarks/train_throughput.py --steps 2       # quicker
+    python benchmarks/train_throughput.py --cuda          # GPU: gpt2 @ T=1024, bf16, torch.compile, MFU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+PEAK_H200_BF16 = 989e12
+
+
+def _models(impl: str, name: str, block: int):
+    import torch
+
+    from gptforge.config import ModelConfig, get_preset
+
+    config = get_preset("gpt2") if name == "gpt2" else ModelConfig(vocab_size=50257, block_size=block,
+                                                                    n_layer=4, n_head=4, n_embd=256)
+    torch.manual_seed(0)
+    if impl == "gptforge":
+        from gptforge.model import GPT
+        return GPT(config), config
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                    n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0, activation_function="gelu_new")
+    return GPT2LMHeadModel(hf), config
+
+
+def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, steps: int, device: str,
+            compile_model: bool) -> dict:
+    """Runs in the child process: time `steps` training steps after two warm-up steps."""
+    import torch
+
+    from gptforge.config import TrainConfig
+    from gptforge.train.optim import build_optimizer
+    from gptforge.train.precision import autocast
+
+    dev = torch.device(device)
+    model, config = _models(impl, name, seq_len)
+    model.to(dev).train()
+    opt = build_optimizer(model, TrainConfig(), dev)  # same AdamW (fused, decay groups) for both
+    fwd = torch.compile(model) if compile_model else model
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g).to(dev)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def step() -> None:
+        with autocast(dev, precision):
+            if impl == "gptforge":
+                _, loss = fwd(x, y)
+            else:
+                loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    tok_s = batch * seq_len / dt
+    n = sum(p.numel() for p in model.parameters()) - config.block_size * config.n_embd
+    flops = 6 * n + 12 * config.n_layer * config.n_embd * seq_len
+    out = {"impl": impl, "model": name, "T": seq_len, "B": batch, "precision": precision, "step_s": dt,
+           "tok_s": tok_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if dev.type == "cuda":
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["mfu"] = tok_s * flops / PEAK_H200_BF16
+    return out
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cuda", action="store_true")
+    p.add_argument("--only", choices=["gpt2", "small"], help="one model only")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        print(json.dumps(measure(*json.loads(a.child))))
+        return
+    if a.cuda:
+        cases = [("gpt2", 1024, 8, "bf16", "cuda", True)]
+    else:
+        cases = [(m, t, b, prec, "cpu", False) for m, t, b in (("gpt2", 256, 4), ("small", 64, 16))
+                 for prec in ("fp32", "bf16")]
+    if a.only:
+        cases = [c for c in cases if c[0] == a.only]
+    print(f"{'model':6} {'T':>5} {'B':>3} {'dtype':5} | {'gptforge tok/s':>14} {'HF tok/s':>9} {'ratio':>6} | "
+          f"{'gptforge RSS':>12} {'HF RSS':>8}" + (" | MFU ours / HF" if a.cuda else ""))
+    for name, T, B, prec, device, comp in cases:
+        ours = _child(["gptforge", name, T, B, prec, a.steps, device, comp])
+        hf = _child(["hf", name, T, B, prec, a.steps, device, comp])
+        line = (f"{name:6} {T:>5} {B:>3} {prec:5} | {ours['tok_s']:>14.0f} {hf['tok_s']:>9.0f} "
+                f"{ours['tok_s'] / hf['tok_s']:>5.2f}x | {ours['peak_rss_mib']:>9.0f}MiB {hf['peak_rss_mib']:>5.0f}MiB")
+        if a.cuda:
+            line += f" | {100 * ours['mfu']:.1f}% / {100 * hf['mfu']:.1f}%"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
