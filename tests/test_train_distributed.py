@@ -131,10 +131,17 @@ def test_ddp_two_ranks_follow_the_single_process_loss_curve(single_run, ddp_run)
     assert steps == list(range(1, MAX_STEPS + 1))
 
 
-def test_fsdp_two_ranks_follow_the_single_process_loss_curve(single_run, data_dir, tmp_path):
-    out = tmp_path / "fsdp"
-    result = _run(_train_cmd(data_dir, out, ["train.parallel=fsdp"], nproc=2))
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory) -> Path:
+    # with activation checkpointing: recomputing each block in backward must not change a single number
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    result = _run(_train_cmd(data_dir, out, ["train.parallel=fsdp", "train.activation_checkpointing=true"], nproc=2))
     assert "2 ranks (fsdp)" in result.stdout
+    return out
+
+
+def test_fsdp_two_ranks_follow_the_single_process_loss_curve(single_run, fsdp_run):
+    out = fsdp_run
     _assert_same_curve(single_run, out)
     # sharded checkpoints, verified by checksums; the last one consolidated for sample/eval/export
     final = latest_valid_checkpoint(out)
@@ -145,6 +152,34 @@ def test_fsdp_two_ranks_follow_the_single_process_loss_curve(single_run, data_di
     fsdp_w = load_file(str(final / "model.safetensors"))
     for k in single_w:
         torch.testing.assert_close(single_w[k], fsdp_w[k], atol=1e-4, rtol=1e-4)
+
+
+def _truncated_copy(run: Path, dest: Path, last_step: int) -> Path:
+    """A copy of `run` as if it had been killed right after checkpoint `last_step`."""
+    import shutil
+    shutil.copytree(run, dest)
+    for step, path in list_checkpoints(dest):
+        if step > last_step:
+            shutil.rmtree(path)
+    return dest
+
+
+def test_fsdp_resume_is_exact_and_reshards_to_one_process(data_dir, fsdp_run, single_run, tmp_path):
+    final = f"checkpoints/step_{MAX_STEPS}/model.safetensors"
+    same = _truncated_copy(fsdp_run, tmp_path / "same", 6)
+    result = _run(_train_cmd(data_dir, same, ["train.parallel=fsdp", "train.activation_checkpointing=true"],
+                             nproc=2, resume=True))
+    assert "from step_6" in result.stdout
+    wa, wb = load_file(str(fsdp_run / final)), load_file(str(same / final))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs after a 2-rank FSDP resume"
+    assert _losses(same) == _losses(fsdp_run)
+    # one process reads the 2-rank shards (DCP reshards into full tensors) and continues the same curve
+    one = _truncated_copy(fsdp_run, tmp_path / "one", 6)
+    result = _run(_train_cmd(data_dir, one, ["train.parallel=auto"], resume=True))
+    assert "re-partitioned" in result.stdout
+    for step in (7, 8):
+        assert abs(_losses(one)[step] - _losses(single_run)[step]) <= LOSS_ATOL
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -178,12 +213,7 @@ def test_ddp_kill_and_resume_matches_the_uninterrupted_run(data_dir, ddp_run, tm
 def test_resume_on_another_world_size(data_dir, ddp_run, tmp_path):
     """Same global batch: re-partitioned exactly (one process continues the 2-rank curve). Different global
     batch: refused with a message naming train.tokens_per_step."""
-    import shutil
-    out = tmp_path / "run"
-    shutil.copytree(ddp_run, out)
-    for step, path in list_checkpoints(out):
-        if step > 6:
-            shutil.rmtree(path)
+    out = _truncated_copy(ddp_run, tmp_path / "run", 6)
     result = _run(_train_cmd(data_dir, out, resume=True))
     assert "re-partitioned" in result.stdout
     ddp, single = _losses(ddp_run), _losses(out)
