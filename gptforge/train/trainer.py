@@ -622,8 +622,9 @@ class Trainer:
         if self.parallel == "fsdp" and self.last_checkpoint is not None:
             self._consolidate_last()
         if reason == "interrupted":
+            launcher = f"torchrun --nproc_per_node {self.world_size} -m " if self.world_size > 1 else ""
             self.log(f"stopped at step {self.step}; checkpoint {self.last_checkpoint}; "
-                     f"continue with: gptforge train --out {self.run_dir} --resume auto")
+                     f"continue with: {launcher}gptforge train --out {self.run_dir} --resume auto")
         return TrainResult(self.run_dir, self.step, self.tokens, reason, train_loss, val_loss,
                            self.last_checkpoint, self.resumed_from)
 
