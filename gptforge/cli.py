@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptforge {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `gptforge ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 def entry_point() -> None:

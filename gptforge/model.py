@@ -155,9 +155,10 @@ class GPT(nn.Module):
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and output projection; padded vocabulary columns are cut off so they are never
-        sampled or scored."""
-        return self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]
+        """Final norm and output projection onto the real vocabulary only, so padded ids are never sampled
+        or scored. Slicing the weight's first rows (contiguous) rather than the logits (strided) avoids a
+        copy of the logits forward and a zero-filled padded gradient backward."""
+        return F.linear(self.transformer.ln_f(x), self.lm_head.weight[: self.config.vocab_size])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor | None]:
