@@ -164,7 +164,7 @@ def _truncated_copy(run: Path, dest: Path, last_step: int) -> Path:
     return dest
 
 
-def test_fsdp_resume_is_exact_and_reshards_to_one_process(data_dir, fsdp_run, single_run, tmp_path):
+def test_fsdp_resume_is_exact_and_converts_to_and_from_one_process(data_dir, fsdp_run, single_run, tmp_path):
     final = f"checkpoints/step_{MAX_STEPS}/model.safetensors"
     same = _truncated_copy(fsdp_run, tmp_path / "same", 6)
     result = _run(_train_cmd(data_dir, same, ["train.parallel=fsdp", "train.activation_checkpointing=true"],
@@ -180,6 +180,12 @@ def test_fsdp_resume_is_exact_and_reshards_to_one_process(data_dir, fsdp_run, si
     assert "re-partitioned" in result.stdout
     for step in (7, 8):
         assert abs(_losses(one)[step] - _losses(single_run)[step]) <= LOSS_ATOL
+    # and the other way: a single-process checkpoint continues under FSDP2 on 2 ranks
+    upgraded = _truncated_copy(single_run, tmp_path / "upgraded", 6)
+    result = _run(_train_cmd(data_dir, upgraded, ["train.parallel=fsdp"], nproc=2, resume=True))
+    assert "from step_6" in result.stdout and "re-partitioned" in result.stdout
+    for step in (7, 8):
+        assert abs(_losses(upgraded)[step] - _losses(single_run)[step]) <= LOSS_ATOL
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -136,6 +136,57 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
     return json.loads((path / STATE_FILE).read_text())
 
 
+def load_full_into_sharded(path: str | os.PathLike, model: nn.Module,
+                           optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Load a single-file checkpoint (from one process or DDP) into an FSDP2 model on every rank.
+
+    Each rank reads the full tensors and keeps its own shard (`full_state_dict=True`); the AdamW moments,
+    stored by parameter name in optimizer.safetensors, become the name-keyed full optimizer state dict that
+    `set_optimizer_state_dict` shards the same way. Every rank holds one full copy in host memory while
+    loading: fine for models a single process could checkpoint in the first place.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from ..weights import read_weights
+    from .checkpoint import OPTIMIZER_FILE, model_config_differences, read_state, verify_checkpoint
+
+    path = Path(path)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is unusable ({problem}); pass an earlier checkpoint or --resume auto")
+    saved_config, tensors = read_weights(path / WEIGHTS_FILE)
+    differing = model_config_differences(saved_config.to_dict(), D.unwrap(model).config.to_dict())
+    if differing:
+        raise UserError(f"checkpoint {path} was trained with a different model shape ({differing}); resume "
+                        "with the run's own model settings or start a new run with another --out")
+    for key in TIED_KEYS:  # the tied head is not stored; FSDP2's state dict names it too
+        tensors[key] = tensors["transformer.wte.weight"]
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, tensors, options=full)
+    if optimizer is not None:
+        try:
+            stored = load_file(str(path / OPTIMIZER_FILE))
+            with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as f:
+                metadata = f.metadata() or {}
+            groups = json.loads(metadata["param_groups"])
+            scalars = json.loads(metadata.get("scalars", "{}"))
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise UserError(f"optimizer state {path / OPTIMIZER_FILE} is unreadable ({e}); "
+                            "resume from an earlier checkpoint") from None
+        state: dict[str, dict[str, Any]] = {}
+        for key, tensor in stored.items():
+            name, field = key.split("::", 1)
+            state.setdefault(name, {})[field] = tensor
+        for name, values in scalars.items():
+            state.setdefault(name, {}).update(values)
+        param_groups = [{**{k: v for k, v in g.items() if k != "names"}, "params": g["names"]} for g in groups]
+        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": param_groups}, options=full)
+    return read_state(path)
+
+
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     file = Path(path) / MODEL_CONFIG_FILE
     if not file.is_file():

@@ -378,12 +378,11 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
-        from .dist_checkpoint import is_sharded_checkpoint, load_sharded
+        from .dist_checkpoint import is_sharded_checkpoint, load_full_into_sharded, load_sharded
         if is_sharded_checkpoint(path):  # DCP loads (and reshards) into any layout, FSDP2 or full copies
             state = load_sharded(path, self.raw_model, self.optimizer)
-        elif self.parallel == "fsdp":
-            raise UserError(f"checkpoint {path} holds full weights from a single-process or DDP run; resuming it "
-                            "with train.parallel=fsdp is not supported: resume with train.parallel=ddp")
+        elif self.parallel == "fsdp":  # a single-process / DDP checkpoint, sharded while loading
+            state = load_full_into_sharded(path, self.raw_model, self.optimizer)
         else:
             state = ckpt.load_checkpoint(path, self.raw_model, self.optimizer)
         self._check_resume_layout(state, path)
