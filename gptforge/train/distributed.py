@@ -215,6 +215,27 @@ def wrap_model(model: nn.Module, ctx: DistContext, parallel: Parallel, precision
     raise UserError(f"train.parallel={parallel!r}: choose one of {', '.join(PARALLEL_CHOICES)}")
 
 
+def build_fsdp_model(build: Callable[[], nn.Module], ctx: DistContext, precision: str = "fp32",
+                     activation_checkpointing: bool = False) -> nn.Module:
+    """Build a model straight into FSDP2 shards, never materialising it whole on a GPU.
+
+    The model is created on the meta device (no memory), sharded, and allocated shard by shard on this
+    rank's device; rank 0 alone builds the initialised full model in host memory, once, and
+    `set_model_state_dict(..., broadcast_from_rank0=True)` sends each rank its shards. So a model that only
+    fits sharded can be trained, and the initial weights are exactly those of a single process with the same
+    seed (rank 0 draws them from the same CPU generator). Call with the seed already set on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with torch.device("meta"):
+        model = build()
+    wrap_model(model, ctx, "fsdp", precision, activation_checkpointing)
+    model.to_empty(device=ctx.device)
+    full = build().state_dict() if ctx.is_main else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
 def _register_fsdp_methods(model: nn.Module) -> None:
     """Let `embed` and `head` (used by generation's KV-cache path) gather the root's sharded weights.
 

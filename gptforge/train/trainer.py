@@ -222,10 +222,15 @@ class Trainer:
         random.seed(self.tc.seed)
         np.random.seed(self.tc.seed)
         torch.manual_seed(self.tc.seed)  # same initial weights on every rank
-        self.raw_model = GPT(config.model).to(self.device)
-        # what the forward pass runs: DDP wrapper, or the model itself sharded in place by FSDP2 (compiled below)
-        self.model: torch.nn.Module = D.wrap_model(self.raw_model, self.dist, self.parallel, self.precision,
-                                                   self.tc.activation_checkpointing)
+        # what the forward pass runs: DDP wrapper, or the model itself sharded by FSDP2 (compiled below)
+        if self.parallel == "fsdp":  # built directly as shards: never whole on one GPU
+            self.raw_model = D.build_fsdp_model(lambda: GPT(config.model), self.dist, self.precision,
+                                                self.tc.activation_checkpointing)
+            self.model: torch.nn.Module = self.raw_model
+        else:
+            self.raw_model = GPT(config.model).to(self.device)
+            self.model = D.wrap_model(self.raw_model, self.dist, self.parallel, self.precision,
+                                      self.tc.activation_checkpointing)
         self.optimizer = build_optimizer(self.raw_model, self.tc, self.device)  # after FSDP2 has sharded
         if self.world_size > 1:  # own dropout stream per rank; the weights above are already identical
             torch.manual_seed(self.tc.seed + 1_000_003 * self.rank)
