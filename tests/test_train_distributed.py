@@ -38,6 +38,10 @@ SETTINGS = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block
 # Same global batch (256 tokens = 2 x 4 x 32 single-process, 2 ranks x 1 x 4 x 32) and fp32: only the order
 # of the sums differs (accumulation vs all-reduce), so per-step losses agree to ~1e-6; 1e-4 leaves margin.
 LOSS_ATOL = 1e-4
+# Ranks run 2 micro-batches of 2 (2 ranks x 2 x 2 x 32 = 256 tokens): gradient accumulation without
+# communication (DDP no_sync / FSDP2 set_requires_gradient_sync(False)) until the last micro-batch. Val:
+# 4 batches of 2 split over the ranks score the same 8 sequences as one process's 2 batches of 4.
+TWO_RANKS = ["train.micro_batch_size=2", "train.eval_batches=4"]
 TIMEOUT = 240
 
 
@@ -114,8 +118,8 @@ def single_run(data_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ddp_run(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "run"
-    result = _run(_train_cmd(data_dir, out, nproc=2))
-    assert "2 ranks (ddp)" in result.stdout
+    result = _run(_train_cmd(data_dir, out, TWO_RANKS, nproc=2))
+    assert "256 tokens per step = 2 x 2 ranks (ddp) x 2 x 32" in result.stdout
     return out
 
 
@@ -135,7 +139,8 @@ def test_ddp_two_ranks_follow_the_single_process_loss_curve(single_run, ddp_run)
 def fsdp_run(data_dir, tmp_path_factory) -> Path:
     # with activation checkpointing: recomputing each block in backward must not change a single number
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    result = _run(_train_cmd(data_dir, out, ["train.parallel=fsdp", "train.activation_checkpointing=true"], nproc=2))
+    result = _run(_train_cmd(data_dir, out, TWO_RANKS + ["train.parallel=fsdp", "train.activation_checkpointing=true"],
+                             nproc=2))
     assert "2 ranks (fsdp)" in result.stdout
     return out
 
@@ -167,7 +172,7 @@ def _truncated_copy(run: Path, dest: Path, last_step: int) -> Path:
 def test_fsdp_resume_is_exact_and_converts_to_and_from_one_process(data_dir, fsdp_run, single_run, tmp_path):
     final = f"checkpoints/step_{MAX_STEPS}/model.safetensors"
     same = _truncated_copy(fsdp_run, tmp_path / "same", 6)
-    result = _run(_train_cmd(data_dir, same, ["train.parallel=fsdp", "train.activation_checkpointing=true"],
+    result = _run(_train_cmd(data_dir, same, TWO_RANKS + ["train.parallel=fsdp", "train.activation_checkpointing=true"],
                              nproc=2, resume=True))
     assert "from step_6" in result.stdout
     wa, wb = load_file(str(fsdp_run / final)), load_file(str(same / final))
@@ -195,7 +200,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def test_ddp_kill_and_resume_matches_the_uninterrupted_run(data_dir, ddp_run, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_train_cmd(data_dir, out, nproc=2), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train_cmd(data_dir, out, TWO_RANKS, nproc=2), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -206,7 +211,7 @@ def test_ddp_kill_and_resume_matches_the_uninterrupted_run(data_dir, ddp_run, tm
     finally:
         _kill_group(proc)
     assert max(s for s, _ in list_checkpoints(out)) < MAX_STEPS, "the run finished before it could be killed"
-    resumed = _run(_train_cmd(data_dir, out, nproc=2, resume=True))
+    resumed = _run(_train_cmd(data_dir, out, TWO_RANKS, nproc=2, resume=True))
     assert "resuming" in resumed.stdout
     wa = load_file(str(ddp_run / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
     wb = load_file(str(out / "checkpoints" / f"step_{MAX_STEPS}" / "model.safetensors"))
