@@ -77,14 +77,17 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     if world_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"RANK={rank} / WORLD_SIZE={world_size} from the environment are inconsistent; "
                         "launch with torchrun --nproc_per_node N")
+    if world_size == 1:  # one process: any device the trainer supports (cuda:N, mps, ...), no group
+        from .precision import resolve_device
+        return DistContext(device=resolve_device(device))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
             raise UserError(f"train.device={device}: CUDA is not available here; use train.device=cpu")
-        if device.startswith("cuda:") and world_size > 1:
+        if device.startswith("cuda:"):
             raise UserError(f"train.device={device}: with torchrun each rank uses cuda:LOCAL_RANK; "
                             "set train.device=cuda or auto")
-        index = int(device.split(":")[1]) if device.startswith("cuda:") else local_rank
+        index = local_rank
         if index >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {local_rank} has no GPU (this node has {torch.cuda.device_count()}); "
                             "lower --nproc_per_node to the number of GPUs")
@@ -94,8 +97,6 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
         dev = torch.device("cpu")
     else:
         raise UserError(f"train.device {device!r}: distributed training runs on cpu or cuda; use auto")
-    if world_size == 1:
-        return DistContext(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend, "timeout": datetime.timedelta(minutes=timeout_minutes)}
