@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import functools
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, TypeVar
 
@@ -209,9 +208,6 @@ def wrap_model(model: nn.Module, ctx: DistContext, parallel: Parallel, precision
             fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
         fully_shard(model, **kwargs)
         _register_fsdp_methods(model)
-        # GPT.forward returns logits[..., :vocab_size] (a view); FSDP2 warns about in-place ops on views of
-        # outputs, which the trainer never does.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         return model
     raise UserError(f"train.parallel={parallel!r}: choose one of {', '.join(PARALLEL_CHOICES)}")
 
