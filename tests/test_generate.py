@@ -217,3 +217,21 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
         assert result.returncode == 2, result.stderr
         assert needle in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cache_keeps_keys_in_the_dtype_the_forward_computes():
+    """FSDP2 computes in bf16 from fp32 shards, and autocast does the same: the cache must hold what the
+    forward produces, not the dtype the weights are stored in."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)).eval()
+    bf16_model = GPT(model.config).eval()
+    bf16_model.load_state_dict(model.state_dict())
+    bf16_model.to(torch.bfloat16)
+    bf16_model.transformer.wte.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone())
+    bf16_model.lm_head.weight = bf16_model.transformer.wte.weight  # fp32 "storage" weight, bf16 compute
+    original_embed = bf16_model.embed
+    bf16_model.embed = lambda idx, pos=None: original_embed(idx, pos).to(torch.bfloat16)
+    bf16_model.head = lambda x: torch.nn.functional.linear(
+        bf16_model.transformer.ln_f(x).float(), bf16_model.transformer.wte.weight[:50])
+    out = generate_ids(bf16_model, [[1, 2, 3], [4]], SamplingConfig(max_new_tokens=5, temperature=0.0))
+    assert [len(ids) for ids in out] == [5, 5]

@@ -37,7 +37,7 @@ class KVCache:
         self.batch = len(pads)
         self.capacity = capacity
         self.length = 0  # slots filled so far (the same for every row)
-        device, dtype = param.device, param.dtype
+        device, dtype = param.device, param.dtype  # prefill re-types the buffers if the forward computes otherwise
         self.device = device
         self.windows: list[int | None] = [block.attn.window for block in model.transformer.h]
         self.keys: list[torch.Tensor] = []
@@ -127,12 +127,17 @@ class KVCache:
 
     def _make_attention(self, layer: int):
         window = self.windows[layer]
-        keys, values = self.keys[layer], self.values[layer]
-        size = keys.size(2)
+        size = self.keys[layer].size(2)
 
         def attention(attn, h: torch.Tensor) -> torch.Tensor:
             q, k, v = attn.split_heads(h)
             mask = self._masks[window]
+            if self._prefill and self.keys[layer].dtype != k.dtype:
+                # The forward computes in another dtype than the weights are stored in (autocast, or
+                # FSDP2's bf16 compute over fp32 shards): keep keys and values as it computes them.
+                self.keys[layer] = self.keys[layer].to(k.dtype)
+                self.values[layer] = self.values[layer].to(k.dtype)
+            keys, values = self.keys[layer], self.values[layer]
             if self._prefill:
                 T = k.size(2)
                 if window is None or T <= size:
