@@ -356,6 +356,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 20
+    eval_tasks: list[str] = field(default_factory=list)  # benchmarks scored at each eval: val, hellaswag, ...
+    eval_data: list[str] = field(default_factory=list)  # TASK=PATH (or hf:NAME) for eval_tasks
+    eval_limit: int | None = None  # items per benchmark at each eval (None: all)
     sample_every: int = 500
     sample_prompts: list[str] = field(default_factory=lambda: ["\n"])
     sample_tokens: int = 128

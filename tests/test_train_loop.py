@@ -74,6 +74,34 @@ def test_eval_callback_results_go_to_metrics(code_data, tmp_path):
     assert [r["step"] for r in rows] == [0, 2, 4]
 
 
+def test_eval_tasks_are_scored_into_metrics_and_plot(code_data, tmp_path):
+    import json
+    import struct
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    item = {"ctx": "def add(a, b):", "ctx_a": "def add(a, b):", "ctx_b": "", "activity_label": "Code",
+            "endings": ["    return a + b", "    return a * b", " pass", "\n\n"], "label": 0}
+    hellaswag.write_text("\n".join(json.dumps(item) for _ in range(3)) + "\n")
+    text = tmp_path / "held_out.py"
+    text.write_text("import os\n\ndef main():\n    print(os.getcwd())\n" * 20)
+    config = _tiny(code_data, tmp_path / "r", steps=4, eval_every=2, eval_tasks=["hellaswag", "val"],
+                   eval_data=[f"hellaswag={hellaswag}", f"val={text}"], eval_limit=2)
+    train(config, log=lambda m: None)
+    rows = [r for r in read_metrics(tmp_path / "r" / "metrics.jsonl") if "hellaswag/acc" in r]
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert all(0.0 <= r["hellaswag/acc_norm"] <= 1.0 and r["val/bpb"] > 0 for r in rows)
+    assert rows[-1]["val/bpb"] < rows[0]["val/bpb"]  # it learns Python, so held-out Python gets cheaper
+    width, height = struct.unpack(">II", (tmp_path / "r" / "loss.png").read_bytes()[16:24])
+    assert (width, height) == (700, 680)  # 7x6.8 in at 100 dpi: the loss panel plus a benchmark panel (one: 420)
+
+
+def test_eval_task_data_is_checked_before_training(code_data, tmp_path):
+    config = _tiny(code_data, tmp_path / "r", steps=4, eval_tasks=["hellaswag"],
+                   eval_data=[str(tmp_path / "missing.jsonl")])
+    with pytest.raises(UserError, match="missing.jsonl"):
+        train(config, log=lambda m: None)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_nan_steps_are_skipped_then_stop_with_checkpoint_untouched(code_data, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     train(_tiny(code_data, out, steps=2, checkpoint_every=2), log=lambda m: None)

@@ -38,20 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_data(values: list[str], tasks: list[str]) -> dict[str, str]:
-    """`--data PATH` (one task) or `--data TASK=PATH` (any number of tasks) -> {task: spec}."""
-    mapping: dict[str, str] = {}
-    for value in values:
-        task, sep, path = value.partition("=")
-        if sep and task in tasks:
-            mapping[task] = path
-        elif len(tasks) == 1:
-            mapping[tasks[0]] = value
-        else:
-            raise UserError(f"--data {value}: with several tasks write --data TASK=PATH (tasks: {', '.join(tasks)})")
-    return mapping
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -60,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_model
 
     tasks = runner.check_tasks(args.task)
-    data = parse_data(args.data, tasks)
+    data = runner.parse_data(args.data, tasks)
     options = runner.EvalOptions(shots=args.shots, mmlu_split=args.split, stride=args.stride)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")

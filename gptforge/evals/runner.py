@@ -58,6 +58,21 @@ def check_tasks(tasks: list[str]) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
+def parse_data(values: list[str], tasks: list[str], option: str = "--data") -> dict[str, str]:
+    """`PATH` (one task) or `TASK=PATH` (any number of tasks) -> {task: spec}."""
+    mapping: dict[str, str] = {}
+    for value in values:
+        task, sep, path = value.partition("=")
+        if sep and task in tasks:
+            mapping[task] = path
+        elif len(tasks) == 1:
+            mapping[tasks[0]] = value
+        else:
+            raise UserError(f"{option} {value}: with several tasks write {option} TASK=PATH "
+                            f"(tasks: {', '.join(tasks)})")
+    return mapping
+
+
 def load_task(task: str, data: str | None, limit: int | None, options: EvalOptions = EvalOptions()) -> LoadedTask:
     """Read and validate one task's data (no model needed)."""
     if limit is not None and limit < 1:

@@ -124,9 +124,3 @@ def device_peak_flops(device_name: str, precision: str) -> float | None:
         if key in device_name:
             return PEAK_BF16_FLOPS[key]
     return None
-
-
-def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the weights (forward + backward) plus 12·L·d·T for attention
-    scores and values (Chinchilla / PaLM appendix accounting). N excludes position embeddings."""
-    return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len

@@ -1,4 +1,5 @@
-"""loss.png: train and validation loss against tokens seen, redrawn from metrics.jsonl.
+"""loss.png: train and validation loss against tokens seen, redrawn from metrics.jsonl, with a second
+panel for benchmark scores (`train.eval_tasks`, columns named TASK/METRIC) when there are any.
 
 Drawn with matplotlib's Agg backend (no display needed) into a temporary file and renamed, so a viewer
 refreshing the picture never catches it half-written.
@@ -13,6 +14,7 @@ from .. import atomic
 from .metrics import read_metrics
 
 PLOT_FILE = "loss.png"
+BENCHMARK_METRICS = ("acc", "acc_norm", "acc_micro", "bpb")  # scores on a comparable scale; not ppl
 
 
 def plot_losses(run_dir: str | os.PathLike) -> Path | None:
@@ -28,8 +30,10 @@ def plot_losses(run_dir: str | os.PathLike) -> Path | None:
            if isinstance(r.get("val_loss"), (int, float)) and "tokens" in r]
     if not train and not val:
         return None
-    fig = Figure(figsize=(7, 4.2), dpi=100)
-    ax = fig.add_subplot()
+    benchmarks = sorted({key for r in rows for key in r if "/" in key and isinstance(r[key], (int, float))
+                         and key.rsplit("/", 1)[1] in BENCHMARK_METRICS})
+    fig = Figure(figsize=(7, 6.8 if benchmarks else 4.2), dpi=100)
+    ax = fig.add_subplot(2, 1, 1) if benchmarks else fig.add_subplot()
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
     if val:
@@ -39,6 +43,15 @@ def plot_losses(run_dir: str | os.PathLike) -> Path | None:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
+    if benchmarks:
+        bench = fig.add_subplot(2, 1, 2, sharex=ax)
+        for key in benchmarks:
+            points = [(r["tokens"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "tokens" in r]
+            bench.plot(*zip(*points), label=key, marker="o", markersize=3, linewidth=1.2)
+        bench.set_xlabel("tokens seen")
+        bench.set_ylabel("score")
+        bench.grid(alpha=0.3)
+        bench.legend(fontsize=8)
     fig.tight_layout()
     final = run_dir / PLOT_FILE
     with atomic.atomic_file(final) as tmp:

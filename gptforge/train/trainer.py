@@ -32,7 +32,8 @@ from ..errors import UserError
 from ..model import GPT
 from . import checkpoint as ckpt
 from . import distributed as D
-from .metrics import METRICS_FILE, MetricsLogger, device_peak_flops, flops_per_token, truncate_metrics
+from ..info import flops_per_token
+from .metrics import METRICS_FILE, MetricsLogger, device_peak_flops, truncate_metrics
 from .optim import build_optimizer
 from .plot import PLOT_FILE, plot_losses
 from .precision import autocast, resolve_device, resolve_precision
@@ -247,11 +248,14 @@ class Trainer:
             self._load(self.resume_path)
         if self.tc.compile:
             self.model = torch.compile(self.model)
-        self.n_params = self.raw_model.num_parameters() - self.raw_model.transformer.wpe.weight.numel()
-        self.flops_per_token = flops_per_token(self.n_params, config.model.n_layer, config.model.n_embd, self.seq_len)
+        # MFU counts the matmul FLOPs a step needs: weights, and attention only over the keys causal (and
+        # banded) attention uses — about half of what PaLM's 12·L·d·T convention counts, so it is conservative.
+        self.flops_per_token = flops_per_token(config.model, self.seq_len)["train"]
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak_flops = device_peak_flops(name, self.precision)
         self.tokenizer = self._load_tokenizer()
+        if self.tc.eval_tasks:
+            self.eval_callbacks.append(self._benchmark_callback())
         self._stop_signal: str | None = None
         self.last_checkpoint: Path | None = self.resume_path
 
@@ -471,6 +475,24 @@ class Trainer:
         finally:
             model.train()
         return results
+
+    def _benchmark_callback(self) -> EvalCallback:
+        """Scores `train.eval_tasks` (gptforge.evals) at every eval step; their data is read and checked now,
+        so a wrong path fails before training rather than at the first evaluation."""
+        from ..evals import runner
+
+        if self.tokenizer is None:
+            raise UserError("train.eval_tasks needs the data's tokenizer, and this run has none")
+        tasks = runner.check_tasks(list(self.tc.eval_tasks))
+        data = runner.parse_data(list(self.tc.eval_data), tasks, option="train.eval_data")
+        for task in tasks:
+            runner.load_task(task, data.get(task), self.tc.eval_limit)
+
+        def callback(model: GPT, step: int) -> dict[str, float]:
+            with autocast(self.device, self.precision):
+                return runner.run_eval_tasks(model, self.tokenizer, tasks, data, self.tc.eval_limit,
+                                             self.tc.micro_batch_size)
+        return callback
 
     def write_samples(self) -> None:
         if self.tokenizer is None or not self.tc.sample_prompts or self.tc.sample_tokens == 0:
