@@ -130,6 +130,21 @@ def human_count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def format_distributed(config: ModelConfig, world_size: int, micro_batch: int, seq_len: int, dtype: str) -> str:
+    """Per-GPU training memory under DDP and FSDP2, with and without activation checkpointing, so a user can
+    pick a strategy before launching torchrun (formulas: gptforge.memory.per_gpu_memory)."""
+    from .memory import per_gpu_memory
+
+    lines = [f"training memory per GPU, {world_size} GPUs, micro-batch {micro_batch} x {seq_len}, {dtype}:",
+             f"  {'':<36} {'activations kept':>18} {'with act. checkpointing':>24}"]
+    for parallel, label in (("ddp", "DDP (full replica)"), ("fsdp", "FSDP2 (sharded weights/grads/AdamW)")):
+        plain, ckpt = (per_gpu_memory(config, world_size, micro_batch, seq_len, parallel, dtype, checkpointing)
+                       ["total"] for checkpointing in (False, True))
+        lines.append(f"  {label:<36} {human_bytes(plain):>18} {human_bytes(ckpt):>24}")
+    lines.append("  (add ~10-20% for the CUDA context, communication buffers and fragmentation)")
+    return "\n".join(lines)
+
+
 def format_report(config: ModelConfig, name: str, micro_batch: int, seq_len: int | None,
                   dtype: str, inference_batch: int) -> str:
     seq_len = seq_len or config.block_size

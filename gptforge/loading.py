@@ -64,6 +64,10 @@ def load_model(spec: str, device: str | torch.device = "cpu",
     if path.is_dir():
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
+            from .train.dist_checkpoint import is_sharded_checkpoint
+            if is_sharded_checkpoint(path):
+                raise UserError(f"--model {spec}: a sharded (FSDP) checkpoint; make the single-file weights first "
+                                f"with `gptforge consolidate {spec}`")
             raise UserError(f"--model {spec}: directory has no {WEIGHTS_FILE}, no checkpoints/ and no Hugging Face "
                             "config.json; pass a run directory, a checkpoint directory or a preset name")
         tokenizer_dir = find_tokenizer_dir(path)

@@ -68,10 +68,26 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_info_cli_reports_and_rejects_bad_input():
     ok = _cli("info", "--preset", "dev-17m")
-    assert ok.returncode == 0 and "17,867,008" in ok.stdout
+    assert ok.returncode == 0 and "17,867,008" in ok.stdout and "per GPU" not in ok.stdout
     for args, needle in [(("--preset", "gpt5"), "unknown preset"),
                          (("--set", "n_head=7"), "not divisible"),
                          (("--preset", "gpt3-small", "--set", "window=0"), "window")]:
         bad = _cli("info", *args)
         assert bad.returncode == 2
         assert bad.stderr.count("\n") == 1 and needle in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_info_shows_per_gpu_memory_for_a_world_size():
+    from gptforge.info import format_distributed, human_bytes
+    from gptforge.memory import per_gpu_memory
+    config = get_preset("gpt3-xl")
+    text = format_distributed(config, 8, 4, 2048, "bf16")
+    for parallel in ("ddp", "fsdp"):
+        for checkpointing in (False, True):
+            total = per_gpu_memory(config, 8, 4, 2048, parallel, "bf16", checkpointing)["total"]
+            assert human_bytes(total) in text
+    fsdp_line = next(line for line in text.splitlines() if line.strip().startswith("FSDP2"))
+    ddp_line = next(line for line in text.splitlines() if line.strip().startswith("DDP"))
+    assert fsdp_line != ddp_line
+    cli = _cli("info", "--preset", "gpt3-xl", "--world-size", "8", "--batch-size", "4")
+    assert cli.returncode == 0 and "per GPU, 8 GPUs" in cli.stdout

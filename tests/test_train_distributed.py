@@ -314,6 +314,12 @@ def test_fsdp_checkpoint_consolidates_to_identical_logits_and_samples(fsdp_worke
     cli = subprocess.run([sys.executable, "-m", "gptforge", "consolidate", str(root / "run")], env=_env(),
                          capture_output=True, text=True, timeout=TIMEOUT)
     assert cli.returncode == 0 and "model.safetensors" in cli.stdout, cli.stderr
+    from gptforge.loading import load_model
+    unconsolidated = tmp_path / "unconsolidated"
+    shutil.copytree(checkpoint, unconsolidated)
+    (unconsolidated / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="gptforge consolidate"):
+        load_model(str(unconsolidated))
 
 
 def test_consolidate_refuses_a_non_sharded_directory(tmp_path):

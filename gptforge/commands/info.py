@@ -17,13 +17,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the context)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--inference-batch", type=int, default=1)
+    parser.add_argument("--world-size", type=int, default=1,
+                        help="number of GPUs: also show per-GPU training memory under DDP and FSDP2")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ModelConfig, apply_overrides, from_dict, get_preset, load_toml
     from ..errors import UserError
-    from ..info import format_report
+    from ..info import format_distributed, format_report
 
     if args.config:
         table = load_toml(args.config).get("model")
@@ -38,9 +40,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = [item.removeprefix("model.") for item in args.set]
     config = apply_overrides(config, overrides)
     seq_len = args.seq_len or config.block_size
-    if args.batch_size < 1 or args.inference_batch < 1:
-        raise UserError("--batch-size and --inference-batch must be at least 1")
+    if args.batch_size < 1 or args.inference_batch < 1 or args.world_size < 1:
+        raise UserError("--batch-size, --inference-batch and --world-size must be at least 1")
     if not 1 <= seq_len <= config.block_size:
         raise UserError(f"--seq-len {seq_len} must be between 1 and the context {config.block_size}")
     print(format_report(config, name, args.batch_size, seq_len, args.dtype, args.inference_batch))
+    if args.world_size > 1:
+        print()
+        print(format_distributed(config, args.world_size, args.batch_size, seq_len, args.dtype))
     return 0
