@@ -3,7 +3,9 @@
 Both generate greedily a fixed number of new tokens (no early stop) from the same random 16-token prompts,
 in the same process, so the ratio is fair on a shared machine. Our random GPT-2 124M weights are copied
 into the HF model (nn.Linear -> Conv1D transposed, padded vocabulary rows dropped) and the two are
-checked to produce the same greedy tokens before anything is timed.
+checked to produce the same greedy tokens before anything is timed. A third column times only the
+model's matrix products (every weight applied to the batch): at batch 1 that is the memory-bandwidth
+ceiling of this machine for these weights, which no implementation can beat.
 
     python benchmarks/generate_speed.py                       # CPU: batch 1 and 8, fp32 and bf16
     python benchmarks/generate_speed.py --new-tokens 32       # quick run while developing
@@ -76,6 +78,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def matmul_ceiling(model: GPT, batch: int, device: torch.device, repeats: int = 10) -> float:
+    """Tokens/s of a decode step that did nothing but its matrix products: every weight matrix of the model
+    (the output head over the real vocabulary included) applied to `batch` rows, in the model's dtype.
+
+    At batch 1 each step must stream every weight from memory once, so this is the memory-bandwidth
+    roofline: no implementation with these weights and this dtype decodes faster on this machine."""
+    weights = [m.weight for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    weights.append(model.lm_head.weight[: model.config.vocab_size])
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in weights}
+
+    def step() -> None:
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        step()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        _sync(device)
+    return batch * repeats / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2")
@@ -121,11 +148,13 @@ def main() -> None:
                 hf_tps = batch * args.new_tokens / hf_s
                 # identical greedy tokens up to the first place where rounding may flip a near-tie
                 agree = sum(_common_prefix(a, b) for a, b in zip(ours_out, hf_out)) / (batch * args.new_tokens)
-            rows.append((dtype_name, batch, ours_tps, hf_tps, agree))
+            ceiling = matmul_ceiling(model, batch, device)
+            rows.append((dtype_name, batch, ours_tps, hf_tps, agree, ceiling))
             print(_row(rows[-1]), flush=True)
     print()
-    print("| dtype | batch | gptforge tok/s | HF generate tok/s | ratio | same greedy tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| dtype | batch | gptforge tok/s | HF generate tok/s | ratio | same greedy tokens "
+          "| matmul-only ceiling tok/s | gptforge / ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_row(r))
 
@@ -138,11 +167,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _row(r) -> str:
-    dtype, batch, ours, hf, agree = r
+    dtype, batch, ours, hf, agree, ceiling = r
     hf_text = f"{hf:.1f}" if hf else "-"
     ratio = f"{ours / hf:.2f}x" if hf else "-"
     agree_text = f"{agree:.0%}" if agree is not None else "-"
-    return f"| {dtype} | {batch} | {ours:.1f} | {hf_text} | {ratio} | {agree_text} |"
+    return (f"| {dtype} | {batch} | {ours:.1f} | {hf_text} | {ratio} | {agree_text} | {ceiling:.1f} "
+            f"| {ours / ceiling:.0%} |")
 
 
 if __name__ == "__main__":
