@@ -44,11 +44,12 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent)
-    os.fchmod(fd, _default_mode(directory=False))
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # after the writer: mkstemp and some writers (safetensors) create files 0600 whatever the umask
+        os.chmod(tmp, _default_mode(directory=False))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -67,10 +68,14 @@ def write_text(final: str | os.PathLike, text: str) -> None:
     write_bytes(final, text.encode("utf-8"))
 
 
-def _fsync_tree(root: Path) -> None:
+def publish_tree(root: Path) -> None:
+    """Give every file ordinary permissions (writers such as safetensors create 0600 files) and flush it."""
+    file_mode = _default_mode(directory=False)
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
+            path = os.path.join(dirpath, name)
+            os.chmod(path, file_mode)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(dirpath))
 
@@ -88,7 +93,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        publish_tree(tmp)
         if final.exists():
             if not overwrite:
                 raise FileExistsError(final)

@@ -34,12 +34,18 @@ def test_directory_replaced_only_when_complete(tmp_path):
 
 def test_written_files_get_ordinary_permissions(tmp_path):
     import os
+
+    import torch
+    from safetensors.torch import save_file
     old = os.umask(0o022)
     try:
         atomic.write_text(tmp_path / "f", "x")
-        with atomic.atomic_directory(tmp_path / "d"):
-            pass
+        with atomic.atomic_file(tmp_path / "w.safetensors") as tmp:  # safetensors itself writes 0600
+            save_file({"a": torch.zeros(2)}, str(tmp))
+        with atomic.atomic_directory(tmp_path / "d") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp / "inner.safetensors"))
     finally:
         os.umask(old)
-    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+    for file in (tmp_path / "f", tmp_path / "w.safetensors", tmp_path / "d" / "inner.safetensors"):
+        assert file.stat().st_mode & 0o777 == 0o644, file
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
