@@ -343,3 +343,11 @@ def test_cli_train_encode_and_errors(tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
     assert main(["tokenizer", "train", str(corpus), "--kind", "char", "--out", str(tmp_path / "c")]) == 0
     assert load_tokenizer(tmp_path / "c").decode(load_tokenizer(tmp_path / "c").encode("the fox")) == "the fox"
+
+
+def test_encode_ordinary_array_equals_encode(any_tok):
+    import numpy as np
+    array = any_tok.encode_ordinary_array(VARIED_TEXT)  # special-token text stays plain text
+    assert array.dtype == np.uint32
+    assert array.tolist() == any_tok.encode(VARIED_TEXT)
+    assert any_tok.encode_ordinary_array("").tolist() == []

@@ -106,11 +106,11 @@ def encode_task(task: Task, tokenizer: "Tokenizer | None" = None) -> tuple[np.nd
     dtype = dtype_for_vocab(tokenizer.vocab_size)
     eot = tokenizer.eot_id
     parts: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    end_of_text = np.array([eot], dtype=dtype)
     for text, split, last in task:
-        ids = tokenizer.encode(text)
+        parts[split].append(tokenizer.encode_ordinary_array(text).astype(dtype, copy=False))
         if last:
-            ids.append(eot)
-        parts[split].append(np.array(ids, dtype=dtype))
+            parts[split].append(end_of_text)
     return tuple(np.concatenate(p) if p else np.zeros(0, dtype) for p in parts)  # type: ignore[return-value]
 
 

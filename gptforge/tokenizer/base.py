@@ -16,6 +16,8 @@ from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
+import numpy as np
+
 from ..atomic import atomic_directory, write_text
 from ..errors import UserError
 
@@ -71,6 +73,11 @@ class Tokenizer(ABC):
 
     def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
         return [self._encode_ordinary(t) for t in texts]
+
+    def encode_ordinary_array(self, text: str) -> np.ndarray:
+        """`encode(text)` as a uint32 array: what `prepare` writes to shards. Kinds whose encoder can fill an
+        array directly skip building (and then converting) a Python list of ints, ~7% of prepare's time."""
+        return np.asarray(self._encode_ordinary(text), dtype=np.uint32)
 
     def _allowed(self, allowed_special: AllowedSpecial) -> frozenset[str]:
         if allowed_special is None or allowed_special is False:

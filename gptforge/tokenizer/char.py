@@ -82,15 +82,18 @@ class CharTokenizer(Tokenizer):
         return len(self._id_to_text)
 
     def _encode_ordinary(self, text: str) -> list[int]:
+        return self.encode_ordinary_array(text).tolist()
+
+    def encode_ordinary_array(self, text: str) -> np.ndarray:
         points = _code_points(text)
         if points.size == 0:
-            return []
+            return np.zeros(0, dtype=np.uint32)
         ids = self._lookup[np.minimum(points, len(self._lookup) - 1)]
         unknown = ids < 0
         if unknown.any():
             ids[unknown] = self.unk_id
             self._report_unknown(points[unknown])
-        return ids.tolist()
+        return ids.astype(np.uint32, copy=False)
 
     def _report_unknown(self, points: np.ndarray) -> None:
         values, counts = np.unique(points, return_counts=True)

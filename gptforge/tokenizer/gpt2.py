@@ -221,6 +221,9 @@ class GPT2Tokenizer(Tokenizer):
     def _encode_ordinary(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
+    def encode_ordinary_array(self, text: str) -> "np.ndarray":
+        return self._enc.encode_to_numpy(text, disallowed_special=())  # no special set allowed: all plain text
+
     def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=min(8, os.cpu_count() or 1))
 
