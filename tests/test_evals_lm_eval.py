@@ -8,7 +8,6 @@ custom task YAML (dataset_path json + data_files) that reuses lm-eval's own hell
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

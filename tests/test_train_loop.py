@@ -9,7 +9,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 
 from gptforge.cli import main
 from gptforge.config import RunConfig, apply_overrides

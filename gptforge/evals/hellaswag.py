@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import UserError
 from .result import TaskResult
 from .scoring import Request, best_choice, encode_pair, score_requests
-from .sources import HF_PREFIX, Skipped, hub_name, iter_json_records, load_hub
+from .sources import Skipped, load_records
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -75,27 +73,8 @@ def parse_record(record: dict[str, Any], where: str = "") -> HellaSwagItem:
 
 def load_hellaswag(data: str | None, limit: int | None = None) -> tuple[list[HellaSwagItem], Skipped, str]:
     """Items from a local jsonl/json file, or `hf:NAME` (default Rowan/hellaswag, validation split)."""
-    spec = data or HUB_DEFAULT
-    skipped = Skipped()
-    items: list[HellaSwagItem] = []
-    if spec.startswith(HF_PREFIX):
-        name, config = hub_name(spec)
-        records = ((f"{name} row {n}", r) for n, r in
-                   enumerate(load_hub(name, config, HUB_SPLIT, "hellaswag --data")))
-    else:
-        records = iter_json_records(Path(spec), "hellaswag data file", skipped)
-    for where, record in records:
-        if limit is not None and len(items) >= limit:
-            break
-        try:
-            items.append(parse_record(record, where))
-        except ValueError as e:
-            skipped.add(where, str(e))
-    if not items:
-        raise UserError(f"hellaswag data {spec}: no usable items ({skipped.count} skipped"
-                        f"{': ' + skipped.examples[0] if skipped.examples else ''}); "
+    return load_records(data or HUB_DEFAULT, "hellaswag", HUB_SPLIT, parse_record, limit,
                         "pass a hellaswag jsonl file (ctx_a, ctx_b, activity_label, endings, label)")
-    return items, skipped, spec
 
 
 def evaluate_hellaswag(model: "GPT", tokenizer: "Tokenizer", items: list[HellaSwagItem], batch_size: int = 16,

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import UserError
 from .result import TaskResult
 from .scoring import Request, encode_pair, score_requests
-from .sources import HF_PREFIX, Skipped, hub_name, iter_json_records, load_hub
+from .sources import Skipped, load_records
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -51,26 +49,8 @@ def parse_record(record: dict[str, Any], where: str = "") -> LambadaItem:
 
 def load_lambada(data: str | None, limit: int | None = None) -> tuple[list[LambadaItem], Skipped, str]:
     """Items from a local jsonl file or `hf:NAME[:CONFIG]` (default EleutherAI/lambada_openai, test split)."""
-    spec = data or HUB_DEFAULT
-    skipped = Skipped()
-    if spec.startswith(HF_PREFIX):
-        name, config = hub_name(spec)
-        records = ((f"{name} row {n}", r) for n, r in enumerate(load_hub(name, config, HUB_SPLIT, "lambada --data")))
-    else:
-        records = iter_json_records(Path(spec), "lambada data file", skipped)
-    items: list[LambadaItem] = []
-    for where, record in records:
-        if limit is not None and len(items) >= limit:
-            break
-        try:
-            items.append(parse_record(record, where))
-        except ValueError as e:
-            skipped.add(where, str(e))
-    if not items:
-        raise UserError(f"lambada data {spec}: no usable items ({skipped.count} skipped"
-                        f"{': ' + skipped.examples[0] if skipped.examples else ''}); "
+    return load_records(data or HUB_DEFAULT, "lambada", HUB_SPLIT, parse_record, limit,
                         "pass a jsonl file with a \"text\" field per line")
-    return items, skipped, spec
 
 
 def evaluate_lambada(model: "GPT", tokenizer: "Tokenizer", items: list[LambadaItem], batch_size: int = 16,

@@ -12,13 +12,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ..errors import UserError
 
 log = logging.getLogger("gptforge.evals")
 
 HF_PREFIX = "hf:"
+T = TypeVar("T")
 MAX_REPORTED_PROBLEMS = 5
 
 
@@ -117,3 +118,29 @@ def read_parquet_rows(path: Path, what: str) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ...
         raise UserError(f"{what} {path} is not a readable parquet file ({e})") from None
+
+
+def load_records(spec: str, task: str, hub_split: str, parse_record: Callable[[dict[str, Any], str], T],
+                 limit: int | None, expected: str) -> tuple[list[T], Skipped, str]:
+    """Parse items from a local jsonl/json file or `hf:NAME[:CONFIG]`; a malformed record is skipped and
+    reported with where it was; no usable item at all is a UserError saying what a line should hold."""
+    skipped = Skipped()
+    if spec.startswith(HF_PREFIX):
+        name, config = hub_name(spec)
+        records: Iterable[tuple[str, dict[str, Any]]] = (
+            (f"{name} row {n}", r) for n, r in enumerate(load_hub(name, config, hub_split, f"{task} --data")))
+    else:
+        records = iter_json_records(Path(spec), f"{task} data file", skipped)
+    items: list[T] = []
+    for where, record in records:
+        if limit is not None and len(items) >= limit:
+            break
+        try:
+            items.append(parse_record(record, where))
+        except ValueError as e:
+            skipped.add(where, str(e))
+    if not items:
+        raise UserError(f"{task} data {spec}: no usable items ({skipped.count} skipped"
+                        f"{': ' + skipped.examples[0] if skipped.examples else ''}); {expected}")
+    return items, skipped, spec
+

@@ -65,7 +65,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -99,7 +99,7 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if _sha256(file) != expected:
+        if sha256_file(file) != expected:
             return f"{name} does not match its checksum (truncated or damaged)"
     return None
 
@@ -190,7 +190,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
         with atomic.atomic_file(tmp / OPTIMIZER_FILE) as f:
             save_file(tensors, str(f), metadata=metadata)
         atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=_json_default))
-        sums = {name: _sha256(tmp / name) for name in REQUIRED_FILES}
+        sums = {name: sha256_file(tmp / name) for name in REQUIRED_FILES}
         atomic.write_text(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
     prune_checkpoints(run_dir, keep)
     return final

@@ -22,7 +22,6 @@ valid one. The directory must be on a filesystem all ranks share (always true on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -50,21 +49,13 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / SHARDED_DIR / DCP_METADATA).is_file()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _all_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE)
 
 
 def write_checksums(root: Path) -> None:
     """checksums.json over every file of the checkpoint (shards included), atomically."""
-    sums = {name: _sha256(root / name) for name in _all_files(root)}
+    sums = {name: sha256_file(root / name) for name in _all_files(root)}
     atomic.write_text(root / CHECKSUMS_FILE, json.dumps(sums, indent=1))
 
 
@@ -238,7 +229,7 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     save_weights(model, destination)
     if out is None and (path / CHECKSUMS_FILE).is_file():
         sums = json.loads((path / CHECKSUMS_FILE).read_text())
-        sums[WEIGHTS_FILE] = _sha256(destination)
+        sums[WEIGHTS_FILE] = sha256_file(destination)
         atomic.write_text(path / CHECKSUMS_FILE, json.dumps(sums, indent=1))
     return destination
 
