@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -161,7 +162,6 @@ def test_fsdp_two_ranks_follow_the_single_process_loss_curve(single_run, fsdp_ru
 
 def _truncated_copy(run: Path, dest: Path, last_step: int) -> Path:
     """A copy of `run` as if it had been killed right after checkpoint `last_step`."""
-    import shutil
     shutil.copytree(run, dest)
     for step, path in list_checkpoints(dest):
         if step > last_step:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..atomic import write_bytes
 from ..errors import UserError
 from .base import EOT, Tokenizer, check_special_tokens
@@ -221,7 +223,7 @@ class GPT2Tokenizer(Tokenizer):
     def _encode_ordinary(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
 
-    def encode_ordinary_array(self, text: str) -> "np.ndarray":
+    def encode_ordinary_array(self, text: str) -> np.ndarray:
         return self._enc.encode_to_numpy(text, disallowed_special=())  # no special set allowed: all plain text
 
     def _encode_ordinary_batch(self, texts: list[str]) -> list[list[int]]:

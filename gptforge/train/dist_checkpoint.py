@@ -37,6 +37,7 @@ from ..config import ModelConfig
 from ..errors import UserError
 from ..weights import TIED_KEYS, WEIGHTS_FILE, save_weights
 from . import distributed as D
+from .checkpoint import sha256_file
 
 SHARDED_DIR = "sharded"
 MODEL_CONFIG_FILE = "model_config.json"
