@@ -41,6 +41,14 @@ def test_constant_after_warmup():
     assert lr_at(10_000, c, 100) == 1.0
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_unknown_length_holds_the_peak_after_warmup(schedule):
+    c = cfg(schedule=schedule)  # a run stopped only by max_time has no step count to decay over
+    assert lr_at(4, c, 0) == pytest.approx(0.5)
+    assert lr_at(10, c, 0) == 1.0
+    assert lr_at(10_000, c, 0) == 1.0
+
+
 def test_batch_ramp_from_32k_tokens():
     c = cfg(batch_ramp_tokens=1_000_000, batch_ramp_start=32768)
     full, micro = 524288, 8192

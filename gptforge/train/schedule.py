@@ -17,13 +17,14 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
     cosine: linear warmup to `lr`, then half a cosine down to `min_lr_ratio * lr` at `total_steps`
     (GPT-3 Appendix B decays to 10% of peak). wsd: warmup, hold `lr`, then decay linearly to the floor over
     the last `decay_fraction` of the steps (warmup-stable-decay). constant: warmup, then hold.
+    `total_steps` 0 means the length is unknown (a run stopped only by max_time): hold the peak after warmup.
     """
     peak = config.lr
     floor = config.min_lr_ratio * peak
     warmup = config.warmup_steps
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
-    if config.schedule == "constant":
+    if config.schedule == "constant" or total_steps <= 0:
         return peak
     if step >= total_steps:
         return floor
