@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(e: OSError) -> str:
+    """`FILE: reason` in one line; the errno text is what the user can act on, a traceback is not."""
+    text = (e.strerror or str(e)).strip()
+    reason = text.splitlines()[0] if text else type(e).__name__
+    names = [str(name) for name in (e.filename, e.filename2) if name is not None]
+    return ": ".join([" -> ".join(names), reason] if names else [reason])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -43,9 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptforge {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # `gptforge ... | head`: the reader left; not an error of ours
+    except BrokenPipeError:  # `gptforge ... | head`: the reader left; not an error (an OSError: keep it first)
         sys.stderr.close()
         return 0
+    except OSError as e:  # a path we cannot read or write: permissions, a file where a folder should be, full disk
+        print(f"gptforge {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def entry_point() -> None:

@@ -37,11 +37,16 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def find_tokenizer_dir(path: Path) -> Path | None:
-    """The tokenizer saved with a checkpoint: inside it, or in the run directory two levels up."""
-    for candidate in (path / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR, path.parent / TOKENIZER_DIR):
-        if candidate.is_dir():
-            return candidate
-    return None
+    """The tokenizer saved with the weights in directory `path`: `path/tokenizer`, or the run's own
+    `tokenizer/` when `path` is `RUN/checkpoints/step_N`.
+
+    Only that exact layout looks outside `path`: a checkpoint directory or .safetensors file elsewhere
+    (say in the working directory) must not pick up whatever unrelated `tokenizer/` sits two levels up.
+    """
+    candidates = [path / TOKENIZER_DIR]
+    if path.resolve().parent.name == CHECKPOINTS_DIR:
+        candidates.append(path.resolve().parent.parent / TOKENIZER_DIR)
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def load_model(spec: str, device: str | torch.device = "cpu",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -66,6 +67,19 @@ def test_parquet_column(tmp_path):
     assert list(iter_documents([str(path)])) == ["first doc", "second"]
     with pytest.raises(UserError, match=r"no column 'body' \(found: text, n\)"):
         list(iter_documents([str(path)], text_field="body"))
+
+
+def test_missing_optional_extras_say_what_to_install(tmp_path, monkeypatch):
+    from gptforge.data.sources import load_hf_stream
+
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1 not really")  # never opened: the import fails first
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(UserError, match=r"d\.parquet: .*pip install 'gptforge\[data\]'"):
+        list(iter_documents([str(path)]))
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(UserError, match=r"pip install 'gptforge\[data\]'"):
+        load_hf_stream("someone/corpus")
 
 
 def test_hf_dataset_from_local_files(tmp_path, monkeypatch):

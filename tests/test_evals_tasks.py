@@ -30,12 +30,21 @@ def model():
     return GPT(ModelConfig(vocab_size=50257, block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
 
 
-def hand_ll(model, tok, context: str, continuation: str) -> float:
+def hand_scored(model, tok, context: str, continuation: str) -> list[tuple[torch.Tensor, int]]:
+    """(log-probs over the whole vocabulary, target id) at each continuation position, computed directly."""
     ctx, cont = encode_pair(tok, context, continuation)
     whole = (ctx + cont)[-(model.config.block_size + 1):]
     with torch.no_grad():
         logprobs = F.log_softmax(model(torch.tensor([whole[:-1]]))[0][0].double(), dim=-1)
-    return sum(float(logprobs[p, whole[p + 1]]) for p in range(len(whole) - 1 - len(cont), len(whole) - 1))
+    return [(logprobs[p], whole[p + 1]) for p in range(len(whole) - 1 - len(cont), len(whole) - 1)]
+
+
+def hand_ll(model, tok, context: str, continuation: str) -> float:
+    return sum(float(row[target]) for row, target in hand_scored(model, tok, context, continuation))
+
+
+def hand_greedy(model, tok, context: str, continuation: str) -> bool:
+    return all(int(row.argmax()) == target for row, target in hand_scored(model, tok, context, continuation))
 
 
 HS = [
@@ -183,6 +192,14 @@ def test_mmlu_bad_input(tmp_path):
         mmlu.load_mmlu(str(tmp_path / "nope"))
 
 
+def test_mmlu_csv_that_is_not_utf8_names_the_file(tmp_path):
+    root = write_mmlu_csv(tmp_path / "m")
+    bad = next((root / "data" / "test").glob("*_test.csv"))
+    bad.write_bytes("Qu\u00e9?,a,b,c,d,A\n".encode("latin-1"))
+    with pytest.raises(UserError, match=f"MMLU file {bad} is not UTF-8"):
+        mmlu.load_mmlu(str(root))
+
+
 def test_mmlu_per_subject_and_macro_average(tmp_path, model, tok):
     data, _, _ = mmlu.load_mmlu(str(write_mmlu_csv(tmp_path / "m")), shots=1)
     result = mmlu.evaluate_mmlu(model, tok, data, batch_size=2)
@@ -206,10 +223,18 @@ def test_lambada_split_parse_and_metrics(tmp_path, model, tok):
     items, skipped, _ = lambada.load_lambada(str(path))
     assert [i.target for i in items] == [" mat", " four"] and skipped.count == 2
     assert ":3: missing string field 'text'" in skipped.examples[0]
+    mat = tok.encode(" mat")
+    assert len(mat) == 1
+    with torch.no_grad():  # every position now predicts " mat": the first item is greedy, the second is not
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.wte.weight[mat[0]] *= 10
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[mat[0]])
     result = lambada.evaluate_lambada(model, tok, items)
     lls = [hand_ll(model, tok, i.context, i.target) for i in items]
+    greedy = [hand_greedy(model, tok, i.context, i.target) for i in items]
+    assert greedy == [True, False]
     assert result.metrics["ppl"] == pytest.approx(math.exp(-sum(lls) / 2), rel=1e-4)
-    assert result.metrics["acc"] == sum(s["greedy"] for s in result.samples) / 2
+    assert result.metrics["acc"] == sum(greedy) / 2
 
 
 TEXT = "Le café était naïve — ünïcödé text, 東京. " * 2

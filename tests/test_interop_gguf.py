@@ -3,6 +3,8 @@ unrepresentable models are refused; (slow, optional) llama.cpp computes our logi
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,10 @@ def test_llama_cpp_logits_match(tmp_path, bpe_tokenizer):
     with torch.no_grad():
         mine = model(torch.tensor([ids]))[0][0].numpy()
     assert np.abs(theirs - mine).max() <= 1e-3
+
+
+def test_missing_gguf_package_says_what_to_install(tmp_path, bpe_tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the optional extra were not installed
+    with pytest.raises(UserError, match=r"pip install 'gptforge\[gguf\]'"):
+        export_gguf(random_model(vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -129,6 +129,16 @@ def test_non_empty_out_needs_force(tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
+@pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("f32", "float32")])
+def test_config_names_the_dtype_for_old_and_new_transformers(tmp_path, dtype, name):
+    model = random_model(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    out = export_hf(model, None, tmp_path / "hf", dtype=dtype)
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert hf.dtype == getattr(torch, name)
+
+
 # ---- tokenizers ---------------------------------------------------------------------------------------
 
 
@@ -221,6 +231,29 @@ def test_exported_gpt_neo_imports_back(tmp_path):
     assert back.config.attention == "alternating" and back.config.window == 5
     idx = torch.randint(0, 97, (2, 32))
     assert (ours(back, idx) - ours(model, idx)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_malformed_tokenizer_files_load_the_model_without_a_tokenizer(tmp_path, kind):
+    """A broken tokenizer.json is "no tokenizer we can reproduce", as bad JSON always was: the model loads."""
+    from gptforge.tokenizer import CharTokenizer, train_bpe
+    tok = CharTokenizer.train(["abcdef"]) if kind == "char" else train_bpe([SAMPLE * 3], vocab_size=300)
+    model = random_model(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    out = export_hf(model, tok, tmp_path / "hf")
+    assert load_hf_model(out)[1] is not None
+    path = out / "tokenizer.json"
+    good = json.loads(path.read_text(encoding="utf-8"))
+    broken = [{**good, "added_tokens": [{"id": 5}]},  # no "content"
+              {**good, "model": {"type": "BPE", "vocab": ["a", "b"]}},
+              {**good, "model": None}, ["not", "an", "object"]]
+    for doc in broken:
+        path.write_text(json.dumps(doc), encoding="utf-8")
+        loaded, tokenizer = load_hf_model(out)
+        assert tokenizer is None and loaded.config.vocab_size == tok.vocab_size, doc
+    path.write_bytes(b"\xff\xfe not json")
+    assert load_hf_model(out)[1] is None
+    path.unlink()
+    assert load_hf_model(out)[1] is None
 
 
 def test_unsupported_hf_config_is_refused(tmp_path):

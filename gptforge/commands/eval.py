@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..devices import DTYPE_CHOICES
 from ..errors import UserError
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,15 +31,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="write the results (and provenance) to this JSON file")
     p.add_argument("--samples", action="store_true", help="include per-item log-likelihoods in the JSON")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU); log-probs are fp32 anyway")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..devices import dtype_name, resolve_device, resolve_dtype
     from ..evals import runner
     from ..evals.report import format_table, to_json, write_json
     from ..loading import load_model
@@ -50,14 +48,12 @@ def run(args: argparse.Namespace) -> int:
     options = runner.EvalOptions(shots=args.shots, mmlu_split=args.split, stride=args.stride)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     for task in tasks:  # read every task's data before spending time on the model
         runner.load_task(task, data.get(task), args.limit, options)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype_name == "float16" and device == "cpu":
-        raise UserError("--dtype float16 is extremely slow on CPU; use float32 or bfloat16")
-    model, tokenizer = load_model(args.model, device, getattr(torch, dtype_name))
+    model, tokenizer = load_model(args.model, device, dtype)
     if tokenizer is None and model.config.vocab_size == 50257:
         from ..tokenizer import get_tokenizer
         tokenizer = get_tokenizer("gpt2")
@@ -70,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {result.task}: {result.skipped.count} items skipped in all "
                   f"(the first {len(result.skipped.examples)} are listed above)", file=sys.stderr)
     if args.json:
-        meta = {"model": args.model, "device": device, "dtype": dtype_name, "batch_size": args.batch_size,
-                "limit": args.limit, "shots": args.shots}
+        meta = {"model": args.model, "device": str(device), "dtype": dtype_name(dtype),
+                "batch_size": args.batch_size, "limit": args.limit, "shots": args.shots}
         write_json(args.json, to_json(results, meta, samples=args.samples))
         print(f"results written to {args.json}")
     return 0

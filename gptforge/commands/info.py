@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(table, dict):
             raise UserError(f"config file {args.config} has no [model] table; add one or use --preset")
         preset = table.pop("preset", None)
+        if preset is not None and not isinstance(preset, str):
+            raise UserError(f"config file {args.config}: [model] preset must be a string such as \"gpt3-small\", "
+                            f"got {preset!r}")
         config = apply_overrides(get_preset(preset), table) if preset else from_dict(ModelConfig, table, "model")
         name = args.config
     else:

@@ -6,10 +6,8 @@ import argparse
 import json
 import sys
 
+from ..devices import DTYPE_CHOICES
 from ..errors import UserError
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: one JSON object (with --stream: one JSON line per token)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.set_defaults(func=run)
 
@@ -64,8 +62,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
+    from ..devices import resolve_device, resolve_dtype
     from ..generate import SamplingConfig
     from ..loading import load_model
 
@@ -76,15 +73,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UserError(f"--num-samples: must be a positive integer, got {args.num_samples}")
     prompt = read_prompt(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.startswith("cuda") else "float32")
-    if dtype_name == "float16" and device == "cpu":
-        raise UserError("--dtype float16 is extremely slow on CPU; use float32 or bfloat16")
-    try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise UserError(f"--device {device}: not available here ({str(e).splitlines()[0]})") from None
-    model, tokenizer = load_model(args.model, device, getattr(torch, dtype_name))
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
     if tokenizer is None:
         if model.config.vocab_size != 50257:
             raise UserError(f"--model {args.model}: no tokenizer saved with it and its vocabulary "

@@ -311,7 +311,11 @@ class DocumentReader:
         return value
 
     def _parquet_file(self, path: Path) -> Iterator[Iterator[str]]:
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"{path}: reading .parquet files needs the 'pyarrow' package; "
+                            "pip install 'gptforge[data]'") from None
 
         self.stats.files += 1
         try:

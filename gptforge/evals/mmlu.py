@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UserError
 from .result import TaskResult
-from .scoring import Request, encode_pair, score_requests
+from .scoring import Request, best_choice, encode_pair, score_requests
 from .sources import HF_PREFIX, Skipped, hub_name, iter_json_records, load_hub, read_parquet_rows
 
 if TYPE_CHECKING:
@@ -88,19 +88,27 @@ def parse_row(row: dict[str, Any], where: str, subject: str | None = None) -> MM
 
 
 def _read_csv(path: Path, subject: str, skipped: Skipped) -> list[MMLUItem]:
+    """The items of one original-release CSV; a file that cannot be read as UTF-8 stops with a UserError."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise UserError(f"MMLU file {path} is not UTF-8 text ({e.reason}); restore it from the MMLU release "
+                        "or re-save it as UTF-8") from None
+    except (OSError, csv.Error) as e:
+        raise UserError(f"MMLU file {path} cannot be read ({e}); check the file") from None
     items = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for lineno, fields in enumerate(csv.reader(f), start=1):
-            where = f"{path}:{lineno}"
-            if not fields or not any(fields):
-                continue
-            if len(fields) != 6:
-                skipped.add(where, f"expected 6 columns (question, A, B, C, D, answer), found {len(fields)}")
-                continue
-            try:
-                items.append(MMLUItem(subject, fields[0], tuple(fields[1:5]), _answer_index(fields[5]), where))
-            except ValueError as e:
-                skipped.add(where, str(e))
+    for lineno, fields in enumerate(rows, start=1):
+        where = f"{path}:{lineno}"
+        if not fields or not any(fields):
+            continue
+        if len(fields) != 6:
+            skipped.add(where, f"expected 6 columns (question, A, B, C, D, answer), found {len(fields)}")
+            continue
+        try:
+            items.append(MMLUItem(subject, fields[0], tuple(fields[1:5]), _answer_index(fields[5]), where))
+        except ValueError as e:
+            skipped.add(where, str(e))
     return items
 
 
@@ -230,7 +238,7 @@ def evaluate_mmlu(model: "GPT", tokenizer: "Tokenizer", data: MMLUData, batch_si
     samples = []
     for n, item in enumerate(data.items):
         lls = [s.logprob for s in scores[4 * n: 4 * n + 4]]
-        pred = max(range(4), key=lambda i: (lls[i], -i))
+        pred = best_choice(lls)
         per_subject[item.subject][0] += pred == item.answer
         per_subject[item.subject][1] += 1
         samples.append({"where": item.where, "subject": item.subject, "answer": item.answer, "pred": pred,

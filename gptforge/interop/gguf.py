@@ -26,13 +26,22 @@ from .. import atomic
 from ..errors import UserError
 from ..model import GPT
 from . import check_output
-from .hf import _full_state
+from .hf import full_state
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = "gpt2"
+
+
+def _import_gguf() -> Any:
+    """The `gguf` package (llama.cpp's writer), an optional extra: a UserError says how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("GGUF export needs the 'gguf' package; pip install 'gptforge[gguf]'") from None
+    return gguf
 
 
 def _check_model(model: GPT) -> None:
@@ -48,7 +57,7 @@ def _check_model(model: GPT) -> None:
 
 def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
     """Our weights under llama.cpp's gpt2 tensor names, fp32, (out, in) layout, vocabulary padding dropped."""
-    state = {k: v.numpy() for k, v in _full_state(model).items()}
+    state = {k: v.numpy() for k, v in full_state(model).items()}
     out = {"token_embd.weight": state["transformer.wte.weight"],
            "position_embd.weight": state["transformer.wpe.weight"],
            "output_norm.weight": state["transformer.ln_f.weight"],
@@ -65,7 +74,7 @@ def gguf_tensors(model: GPT) -> dict[str, np.ndarray]:
 def _vocab(tokenizer: "Tokenizer", n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     """Tokens (GPT-2 byte-to-unicode spelling), token types and merges for llama.cpp's gpt2 tokenizer,
     padded with unused tokens up to the model's vocabulary size."""
-    import gguf
+    gguf = _import_gguf()
 
     from .hf_tokenizer import bpe_hf_tokenizer, byte_token, merges_from_ranks
 
@@ -104,7 +113,7 @@ def _vocab(tokenizer: "Tokenizer", n_vocab: int) -> tuple[list[str], list[int], 
 
 def _encode_tensor(name: str, data: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
     """(array, raw ggml type or None) for one tensor under `dtype`, following llama.cpp's converter rules."""
-    import gguf
+    gguf = _import_gguf()
 
     Q = gguf.GGMLQuantizationType
     if data.ndim < 2 or name.startswith("position_embd") or dtype == "f32":
@@ -118,7 +127,7 @@ def _encode_tensor(name: str, data: np.ndarray, dtype: str) -> tuple[np.ndarray,
 def export_gguf(model: GPT, tokenizer: "Tokenizer", out: str | os.PathLike, force: bool = False,
                 dtype: str = "f16") -> Path:
     """Write `model` and its tokenizer as one GGUF file for llama.cpp (atomically)."""
-    import gguf
+    gguf = _import_gguf()
 
     if dtype not in GGUF_DTYPES:
         raise UserError(f"--dtype {dtype!r} is not available for gguf; choose one of {', '.join(GGUF_DTYPES)}")

@@ -69,7 +69,7 @@ def hf_architecture(config: ModelConfig) -> str:
     return "gpt_neo" if config.attention == "alternating" else "gpt2"
 
 
-def _full_state(model: GPT) -> dict[str, torch.Tensor]:
+def full_state(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights in fp32 on the CPU, with zero tensors where the model was built without biases (HF's
     layers always have them, and a zero bias computes the same thing), and vocabulary padding dropped."""
     config = model.config
@@ -84,7 +84,7 @@ def _full_state(model: GPT) -> dict[str, torch.Tensor]:
 
 def gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """`GPT2LMHeadModel` state (tied lm_head left out, as transformers saves it)."""
-    state = _full_state(model)
+    state = full_state(model)
     out = {f"transformer.{k}": state[f"transformer.{k}"]
            for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
     for i in range(model.config.n_layer):
@@ -97,7 +97,7 @@ def gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
 def gpt_neo_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """`GPTNeoForCausalLM` state with the attention scale and k/v biases folded (see the module docstring)."""
     config = model.config
-    state = _full_state(model)
+    state = full_state(model)
     C = config.n_embd
     out = {f"transformer.{k}": state[f"transformer.{k}"]
            for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
@@ -135,7 +135,9 @@ def hf_config(config: ModelConfig, eot_id: int | None, dtype: torch.dtype = torc
     common = {"vocab_size": config.vocab_size, "layer_norm_epsilon": config.layer_norm_eps,
               "activation_function": "gelu_new", "initializer_range": config.init_std,
               "bos_token_id": eot_id, "eos_token_id": eot_id, "tie_word_embeddings": True,
-              "use_cache": True, "dtype": DTYPE_NAMES[dtype]}
+              "use_cache": True,
+              # transformers before 4.56 reads "torch_dtype", later ones "dtype": both, so either loads it as stored
+              "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype]}
     if hf_architecture(config) == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": config.block_size,
                 "n_ctx": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,

@@ -17,12 +17,12 @@ transformers convention lm-eval expects); ids agree on all other text.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..tokenizer.bpe import byte_encoder
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -35,24 +35,9 @@ GPT2_MERGES_TXT = "merges.txt"
 EOT = "<|endoftext|>"
 
 
-@functools.lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table (printable Latin-1 bytes map to themselves,
-    the rest to code points from 256 up), so byte-level tokens can be JSON strings."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def byte_token(token: bytes) -> str:
-    table = bytes_to_unicode()
+    """`token`'s bytes spelled through GPT-2's byte -> character table, as HF vocab files write them."""
+    table = byte_encoder()
     return "".join(table[b] for b in token)
 
 
@@ -130,7 +115,7 @@ def bpe_hf_tokenizer(tokenizer: "Tokenizer") -> Any:
     """The `tokenizers.Tokenizer` a bpe-kind tokenizer already is, with our special tokens registered."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    inner = getattr(tokenizer, "hf_tokenizer", None) or getattr(tokenizer, "_tok", None)
+    inner = getattr(tokenizer, "hf_tokenizer", None)
     if inner is None:
         raise UserError("this bpe tokenizer does not expose its Hugging Face tokenizers object; cannot export it")
     hf = HFTokenizer.from_str(inner.to_str())
@@ -171,25 +156,52 @@ def write_hf_tokenizer(tokenizer: "Tokenizer", directory: str | Path, model_max_
 # Import
 
 
+def _read_json(path: Path) -> Any:
+    """The parsed JSON in `path`, or None when it is missing, unreadable or not JSON.
+
+    Tokenizer files are optional for an HF model: a broken one means "no tokenizer we can reproduce"
+    (the model still loads and the user can pass --tokenizer), never a crash.
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _json_model_vocab(data: Any) -> dict[str, Any] | None:
+    """tokenizer.json's model.vocab table, or None when the file does not have that shape."""
+    model = data.get("model") if isinstance(data, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    return vocab if isinstance(vocab, dict) else None
+
+
+def _added_tokens(data: dict[str, Any], special_only: bool = False) -> dict[str, int] | None:
+    """tokenizer.json's added tokens as content -> id, or None when an entry is malformed."""
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list):
+        return None
+    table = {}
+    for entry in added:
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str) \
+                or not isinstance(entry.get("id"), int):
+            return None
+        if entry.get("special") or not special_only:
+            table[entry["content"]] = entry["id"]
+    return table
+
+
 def _hf_vocab(directory: Path) -> dict[str, int] | None:
     """The token -> id table of a byte-level BPE HF tokenizer in `directory`, or None."""
     if (directory / HF_TOKENIZER_JSON).is_file():
-        try:
-            data = json.loads((directory / HF_TOKENIZER_JSON).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        data = _read_json(directory / HF_TOKENIZER_JSON)
+        vocab = _json_model_vocab(data)
+        if vocab is None or data["model"].get("type") != "BPE":
             return None
-        model = data.get("model") or {}
-        if model.get("type") != "BPE":
-            return None
-        vocab = dict(model.get("vocab") or {})
-        for added in data.get("added_tokens") or []:
-            vocab[added["content"]] = added["id"]
-        return vocab
+        added = _added_tokens(data)
+        return None if added is None else {**vocab, **added}
     if (directory / GPT2_VOCAB_JSON).is_file() and (directory / GPT2_MERGES_TXT).is_file():
-        try:
-            return json.loads((directory / GPT2_VOCAB_JSON).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+        vocab = _read_json(directory / GPT2_VOCAB_JSON)
+        return vocab if isinstance(vocab, dict) else None
     return None
 
 
@@ -207,13 +219,8 @@ def read_hf_tokenizer(directory: str | Path) -> "Tokenizer | None":
     """Our tokenizer for an HF directory when we can reproduce it exactly: GPT-2's vocabulary (as the gpt2
     kind) or a char tokenizer we exported. None otherwise (the model still loads; pass --tokenizer)."""
     directory = Path(directory)
-    config: dict[str, Any] = {}
-    if (directory / HF_TOKENIZER_CONFIG).is_file():
-        try:
-            config = json.loads((directory / HF_TOKENIZER_CONFIG).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            config = {}
-    if config.get("gptforge_kind") == "char":
+    config = _read_json(directory / HF_TOKENIZER_CONFIG)
+    if isinstance(config, dict) and config.get("gptforge_kind") == "char":
         return _read_char(directory)
     vocab = _hf_vocab(directory)
     if vocab is None:
@@ -247,10 +254,17 @@ def _read_bpe(directory: Path) -> "Tokenizer | None":
 
 
 def _read_char(directory: Path) -> "Tokenizer | None":
+    """The char tokenizer we exported (a WordLevel vocabulary of single characters), or None if the
+    tokenizer.json is missing or not in that shape."""
     from ..tokenizer.char import CharTokenizer
 
-    data = json.loads((directory / HF_TOKENIZER_JSON).read_text(encoding="utf-8"))
-    specials = {a["content"]: a["id"] for a in data.get("added_tokens") or [] if a.get("special")}
-    vocab = data["model"]["vocab"]
+    data = _read_json(directory / HF_TOKENIZER_JSON)
+    vocab = _json_model_vocab(data)
+    specials = _added_tokens(data, special_only=True) if vocab is not None else None
+    if specials is None or not all(isinstance(i, int) for i in vocab.values()):
+        return None
     chars = [c for c, i in sorted(vocab.items(), key=lambda kv: kv[1]) if c not in specials]
-    return CharTokenizer(chars, specials)
+    try:
+        return CharTokenizer(chars, specials)
+    except UserError:  # not single characters in code-point order: not a char tokenizer we wrote
+        return None

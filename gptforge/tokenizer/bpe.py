@@ -26,18 +26,28 @@ N_BYTES = 256
 
 
 @functools.lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-in character for each byte, inverted (character -> byte)."""
+def byte_encoder() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte, so byte-level tokens can be JSON strings.
+
+    Printable Latin-1 bytes stand for themselves, the other 68 take code points from 256 up in byte order.
+    The one copy of the table: HF export/import (gptforge.interop) spells tokens with it too.
+    """
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    n = 0
+    table, extra = {}, 0
     for b in range(N_BYTES):
-        if b not in printable:
-            printable.append(b)
-            chars.append(N_BYTES + n)
-            n += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(N_BYTES + extra)
+            extra += 1
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """`byte_encoder` inverted (character -> byte), for turning token strings back into exact bytes."""
+    return {c: b for b, c in byte_encoder().items()}
 
 
 def _build_untrained(special_tokens: Sequence[str]) -> Any:
