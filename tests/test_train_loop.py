@@ -60,6 +60,36 @@ def test_demo_recipe_val_loss_falls(code_data, tmp_path):
     assert any("starting a fresh one" in line for line in logs)
 
 
+def test_demo_stopped_by_its_time_cap_starts_fresh_instead_of_stalling(code_data, tmp_path):
+    config = _tiny(code_data, tmp_path / "demo", steps=100_000, max_time=0.3, eval_every=100_000,
+                   checkpoint_every=100_000)
+    first = run_demo(config=config, log=lambda m: None, calibrate=False)
+    assert first.stopped == "max_time" and 0 < first.step < 100_000
+    logs = []
+    again = run_demo(config=config, log=logs.append, calibrate=False)
+    assert any("starting a fresh one" in line for line in logs), logs
+    assert again.step > 0  # it trained again rather than stopping at once on the restored clock
+
+
+def test_demo_replaces_data_prepared_differently(code_data, tmp_path, monkeypatch):
+    import gptforge.data.prepare as prepare_module
+    from gptforge.train.demo import DEMO_SOURCE, DEMO_TOKENIZER, ensure_demo_data
+    calls = []
+    monkeypatch.setattr(prepare_module, "prepare", lambda *args, **kw: calls.append((args, kw)))
+    data = tmp_path / "data"
+    shutil.copytree(code_data, data)  # a char-level corpus of other files: not the demo's
+    logs = []
+    ensure_demo_data(data, log=logs.append)
+    assert calls, logs
+    assert calls[0][0][:2] == ([DEMO_SOURCE], DEMO_TOKENIZER) and calls[0][1]["force"] is True
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["spec"], manifest["sources"] = DEMO_TOKENIZER, [DEMO_SOURCE]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    calls.clear()
+    ensure_demo_data(data, log=lambda m: None)
+    assert calls == []  # the demo's own preparation is reused
+
+
 def test_eval_callback_results_go_to_metrics(code_data, tmp_path):
     calls = []
 

@@ -76,17 +76,36 @@ def demo_config(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN) -> RunConfig
     return RunConfig(model=model, train=train, data=DataConfig(path=data_dir))
 
 
-def ensure_demo_data(data_dir: str | Path, log: Callable[[str], None]) -> None:
-    """Prepare the stdlib corpus into `data_dir` unless a prepared copy is already there."""
-    data_dir = Path(data_dir)
-    if (data_dir / "manifest.json").is_file():
-        log(f"using the prepared corpus in {data_dir}")
-        return
-    from ..data.prepare import prepare
+def ensure_demo_data(data_dir: str | Path, log: Callable[[str], None], replace_other: bool = True) -> None:
+    """Prepare the stdlib corpus into `data_dir` unless the demo's own preparation is already there.
 
+    With `replace_other`, data prepared differently under that name (another tokenizer or corpus, e.g. a
+    `gptforge prepare builtin:pystdlib --out data/pystdlib` with the gpt2 default) is replaced rather than
+    used: the demo's model size and samples assume the 4,096-token BPE over the standard library. Without
+    it (a caller-supplied config), any prepared data there is used as it is."""
+    from ..data.prepare import prepare, read_manifest
+    from ..errors import UserError
+
+    data_dir = Path(data_dir)
+    replace = False
+    if (data_dir / "manifest.json").is_file() and not replace_other:
+        log(f"using the prepared data in {data_dir}")
+        return
+    if (data_dir / "manifest.json").is_file():
+        try:
+            manifest = read_manifest(data_dir)
+            ours = (manifest["tokenizer"].get("spec") == DEMO_TOKENIZER and manifest["sources"] == [DEMO_SOURCE])
+        except (UserError, KeyError, TypeError):
+            ours = False
+        if ours:
+            log(f"using the prepared corpus in {data_dir}")
+            return
+        log(f"{data_dir} holds data prepared differently from the demo's ({DEMO_SOURCE}, {DEMO_TOKENIZER}): "
+            "preparing the demo corpus in its place")
+        replace = True
     log(f"preparing the demo corpus: Python's standard library -> {data_dir} "
         f"(training a {DEMO_VOCAB}-token BPE tokenizer first; about a minute)")
-    prepare([DEMO_SOURCE], DEMO_TOKENIZER, data_dir, progress=True)
+    prepare([DEMO_SOURCE], DEMO_TOKENIZER, data_dir, progress=True, force=replace)
 
 
 def _resume_mode(config: RunConfig, log: Callable[[str], None]) -> tuple[str | None, bool]:
@@ -98,10 +117,17 @@ def _resume_mode(config: RunConfig, log: Callable[[str], None]) -> tuple[str | N
             log(f"{run_dir} has no usable checkpoint: starting the demo fresh")
             return None, True
         return None, False
-    step = ckpt.read_state(latest)["step"]
-    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
-    max_steps = saved.get("train", {}).get("max_steps", config.train.max_steps)
-    if step < max_steps and saved.get("model") == config.model.to_dict():
+    state = ckpt.read_state(latest)
+    step = state["step"]
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        saved = {}
+    saved_train = saved.get("train", {})
+    max_steps = saved_train.get("max_steps", config.train.max_steps)
+    max_time = saved_train.get("max_time", config.train.max_time)
+    out_of_time = bool(max_time) and state.get("elapsed", 0.0) >= max_time  # the safety cap ended it
+    if step < max_steps and not out_of_time and saved.get("model") == config.model.to_dict():
         log(f"{run_dir} holds an unfinished demo run (step {step} of {max_steps}): resuming it "
             f"(delete {run_dir} to start over)")
         return "auto", False
@@ -118,8 +144,9 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
     from .trainer import Trainer
 
     log = log or (lambda msg: print(msg, flush=True))
+    own_config = config is None
     config = config or demo_config(data_dir, out_dir)
-    ensure_demo_data(config.data.path, log)
+    ensure_demo_data(config.data.path, log, replace_other=own_config)
     config = fit_vocab_to_data(config, explicit_vocab=False)
     resume, fresh = _resume_mode(config, log)
     run_dir = Path(config.train.out_dir)
