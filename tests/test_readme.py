@@ -21,3 +21,15 @@ def test_ci_runs_the_readme_test_command():
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line and not line.startswith(("#", "set ", "cd "))]
     assert ci_lines == [_readme_commands()[1]]
+
+
+def test_the_python_api_exports_every_command():
+    import gptforge
+    import gptforge.generate  # noqa: F401  importing same-named submodules must not replace the functions
+    import gptforge.train.trainer  # noqa: F401
+    from gptforge.generation.api import generate as generate_function
+    from gptforge.train.trainer import train as train_function
+    for name in gptforge.__all__:
+        assert getattr(gptforge, name) is not None, name
+    assert gptforge.generate is generate_function
+    assert gptforge.train is train_function
