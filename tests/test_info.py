@@ -77,17 +77,36 @@ def test_info_cli_reports_and_rejects_bad_input():
         assert bad.stderr.count("\n") == 1 and needle in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_per_gpu_memory_matches_a_hand_count_for_a_tiny_model():
+    from gptforge.memory import per_gpu_memory
+    # vocab 60 pads to 64 rows. By hand: wte 64·8 = 512, wpe 16·8 = 128, ln_f 16 -> root R = 656; per block
+    # ln_1 16 + c_attn 8·24+24 + attn c_proj 8·8+8 + ln_2 16 + c_fc 8·32+32 + mlp c_proj 32·8+8 = 872 = L.
+    config = ModelConfig(vocab_size=60, block_size=16, n_layer=2, n_head=2, n_embd=8)
+    P, R, L = 656 + 2 * 872, 656, 872
+    without_activations = lambda r: r["total"] - next(v for k, v in r["parts"].items() if k.startswith("activations"))
+    ddp = per_gpu_memory(config, 4, 2, parallel="ddp", precision="fp32")
+    fsdp = per_gpu_memory(config, 4, 2, parallel="fsdp", precision="fp32")
+    assert ddp["params"] == fsdp["params"] == P == 2400
+    # DDP: weights 4P + grads 4P + AdamW 8P, plus 4P of gradient buckets (no autocast copies in fp32)
+    assert without_activations(ddp) == 16 * P + 4 * P
+    # FSDP2 on 4 ranks: 16P/4 sharded, fp32 gathered root + two blocks, two blocks' fp32 unsharded gradients
+    assert without_activations(fsdp) == 16 * P // 4 + 4 * (R + 2 * L) + 2 * 4 * L
+    assert without_activations(fsdp) == 9600 + 9600 + 6976
+
+
 def test_info_shows_per_gpu_memory_for_a_world_size():
     from gptforge.info import format_distributed, human_bytes
     from gptforge.memory import per_gpu_memory
     config = get_preset("gpt3-xl")
     text = format_distributed(config, 8, 4, 2048, "bf16")
-    for parallel in ("ddp", "fsdp"):
-        for checkpointing in (False, True):
-            total = per_gpu_memory(config, 8, 4, 2048, parallel, "bf16", checkpointing)["total"]
-            assert human_bytes(total) in text
-    fsdp_line = next(line for line in text.splitlines() if line.strip().startswith("FSDP2"))
-    ddp_line = next(line for line in text.splitlines() if line.strip().startswith("DDP"))
-    assert fsdp_line != ddp_line
+    lines = {name: next(line for line in text.splitlines() if line.strip().startswith(name))
+             for name in ("DDP", "FSDP2")}
+    for parallel, name in (("ddp", "DDP"), ("fsdp", "FSDP2")):
+        totals = [per_gpu_memory(config, 8, 4, 2048, parallel, "bf16", ckpt)["total"] for ckpt in (False, True)]
+        assert lines[name].split()[-4:] == [*human_bytes(totals[0]).split(), *human_bytes(totals[1]).split()]
+    # 1.3B parameters: a DDP replica's 16 bytes/param (~21 GB) alone outweighs FSDP2's 1/8 share plus buffers
+    for ckpt in (False, True):
+        fsdp, ddp = (per_gpu_memory(config, 8, 4, 2048, p, "bf16", ckpt)["total"] for p in ("fsdp", "ddp"))
+        assert fsdp < ddp
     cli = _cli("info", "--preset", "gpt3-xl", "--world-size", "8", "--batch-size", "4")
     assert cli.returncode == 0 and "per GPU, 8 GPUs" in cli.stdout

@@ -322,6 +322,24 @@ def test_fsdp_checkpoint_consolidates_to_identical_logits_and_samples(fsdp_worke
         load_model(str(unconsolidated))
 
 
+def test_consolidate_on_torch_without_dcp_load_no_dist(fsdp_worker, tmp_path, monkeypatch):
+    """torch 2.5/2.6's `dcp.load` has no `no_dist`: consolidation must still load in this process alone
+    (the deprecated `load_state_dict` path) and give the same weights as the trainer's consolidation."""
+    import torch.distributed.checkpoint as dcp
+    from gptforge.train.dist_checkpoint import consolidate
+
+    def load_before_2_7(state_dict, *, checkpoint_id=None, storage_reader=None, planner=None, process_group=None):
+        raise AssertionError("called dcp.load without no_dist: it would wait for other ranks in a torchrun job")
+
+    monkeypatch.setattr(dcp, "load", load_before_2_7)
+    checkpoint = Path(fsdp_worker[0]["checkpoint"])
+    old = load_file(str(consolidate(checkpoint, tmp_path / "old_torch.safetensors")))
+    reference = load_file(str(checkpoint / "model.safetensors"))
+    assert old.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(old[key], reference[key]), key
+
+
 def test_consolidate_refuses_a_non_sharded_directory(tmp_path):
     from gptforge.train.dist_checkpoint import consolidate
     with pytest.raises(UserError, match="not a sharded checkpoint"):
@@ -350,6 +368,20 @@ def test_single_process_context_has_no_process_group(monkeypatch):
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(UserError, match="inconsistent"):
         D.init_distributed("cpu")
+
+
+def test_fsdp_api_falls_back_to_the_private_module_of_torch_2_5(monkeypatch):
+    """torch 2.5 has FSDP2 only under torch.distributed._composable.fsdp (public from 2.6)."""
+    import torch.distributed._composable.fsdp as composable
+    import torch.distributed.fsdp as public
+    from gptforge.train import distributed as D
+    names = ("fully_shard", "FSDPModule", "MixedPrecisionPolicy", "register_fsdp_forward_method")
+    assert D.fsdp_api() is public and all(hasattr(public, name) for name in names)
+    monkeypatch.delattr(public, "fully_shard")  # what torch 2.5's torch.distributed.fsdp looks like to us
+    assert D.fsdp_api() is composable and all(hasattr(composable, name) for name in names)
+    policy = D.mixed_precision_policy("bf16")
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert not D.is_fsdp(torch.nn.Linear(2, 2))
 
 
 def test_activation_checkpointing_keeps_names_and_gradients(tiny_config):

@@ -147,8 +147,7 @@ class KVCache:
                     ring = torch.arange(T - size, T, device=k.device) % size
                     keys.index_copy_(2, ring, k[:, :, T - size:])
                     values.index_copy_(2, ring, v[:, :, T - size:])
-                if mask is None and window is not None:
-                    mask = _band(T, T, window, k.device)
+                # mask None: attend applies the layer's own (causal or band) pattern to the whole prompt
                 return attn.attend(q, k, v, mask)
             if self.static:
                 slot = (self._t if window is None else self._t % size).view(1)
@@ -206,12 +205,6 @@ class KVCache:
             if self.max_pad == 0:
                 self.pad = self.valid = None
         self._attention = [self._make_attention(i) for i in range(len(self.windows))]
-
-
-def _band(q_len: int, k_len: int, window: int, device: torch.device) -> torch.Tensor:
-    q = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    k = torch.arange(k_len, device=device)[None, :]
-    return (k <= q) & (k > q - window)
 
 
 class CudaGraphDecoder:

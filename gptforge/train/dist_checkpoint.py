@@ -22,6 +22,7 @@ valid one. The directory must be on a filesystem all ranks share (always true on
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -223,9 +224,8 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     if missing:
         raise UserError(f"sharded checkpoint {path} lacks {', '.join(missing[:3])}: it does not match its "
                         f"{MODEL_CONFIG_FILE}; it may be from another program")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(targets, storage_reader=reader, no_dist=True)
+    with torch.no_grad():
+        _load_without_process_group(targets, reader)
     destination = Path(out) if out is not None else path / WEIGHTS_FILE
     save_weights(model, destination)
     if out is None and (path / CHECKSUMS_FILE).is_file():
@@ -233,6 +233,25 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike | None = None) -
         sums[WEIGHTS_FILE] = sha256_file(destination)
         atomic.write_text(path / CHECKSUMS_FILE, json.dumps(sums, indent=1))
     return destination
+
+
+def _load_without_process_group(state_dict: dict[str, Any], reader: Any) -> None:
+    """DCP-load into `state_dict` in this process alone, even when a process group exists.
+
+    The trainer consolidates on rank 0 only, inside a torchrun job: a load that used the group's
+    collectives would wait forever for the other ranks. `dcp.load` takes `no_dist` from torch 2.7; before
+    that (the floor is 2.5) `load` decides from whether a group exists, so the deprecated
+    `load_state_dict`, which has always taken `no_dist`, is the way to say it.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        if "no_dist" in inspect.signature(dcp.load).parameters:
+            dcp.load(state_dict, storage_reader=reader, no_dist=True)
+        else:  # torch < 2.7
+            warnings.filterwarnings("ignore", message=".*load_state_dict.* is deprecated")
+            dcp.load_state_dict(state_dict, storage_reader=reader, no_dist=True)
 
 
 def _rank() -> int:

@@ -5,7 +5,7 @@ this module for a `DistContext` (rank, world size, device), wraps its model with
 `grad_sync(model, last)` around each micro-batch so gradients are all-reduced once per optimizer step (not
 once per micro-batch), averages logged numbers with `all_reduce_mean`, and clips with `clip_grad_norm`, which
 is correct for FSDP2's sharded DTensor gradients too. Nothing here re-implements communication: DDP is
-`torch.nn.parallel.DistributedDataParallel`, FSDP2 is `torch.distributed.fsdp.fully_shard` applied per
+`torch.nn.parallel.DistributedDataParallel`, FSDP2 is `fully_shard` (see `fsdp_api`) applied per
 transformer block and then to the root, and the launcher is `torchrun`.
 
 Backends: NCCL on CUDA (one GPU per local rank), gloo on CPU. A single process (no torchrun, or
@@ -157,6 +157,20 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = forward  # type: ignore[method-assign]
 
 
+def fsdp_api() -> Any:
+    """The module holding FSDP2's API: `torch.distributed.fsdp` from torch 2.6, where it became public;
+    torch 2.4-2.5 (the floor is 2.5) have the same names only under `torch.distributed._composable.fsdp`.
+
+    Every FSDP2 name this package uses (`fully_shard`, `FSDPModule`, `MixedPrecisionPolicy`,
+    `register_fsdp_forward_method`) exists under both paths, so callers take them from here.
+    """
+    import torch.distributed.fsdp as public
+    if hasattr(public, "fully_shard"):
+        return public
+    import torch.distributed._composable.fsdp as composable  # torch < 2.6
+    return composable
+
+
 def mixed_precision_policy(precision: str) -> Any:
     """FSDP2's policy for the trainer's precision: bf16 compute copies of the weights, fp32 gradient reduction.
 
@@ -165,8 +179,7 @@ def mixed_precision_policy(precision: str) -> Any:
     """
     if precision != "bf16":
         return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return fsdp_api().MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def wrap_model(model: nn.Module, ctx: DistContext, parallel: Parallel, precision: str = "fp32",
@@ -196,7 +209,7 @@ def wrap_model(model: nn.Module, ctx: DistContext, parallel: Parallel, precision
         return DistributedDataParallel(model, device_ids=device_ids)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        fully_shard = fsdp_api().fully_shard
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         kwargs: dict[str, Any] = {"mesh": mesh}
         policy = mixed_precision_policy(precision)
@@ -238,10 +251,10 @@ def _register_fsdp_methods(model: nn.Module) -> None:
 
     FSDP2 gathers parameters in forward hooks; methods other than `forward` need registering.
     """
-    from torch.distributed.fsdp import register_fsdp_forward_method
+    register = fsdp_api().register_fsdp_forward_method
     for name in ("embed", "head"):
         if hasattr(model, name):
-            register_fsdp_forward_method(model, name)
+            register(model, name)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -251,11 +264,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6 has it only under _composable
-        from torch.distributed._composable.fsdp import FSDPModule  # type: ignore[no-redef]
-    return isinstance(unwrap(model), FSDPModule)
+    return isinstance(unwrap(model), fsdp_api().FSDPModule)
 
 
 # ---- the step ---------------------------------------------------------------------------------------------

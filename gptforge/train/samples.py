@@ -1,8 +1,8 @@
 """Text samples during training, appended to samples.txt so progress can be read, not just plotted.
 
-Uses `gptforge.generation`'s `generate_text` when it is installed (KV cache, proper processors); until
-then, and as a fallback, a plain temperature + top-k loop over the full context. Sampling runs in its own
-RNG so it never shifts the training run's random stream (exact resume depends on that).
+Uses `gptforge.generation`'s `generate_text` (KV cache, the same processors as `gptforge sample`), so what
+the log shows is what sampling the checkpoint would give. Sampling runs in its own RNG so it never shifts
+the training run's random stream (exact resume depends on that).
 """
 
 from __future__ import annotations
@@ -14,31 +14,11 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from ..generation.api import generate_text
+from ..generation.sampling import SamplingConfig
 
 SAMPLES_FILE = "samples.txt"
 _HEADER = re.compile(r"^=== step (\d+) ", re.MULTILINE)
-
-
-@torch.no_grad()
-def _plain_sample(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
-                  temperature: float, top_k: int, seed: int) -> list[str]:
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    block = model.config.block_size
-    texts = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        for _ in range(max_new_tokens):
-            logits, _ = model(idx[:, -block:])
-            logits = logits[:, -1, :].float() / max(temperature, 1e-5)
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, next_id], dim=1)
-        texts.append(prompt + tokenizer.decode(idx[0, len(ids):].tolist()))
-    return texts
 
 
 def sample_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int,
@@ -48,16 +28,9 @@ def sample_texts(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_
     model.eval()
     try:
         with torch.random.fork_rng(devices=[] if not torch.cuda.is_available() else None):
-            try:  # the generation module's API (KV cache), when installed
-                from ..generation.api import generate_text
-                from ..generation.sampling import SamplingConfig
-            except ImportError:
-                generate_text = None
-            if generate_text is not None:
-                settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
-                outs = generate_text(model, tokenizer, prompts, settings, seed=seed)
-                return [p + o for p, o in zip(prompts, outs)]
-            return _plain_sample(model, tokenizer, prompts, max_new_tokens, temperature, top_k, seed)
+            settings = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+            outs = generate_text(model, tokenizer, prompts, settings, seed=seed)
+            return [p + o for p, o in zip(prompts, outs)]
     finally:
         model.train(was_training)
 
