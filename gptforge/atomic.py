@@ -93,17 +93,25 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
-        publish_tree(tmp)
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".old.", dir=final.parent))
-            os.replace(final, old / "x")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_dir(final.parent)
+        publish_directory(tmp, final, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish_directory(tmp: Path, final: Path, overwrite: bool = False) -> None:
+    """Make the finished directory `tmp` (next to `final`) visible as `final`: ordinary permissions, every
+    file flushed, then one rename. An existing `final` (with `overwrite`) is moved aside first and removed
+    after, so a reader finds the old or the new version, never a mix. Used by `atomic_directory`, and
+    directly where several processes fill `tmp` (sharded checkpoints)."""
+    publish_tree(tmp)
+    if final.exists():
+        if not overwrite:
+            raise FileExistsError(final)
+        old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".old.", dir=final.parent))
+        os.replace(final, old / "x")
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)

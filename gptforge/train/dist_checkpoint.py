@@ -85,16 +85,7 @@ def save_sharded(final: str | os.PathLike, model: nn.Module, optimizer: torch.op
             atomic.write_text(tmp / MODEL_CONFIG_FILE, json.dumps(model_config.to_dict(), indent=1))
             atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=_json_default))
             write_checksums(tmp)
-            atomic.publish_tree(tmp)
-            if final.exists():
-                old = final.parent / f"{atomic.TMP_PREFIX}{final.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-            atomic.fsync_dir(final.parent)
+            atomic.publish_directory(tmp, final, overwrite=True)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             error = f"{type(e).__name__}: {e}"
