@@ -214,3 +214,12 @@ def test_cli_trains_and_resumes(code_data, tmp_path, capsys):
     assert "resuming" in out and "step 5/5" in out
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert saved["train"]["max_steps"] == 5 and saved["model"]["n_layer"] == 1
+
+
+def test_damaged_run_config_is_a_one_line_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": {"n_layer": 2,')  # cut off mid-write by a disk error
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json is damaged" in err and "--fresh" in err

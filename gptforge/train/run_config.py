@@ -43,6 +43,15 @@ def _parse_set(items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def read_run_config(path: Path) -> RunConfig:
+    """A run directory's saved config.json, or a UserError naming it when it cannot be read back."""
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"run config {path} is damaged or unreadable ({e}); restore it from a copy, or start "
+                        "the run over with --fresh") from None
+
+
 def resolve_run_config(config_file: str | None = None, preset: str | None = None, data: str | None = None,
                        out: str | None = None, overrides: list[str] | None = None,
                        resume: str | None = None, base: RunConfig | None = None) -> RunConfig:
@@ -52,7 +61,7 @@ def resolve_run_config(config_file: str | None = None, preset: str | None = None
         run_dir = Path(out) if out else (Path(resume).parent.parent if resume != "auto" else None)
         saved = run_dir / "config.json" if run_dir else None
         if saved and saved.is_file():
-            config = RunConfig.from_dict(json.loads(saved.read_text()))
+            config = read_run_config(saved)
     if preset:
         config = _apply_preset(config, preset)
     explicit: dict[str, Any] = {}
