@@ -60,7 +60,7 @@ def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, step
     def step() -> None:
         with autocast(dev, precision):
             if impl == "gptforge":
-                _, loss = fwd(x, y)
+                _, loss = fwd(x, y, return_logits=False)  # training path: fused chunked loss
             else:
                 loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels itself
         loss.backward()

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .fused_loss import linear_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -161,12 +162,24 @@ class GPT(nn.Module):
         return F.linear(self.transformer.ln_f(x), self.lm_head.weight[: self.config.vocab_size])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor | None]:
+                ignore_index: int = IGNORE_INDEX, *,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, given targets, the mean cross-entropy over targets that are not
-        `ignore_index` (fine-tuning masks prompt tokens that way)."""
+        `ignore_index` (fine-tuning masks prompt tokens that way).
+
+        `return_logits=False` (training) returns (None, loss) and never builds the full logits: the output
+        projection and the loss run in row chunks (`gptforge.fused_loss`), with the gradients computed in
+        the same pass when autograd needs them. Same loss; far less memory and copying at GPT-2's vocabulary.
+        """
         x = self.embed(idx)
         for block in self.transformer.h:
             x = block(x)
+        if not return_logits:
+            if targets is None:
+                raise ValueError("return_logits=False needs targets: the loss is all it returns")
+            h = self.transformer.ln_f(x)
+            return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight,
+                                              targets.reshape(-1), self.config.vocab_size, ignore_index)
         logits = self.head(x)
         loss = None
         if targets is not None:

@@ -78,7 +78,7 @@ def forward_backward(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
         y = y.to(device, non_blocking=True)
         with D.grad_sync(model, sync=i == n_batches - 1):
             with autocast(device, precision):
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)  # fused loss: no full logits
             (loss / n_batches).backward()
         total += loss.detach().float()
     return total / n_batches
