@@ -38,8 +38,8 @@ def _loss_and_grads(model: GPT, fn) -> tuple[torch.Tensor, dict[str, torch.Tenso
 def _assert_grads_close(got: dict, want: dict, rel: float) -> None:
     """Each gradient within `rel` of the reference, relative to the reference's largest entry."""
     assert got.keys() == want.keys()
-    for name in want:
-        err = (got[name] - want[name]).abs().max() / want[name].abs().max()
+    for name, reference in want.items():
+        err = (got[name] - reference).abs().max() / reference.abs().max()
         assert err <= rel, f"{name}: relative error {err:.2e} > {rel:.0e}"
 
 
