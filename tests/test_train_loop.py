@@ -223,3 +223,19 @@ def test_damaged_run_config_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", "--out", str(run), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config.json is damaged" in err and "--fresh" in err
+
+
+def test_a_new_run_takes_its_datas_tokenizer_not_one_left_in_the_directory(code_data, tmp_path):
+    from gptforge.tokenizer import load_tokenizer
+    out = tmp_path / "r"
+    train(_tiny(code_data, out, steps=2), log=lambda m: None)
+    stale = load_tokenizer(out / "tokenizer")
+    other_data = tmp_path / "other"
+    (tmp_path / "src.txt").write_text("zzzz yyyy xxxx\n" * 400 + "import os\n\nclass def for i in range(\n" * 50)
+    from gptforge.data.prepare import prepare
+    prepare([str(tmp_path / "src.txt")], "char", other_data, workers=1, val_fraction=0.2)
+    config = apply_overrides(_tiny(other_data, out, steps=2), {"data.path": str(other_data)})
+    Trainer(config, fresh=True, log=lambda m: None).fit()
+    fresh = load_tokenizer(out / "tokenizer")
+    assert fresh.vocab_size == load_tokenizer(other_data / "tokenizer").vocab_size != stale.vocab_size
+    assert fresh.encode("zzzz") == load_tokenizer(other_data / "tokenizer").encode("zzzz")

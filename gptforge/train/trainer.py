@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from .optim import build_optimizer
 from .plot import PLOT_FILE, plot_losses
 from .precision import autocast, resolve_device, resolve_precision
 from .samples import SAMPLES_FILE, append_samples, sample_texts, truncate_samples
+from .run_config import read_run_config
 from .schedule import accumulation_steps, lr_at, tokens_per_step_at
 
 CONFIG_FILE = "config.json"
@@ -140,15 +140,13 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def data_vocab_size(data_dir: str | os.PathLike) -> int:
     """The vocabulary size of a prepared data directory (from its manifest, else its tokenizer)."""
+    from ..data.prepare import read_manifest
+
     data_dir = Path(data_dir)
-    manifest = data_dir / "manifest.json"
-    if not manifest.is_file():
+    if not (data_dir / "manifest.json").is_file():
         raise UserError(f"data directory {data_dir} has no manifest.json; prepare it first with "
                         f"`gptforge prepare SOURCE --out {data_dir}` or pass --data DIR")
-    info = json.loads(manifest.read_text())
-    for key in ("vocab_size",):
-        if isinstance(info.get(key), int):
-            return info[key]
+    info = read_manifest(data_dir)  # a damaged manifest is a UserError naming it
     if isinstance(info.get("tokenizer"), dict) and isinstance(info["tokenizer"].get("vocab_size"), int):
         return info["tokenizer"]["vocab_size"]
     from ..tokenizer import load_tokenizer
@@ -299,7 +297,7 @@ class Trainer:
                                 "pass checkpoints/step_N of a run or --resume auto")
             self.resume_path = path
         if self.resume_path is not None and (run_dir / CONFIG_FILE).is_file():
-            saved = json.loads((run_dir / CONFIG_FILE).read_text()).get("model", {})
+            saved = read_run_config(run_dir / CONFIG_FILE).model.to_dict()
             differing = ckpt.model_config_differences(saved, self.config.model.to_dict())
             if differing:
                 raise UserError(f"cannot resume {run_dir} with a different model shape ({differing}); "
@@ -307,9 +305,11 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_partial_saves(run_dir)
         atomic.write_text(run_dir / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # A new run takes the data's tokenizer (replacing one left by an earlier run in this directory);
+        # a resumed run keeps the one its checkpoints were trained with.
         tok_src = Path(self.config.data.path) / TOKENIZER_DIR
-        if tok_src.is_dir() and not (run_dir / TOKENIZER_DIR).is_dir():
-            with atomic.atomic_directory(run_dir / TOKENIZER_DIR) as tmp:
+        if tok_src.is_dir() and (self.resume_path is None or not (run_dir / TOKENIZER_DIR).is_dir()):
+            with atomic.atomic_directory(run_dir / TOKENIZER_DIR, overwrite=True) as tmp:
                 shutil.copytree(tok_src, tmp, dirs_exist_ok=True)
         return self.resume_path
 
