@@ -118,8 +118,13 @@ def resolve_parallel(parallel: str, world_size: int) -> Parallel:
 
 
 def teardown() -> None:
-    """Leave the process group (so torchrun's workers exit cleanly, without NCCL warnings)."""
+    """Leave the process group (so torchrun's workers exit cleanly, without NCCL warnings).
+
+    All ranks meet first: a rank that destroyed its group and exited while another was still writing
+    (rank 0 saves plots and checkpoints last) made gloo's background thread on the slower rank abort the
+    process now and then ("terminate called without an active exception", seen in CI about 1 run in 4)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
