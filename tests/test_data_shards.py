@@ -72,30 +72,17 @@ def test_header_shorter_than_64_bytes_is_refused(tmp_path):
         open_shard(path)
 
 
-def test_wrong_magic_is_refused(tmp_path):
+@pytest.mark.parametrize("offset, field, message", [
+    (0, b"NOTSHARD", "not a gptforge token shard"),         # magic
+    (8, (99).to_bytes(4, "little"), "format version 99"),   # format version
+    (12, (3).to_bytes(4, "little"), "dtype code 3"),        # dtype code
+])
+def test_corrupt_header_field_is_refused(tmp_path, offset, field, message):
     path = _shard(tmp_path)
     data = bytearray(path.read_bytes())
-    data[:8] = b"NOTSHARD"
+    data[offset:offset + len(field)] = field
     path.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="not a gptforge token shard"):
-        open_shard(path)
-
-
-def test_wrong_version_is_refused(tmp_path):
-    path = _shard(tmp_path)
-    data = bytearray(path.read_bytes())
-    data[8:12] = (99).to_bytes(4, "little")
-    path.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="format version 99"):
-        open_shard(path)
-
-
-def test_unknown_dtype_code_is_refused(tmp_path):
-    path = _shard(tmp_path)
-    data = bytearray(path.read_bytes())
-    data[12:16] = (3).to_bytes(4, "little")
-    path.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="dtype code 3"):
+    with pytest.raises(UserError, match=message):
         open_shard(path)
 
 
