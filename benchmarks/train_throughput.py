@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 
-PEAK_H200_BF16 = 989e12
 
 
 def _models(impl: str, name: str, block: int):
@@ -79,13 +78,15 @@ def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, step
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     tok_s = batch * seq_len / dt
-    n = sum(p.numel() for p in model.parameters()) - config.block_size * config.n_embd
-    flops = 6 * n + 12 * config.n_layer * config.n_embd * seq_len
     out = {"impl": impl, "model": name, "T": seq_len, "B": batch, "precision": precision, "step_s": dt,
            "tok_s": tok_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if dev.type == "cuda":
+        from gptforge.info import flops_per_token
+        from gptforge.train.metrics import device_peak_flops
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        out["mfu"] = tok_s * flops / PEAK_H200_BF16
+        # the trainer's MFU: same FLOPs count (info.flops_per_token) and the same table of device peaks
+        peak = device_peak_flops(torch.cuda.get_device_name(dev), precision)
+        out["mfu"] = tok_s * flops_per_token(config, seq_len)["train"] / peak if peak else float("nan")
     return out
 
 
