@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .fused_loss import chunk_rows
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -66,20 +67,32 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
+def output_head_bytes(config: ModelConfig, tokens: int, dtype: str) -> int:
+    """Memory of training's fused output projection + loss (`gptforge.fused_loss`), which never holds the
+    full tokens×vocab logits: one chunk of logits (in `dtype`, an fp32 copy when `dtype` is narrower, and
+    its fp32 log-softmax), the fp32 gradient of the hidden states (tokens×h) and of the head weight
+    (V×h, plus a `dtype` partial when narrower than fp32), kept from the forward for the backward."""
+    vocab, h, width = config.padded_vocab_size, config.n_embd, BYTES[dtype]
+    narrow = width < 4
+    rows = min(tokens, chunk_rows(tokens, config.vocab_size))
+    chunk = rows * vocab * (width + (4 if narrow else 0) + 4)
+    return chunk + 4 * tokens * h + 4 * vocab * h + (width * vocab * h if narrow else 0)
+
+
 def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, dtype: str,
                      flash_attention: bool = True) -> int:
     """Activations kept for the backward pass (Korthikanti et al. 2022, generalised to any d_ff).
 
     Per layer, in elements of `dtype`: attention 5.5·s·b·h (+2.5·a·s²·b score terms without flash attention),
-    the two LayerNorm inputs 2·s·b·h, the MLP 1.5·s·b·h + 2·s·b·f; plus the logits (fp32 copy and gradient).
-    With d_ff = 4h this is the paper's 34·s·b·h bytes at 16 bits.
+    the two LayerNorm inputs 2·s·b·h, the MLP 1.5·s·b·h + 2·s·b·f; plus the output head as training runs it
+    (`output_head_bytes`). With d_ff = 4h this is the paper's 34·s·b·h bytes at 16 bits.
     """
     s, b, h, f, a = seq_len, micro_batch, config.n_embd, config.ffn_dim, config.n_head
     width = BYTES[dtype]
     per_layer = width * (5.5 * s * b * h + 2 * s * b * h + 1.5 * s * b * h + 2 * s * b * f)
     if not flash_attention:
         per_layer += width * 2.5 * a * s * s * b
-    logits = s * b * config.padded_vocab_size * (width + 4 + 4)
+    logits = output_head_bytes(config, s * b, dtype)
     embeddings = 2 * width * s * b * h
     return int(config.n_layer * per_layer + logits + embeddings)
 

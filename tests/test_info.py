@@ -110,3 +110,18 @@ def test_info_shows_per_gpu_memory_for_a_world_size():
         assert fsdp < ddp
     cli = _cli("info", "--preset", "gpt3-xl", "--world-size", "8", "--batch-size", "4")
     assert cli.returncode == 0 and "per GPU, 8 GPUs" in cli.stdout
+
+
+def test_output_head_memory_by_hand_and_bounded_in_the_batch():
+    from gptforge.fused_loss import CHUNK_BYTES
+    from gptforge.info import output_head_bytes
+    config = ModelConfig(vocab_size=100, block_size=16, n_layer=1, n_head=1, n_embd=8)  # padded to 128
+    # 10 tokens fit one chunk: bf16 logits + fp32 copy + fp32 log-softmax, per token and padded vocab entry;
+    # then fp32 grad_h (10x8), fp32 grad_W (128x8) and its bf16 partial
+    assert output_head_bytes(config, 10, "bf16") == 10 * 128 * (2 + 4 + 4) + 4 * 10 * 8 + 4 * 128 * 8 + 2 * 128 * 8
+    assert output_head_bytes(config, 10, "fp32") == 10 * 128 * (4 + 4) + 4 * 10 * 8 + 4 * 128 * 8
+    gpt2 = get_preset("gpt2")
+    small, large = output_head_bytes(gpt2, 4 * 256, "bf16"), output_head_bytes(gpt2, 64 * 1024, "bf16")
+    # 64x the tokens: the chunk buffers stay within one chunk's budget (x2.5 buffers); only grad_h grows
+    assert small - 4 * 4 * 256 * 768 <= 2.5 * CHUNK_BYTES + 6 * gpt2.padded_vocab_size * 768
+    assert large - 4 * 64 * 1024 * 768 <= 2.5 * CHUNK_BYTES + 6 * gpt2.padded_vocab_size * 768
