@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gptforge.config import get_preset  # noqa: E402
-from gptforge.generate import SamplingConfig, generate_ids  # noqa: E402
+from gptforge.generation import SamplingConfig, generate_ids  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

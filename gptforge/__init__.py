@@ -15,13 +15,11 @@ from .config import PRESETS, ModelConfig, RunConfig, TrainConfig, get_preset  # 
 from .errors import UserError  # noqa: E402
 from .model import GPT  # noqa: E402
 
-# `generate` and `train` are also submodule names, and importing a submodule (anywhere, any time) sets the
-# package attribute to the module. Importing both now, then binding the names, keeps the functions here;
-# later imports of the submodules find them in sys.modules and leave these names alone.
-from . import generate as _generate_module  # noqa: E402
+# `train` is also a submodule name, and importing a submodule (anywhere, any time) sets the package
+# attribute to the module. Importing it now, then binding the name, keeps the function here; later imports
+# of the submodule find it in sys.modules and leave this name alone. (`generate` lives in gptforge.generation.)
 from .train import trainer as _trainer_module  # noqa: E402
 
-generate = _generate_module.generate
 train = _trainer_module.train
 
 _LAZY = {
@@ -30,14 +28,15 @@ _LAZY = {
     "load_tokenizer": "gptforge.tokenizer",
     "prepare": "gptforge.data.prepare",
     "SequenceLoader": "gptforge.data.loader",
-    "SamplingConfig": "gptforge.generate",
-    "generate_text": "gptforge.generate",
+    "generate": "gptforge.generation",
+    "SamplingConfig": "gptforge.generation",
+    "generate_text": "gptforge.generation",
     "run_tasks": "gptforge.evals.runner",
     "export_hf": "gptforge.interop.hf",
     "export_gguf": "gptforge.interop.gguf",
 }
 
-__all__ = ["GPT", "ModelConfig", "PRESETS", "RunConfig", "TrainConfig", "UserError", "generate", "get_preset",
+__all__ = ["GPT", "ModelConfig", "PRESETS", "RunConfig", "TrainConfig", "UserError", "get_preset",
            "train", "__version__", *_LAZY]
 
 

@@ -10,7 +10,7 @@ import torch
 
 from gptforge.config import ModelConfig
 from gptforge.errors import UserError
-from gptforge.generate import SamplingConfig, generate, generate_ids, generate_text
+from gptforge.generation import SamplingConfig, generate, generate_ids, generate_text
 from gptforge.model import GPT
 
 GREEDY = SamplingConfig(temperature=0.0, stop_at_eot=False)

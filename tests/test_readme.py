@@ -25,7 +25,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_the_python_api_exports_every_command():
     import gptforge
-    import gptforge.generate  # noqa: F401  importing same-named submodules must not replace the functions
+    import gptforge.generation  # noqa: F401  importing submodules must not replace the functions
     import gptforge.train.trainer  # noqa: F401
     from gptforge.generation.api import generate as generate_function
     from gptforge.train.trainer import train as train_function

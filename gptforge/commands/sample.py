@@ -63,7 +63,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device, resolve_dtype
-    from ..generate import SamplingConfig
+    from ..generation import SamplingConfig
     from ..loading import load_model
 
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sample(model, tokenizer, prompt: str, config, args: argparse.Namespace, seeds: list[int | None]) -> None:
-    from ..generate import generate
+    from ..generation import generate
 
     n = args.num_samples
     results = []

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..generation.api import generate_text
-from ..generation.sampling import SamplingConfig
+from ..generation import SamplingConfig, generate_text
 
 SAMPLES_FILE = "samples.txt"
 _HEADER = re.compile(r"^=== step (\d+) ", re.MULTILINE)
