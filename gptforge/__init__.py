@@ -1,7 +1,12 @@
 """gptforge: from a folder of text to a trained GPT-2/GPT-3-family model you can sample, evaluate and export.
 
-Every CLI command is a function here; the heavier ones are imported on first use, so `import gptforge`
-stays quick and `gptforge info` never loads the trainer.
+Every CLI command is a function here (`from gptforge import GPT, load_model, prepare, train, generate, ...`).
+Nothing is imported until it is first used (PEP 562 module `__getattr__`), so `import gptforge` — and with
+it `gptforge --help` and argument parsing — never imports torch.
+
+Names: functions are verbs, modules are nouns. `gptforge.generate` is the function (the module is
+`gptforge.generation`). `gptforge.train` is the training subpackage, and calling it runs training
+(`gptforge.train(config)` is `gptforge.train.trainer.train(config)`): one object, whatever was imported first.
 """
 
 from __future__ import annotations
@@ -11,18 +16,15 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .config import PRESETS, ModelConfig, RunConfig, TrainConfig, get_preset  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .model import GPT  # noqa: E402
-
-# `train` is also a submodule name, and importing a submodule (anywhere, any time) sets the package
-# attribute to the module. Importing it now, then binding the name, keeps the function here; later imports
-# of the submodule find it in sys.modules and leave this name alone. (`generate` lives in gptforge.generation.)
-from .train import trainer as _trainer_module  # noqa: E402
-
-train = _trainer_module.train
-
+# public name -> module that defines it; imported on first access, then cached in this module's globals
 _LAZY = {
+    "GPT": "gptforge.model",
+    "ModelConfig": "gptforge.config",
+    "RunConfig": "gptforge.config",
+    "TrainConfig": "gptforge.config",
+    "PRESETS": "gptforge.config",
+    "get_preset": "gptforge.config",
+    "UserError": "gptforge.errors",
     "load_model": "gptforge.loading",
     "get_tokenizer": "gptforge.tokenizer",
     "load_tokenizer": "gptforge.tokenizer",
@@ -36,13 +38,18 @@ _LAZY = {
     "export_gguf": "gptforge.interop.gguf",
 }
 
-__all__ = ["GPT", "ModelConfig", "PRESETS", "RunConfig", "TrainConfig", "UserError", "get_preset",
-           "train", "__version__", *_LAZY]
+__all__ = ["__version__", "train", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "train":  # the subpackage, callable (see gptforge/train/__init__.py); importing it binds the name
+        return importlib.import_module("gptforge.train")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'gptforge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

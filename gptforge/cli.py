@@ -38,24 +38,31 @@ def describe_os_error(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USER_ERROR
+    """Run one command; user errors become one stderr line naming the file or option, and exit code 2.
+
+    Everything, start-up included (building the parser, importing the command's modules), is inside the
+    handler, so a Ctrl-C at any moment is one line and exit 130 rather than a KeyboardInterrupt traceback.
+    """
+    prefix = "gptforge"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return EXIT_USER_ERROR
+        prefix = f"gptforge {args.command}"
         return args.func(args) or 0
     except UserError as e:
-        print(f"gptforge {args.command}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print(f"gptforge {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `gptforge ... | head`: the reader left; not an error (an OSError: keep it first)
         sys.stderr.close()
         return 0
     except OSError as e:  # a path we cannot read or write: permissions, a file where a folder should be, full disk
-        print(f"gptforge {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"{prefix}: error: {describe_os_error(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

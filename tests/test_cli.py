@@ -119,3 +119,34 @@ def test_info_config_with_non_string_preset_is_one_line(tmp_path, capsys):
     assert main(["info", "--config", str(config)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(config) in lines[0] and "preset must be a string" in lines[0], lines
+
+
+def test_help_and_argument_parsing_import_no_torch():
+    """`gptforge --help` must not pay torch's import (seconds): the package root and every command module
+    import their heavy dependencies only when a command runs."""
+    code = ("import sys\n"
+            "import gptforge\n"
+            "from gptforge.cli import build_parser\n"
+            "parser = build_parser()\n"
+            "for argv in (['sample', '--model', 'gpt2', 'hi'], ['eval', '--model', 'm', '--task', 'val'],\n"
+            "             ['train', '--preset', 'gpt2'], ['info'], ['prepare', 'x', '--out', 'y']):\n"
+            "    parser.parse_args(argv)\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'transformers', 'tiktoken') if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "gptforge", "--help"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0 and "sample" in proc.stdout and "train" in proc.stdout
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    from gptforge import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["info"]) == cli.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.strip().splitlines() == ["gptforge: interrupted"]

@@ -1,6 +1,7 @@
 """The README's set-up commands are the product's front door: CI must run exactly the documented one."""
 
 import re
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +29,22 @@ def test_the_python_api_exports_every_command():
     import gptforge.generation  # noqa: F401  importing submodules must not replace the functions
     import gptforge.train.trainer  # noqa: F401
     from gptforge.generation.api import generate as generate_function
-    from gptforge.train.trainer import train as train_function
     for name in gptforge.__all__:
         assert getattr(gptforge, name) is not None, name
     assert gptforge.generate is generate_function
-    assert gptforge.train is train_function
+
+
+def test_train_is_the_subpackage_and_calling_it_trains(monkeypatch):
+    """One object whatever the import order: the subpackage (so `gptforge.train.trainer` resolves) that,
+    called, forwards to `gptforge.train.trainer.train` with its arguments and returns its result."""
+    import gptforge
+    import gptforge.train
+    import gptforge.train.trainer as trainer
+    from gptforge import train
+
+    calls = []
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append((a, k)) or "result")
+    assert train is gptforge.train and isinstance(train, types.ModuleType)
+    assert train("config", resume="auto") == "result"
+    assert calls == [(("config",), {"resume": "auto"})]
+    assert gptforge.train.Trainer is trainer.Trainer

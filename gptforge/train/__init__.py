@@ -7,6 +7,8 @@ only when used.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any
 
 from .checkpoint import latest_valid_checkpoint
@@ -22,3 +24,16 @@ def __getattr__(name: str) -> Any:
         from .demo import run_demo
         return run_demo
     raise AttributeError(name)
+
+
+class _TrainPackage(types.ModuleType):
+    """`gptforge.train` is this subpackage and, called, the training function, so `from gptforge import train;
+    train(config)` and `gptforge.train.trainer` both work whatever was imported first (a submodule import
+    rebinds the parent's attribute to the module, which would otherwise shadow a function of the same name)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .trainer import train
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _TrainPackage
