@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_TEXT = REPO / "tests" / "data" / "shakespeare.txt"  # its paragraphs are shuffled into documents
 DOC_BYTES = 50_000
 
 

@@ -1,25 +1,56 @@
-"""Shared test fixtures: tiny configs and the offline GPT-2 ranks file.
+"""Shared test fixtures: tiny configs, a small text fixture, and GPT-2's ranks found the way users find them.
 
-Tests never touch the network. The GPT-2 BPE ranks come from ../shared/data when it is there (as on our
-machines and in CI); the project itself never relies on that path.
+The suite is self-contained: it reads nothing outside the repository. Text comes from `tests/data/`
+(see its README); GPT-2's BPE ranks are looked up as the product looks them up (`$GPTFORGE_GPT2_RANKS`,
+then the cache `$GPTFORGE_CACHE` or `~/.cache/gptforge`), and when absent the `gpt2_ranks` fixture runs
+`gptforge tokenizer fetch-gpt2` once (through pip, into the cache), so the next session finds them.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GPT2_RANKS = SHARED_DATA / "gpt2.tiktoken"
-TINY_SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
-
-if GPT2_RANKS.is_file():
-    os.environ.setdefault("GPTFORGE_GPT2_RANKS", str(GPT2_RANKS))
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+#: ~40 KB: Shakespeare (public domain) plus a paragraph written for the tests with digits, tabs, accents,
+#: non-Latin scripts and emoji.
+TEXT_FIXTURE = TESTS / "data" / "shakespeare.txt"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def fixture_text(min_chars: int = 0) -> str:
+    """The text fixture, repeated whole until it is at least `min_chars` long."""
+    text = TEXT_FIXTURE.read_text(encoding="utf-8")
+    return text * max(1, -(-min_chars // len(text)))
+
+
+def _find_gpt2_ranks() -> Path | None:
+    """The ranks file the product would use offline, or None (never downloads)."""
+    from gptforge.errors import UserError
+    from gptforge.tokenizer.gpt2 import find_gpt2_ranks
+
+    try:
+        return find_gpt2_ranks(allow_download=False)
+    except UserError:
+        return None
+
+
+def _pin_gpt2_ranks(path: Path) -> None:
+    # Tests that point HOME or GPTFORGE_CACHE elsewhere (and their subprocesses) still find the same file.
+    from gptforge.tokenizer.gpt2 import ENV_RANKS
+    os.environ[ENV_RANKS] = str(path)
+
+
+_ranks = _find_gpt2_ranks()
+if _ranks is not None:
+    _pin_gpt2_ranks(_ranks)
 
 
 @pytest.fixture
@@ -28,8 +59,17 @@ def tiny_config():
     return ModelConfig(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=16)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gpt2_ranks() -> Path:
-    if not GPT2_RANKS.is_file():
-        pytest.skip(f"GPT-2 ranks file not found at {GPT2_RANKS}")
-    return GPT2_RANKS
+    """A verified gpt2.tiktoken: found where users keep it, else fetched once per machine through pip."""
+    path = _find_gpt2_ranks()
+    if path is None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-m", "gptforge", "tokenizer", "fetch-gpt2"], capture_output=True,
+                              text=True, env=env, timeout=900)
+        path = _find_gpt2_ranks()
+        if path is None:
+            reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            pytest.skip(f"GPT-2 ranks unavailable: `gptforge tokenizer fetch-gpt2` failed ({reason})")
+    _pin_gpt2_ranks(path)
+    return path

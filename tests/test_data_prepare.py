@@ -16,7 +16,7 @@ from gptforge.data.prepare import prepare, read_manifest, split_of
 from gptforge.data.shards import check_shard_ids, open_shard
 from gptforge.errors import UserError
 
-from conftest import TINY_SHAKESPEARE
+from conftest import fixture_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,8 @@ def gpt2(gpt2_ranks):
 
 
 def documents(n=40, seed=0):
-    """Small distinct documents of varied length, cut from Tiny Shakespeare."""
-    text = TINY_SHAKESPEARE.read_text(encoding="utf-8")
+    """Small distinct documents of varied length, cut from the text fixture."""
+    text = fixture_text()
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, len(text) - 3000, size=n)
     return [text[s:s + int(rng.integers(50, 3000))] for s in starts]
@@ -133,9 +133,11 @@ def test_split_is_deterministic_and_seeded(tmp_path, gpt2):
 
 
 def test_one_long_document_still_gets_a_val_split(tmp_path, gpt2):
-    manifest = prepare([str(TINY_SHAKESPEARE)], "gpt2", tmp_path / "out", val_fraction=0.1, workers=2)
+    text = fixture_text(1_100_000)  # one file the size of Tiny Shakespeare
+    (tmp_path / "one.txt").write_text(text, encoding="utf-8")
+    manifest = prepare([str(tmp_path / "one.txt")], "gpt2", tmp_path / "out", val_fraction=0.1, workers=2)
     train, val = manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]
-    assert train + val == len(gpt2.encode(TINY_SHAKESPEARE.read_text(encoding="utf-8"))) + 1
+    assert train + val == len(gpt2.encode(text)) + 1
     assert 0.03 < val / (train + val) < 0.25
     assert manifest["counts"]["documents"] == 1
 

@@ -11,7 +11,7 @@ from gptforge.data.sources import (PIECE_CHARS, DocumentReader, cut_pieces, iter
                                    resolve_sources)
 from gptforge.errors import UserError
 
-from conftest import TINY_SHAKESPEARE
+from conftest import fixture_text
 
 
 def write_jsonl(path, records):
@@ -181,8 +181,8 @@ def test_cuts_keep_gpt2_tokens_exact(gpt2_ranks):
     from gptforge.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer("gpt2")
-    text = TINY_SHAKESPEARE.read_text(encoding="utf-8")[:300_000]
-    pieces, rest = cut_pieces(text, 3000)
+    text = fixture_text()
+    pieces, rest = cut_pieces(text, 400)
     pieces.append(rest)
     assert len(pieces) > 90 and "".join(pieces) == text
     assert [t for p in pieces for t in tokenizer.encode(p)] == tokenizer.encode(text)
