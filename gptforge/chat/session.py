@@ -1,0 +1,282 @@
+"""A conversation with a chat model: the state `gptforge chat` (and later the HTTP server) drive.
+
+    session = ChatSession(model, tokenizer, SamplingConfig(temperature=0.7), system="Be brief.", seed=0)
+    for piece in session.send("What does json.dumps do?"):
+        print(piece, end="", flush=True)
+    session.undo(); session.reset(); session.save("talk.jsonl")
+
+Each turn re-renders the *whole* conversation with the model's own template (ChatML), so the model sees
+every earlier exchange exactly as it was trained on them (a chat that forgets earlier turns is a common
+bug elsewhere). Messages are encoded one by one: the markers `<|im_start|>`/`<|im_end|>` become their
+special ids only where the template puts them, never from text a user typed, and because the markers split
+the text anyway the ids are the same as encoding the rendered string with the markers allowed (what
+`apply_chat_template` does for a model we export).
+
+A reply ends at `<|im_end|>` (end of turn) or `<|endoftext|>`; neither is printed. Pieces are released
+through an incremental UTF-8 decoder, so a byte-level token that ends inside a character never shows up
+as a broken character. A reply stopped early (Ctrl-C in the CLI: the consumer closes the iterator, or
+the exception passes through it) keeps what was shown, so the conversation stays well formed.
+
+Past the context: the positions are learned and absolute, and sliding a window over a rendered chat would
+cut a turn (or the system message) in half. Instead, before each turn, the oldest exchanges are dropped
+from what the model sees (the system message is always kept; the full conversation stays in `messages`)
+until the prompt leaves room for the reply, and `notify` is told once per conversation.
+
+Seeds: with `seed` set, turn n of a conversation samples from a seed derived from (seed, n), so the same
+inputs replay the same conversation; `/reset` starts the count again. An undone turn that is asked
+again draws a fresh sample (its turn number has moved on).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UserError
+from .template import CHAT_TEMPLATE, IM_END, IM_START, check_messages, generation_prompt
+
+if TYPE_CHECKING:
+    from ..generation import SamplingConfig
+    from ..model import GPT
+    from ..tokenizer import Tokenizer
+
+
+def chat_template(tokenizer: "Tokenizer") -> str | None:
+    """The Jinja chat template of the model whose tokenizer this is, or None for a base model.
+
+    A tokenizer that carries a template (`tokenizer.chat_template`) gives it; otherwise one that has both
+    ChatML markers as special tokens is a ChatML chat model.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        return template
+    specials = tokenizer.special_tokens
+    return CHAT_TEMPLATE if IM_START in specials and IM_END in specials else None
+
+
+def require_chat_model(tokenizer: "Tokenizer | None", what: str) -> str:
+    """The tokenizer's chat template, or a UserError telling how to get a chat model."""
+    template = chat_template(tokenizer) if tokenizer is not None else None
+    if template is None:
+        raise UserError(f"{what} is a base model without a chat template (no {IM_START}/{IM_END} tokens); "
+                        "fine-tune it into a chat model first with `gptforge sft --model RUN`")
+    if template != CHAT_TEMPLATE:
+        raise UserError(f"{what} has a chat template other than gptforge's ChatML one; gptforge renders ChatML only")
+    return template
+
+
+def encode_message(tokenizer: "Tokenizer", role: str, content: str) -> list[int]:
+    """Ids of one rendered message `<|im_start|>role\\ncontent<|im_end|>\\n`, markers as special ids only."""
+    specials = tokenizer.special_tokens
+    return ([specials[IM_START]] + tokenizer.encode(f"{role}\n{content}") + [specials[IM_END]]
+            + tokenizer.encode("\n"))
+
+
+def encode_chat(tokenizer: "Tokenizer", messages: list[Mapping[str, Any]],
+                add_generation_prompt: bool = False) -> list[int]:
+    """Ids of the rendered conversation (what `render_chat` writes, with the markers as special ids)."""
+    ids = [t for m in check_messages(messages) for t in encode_message(tokenizer, m["role"], m["content"])]
+    if add_generation_prompt:
+        ids += _generation_ids(tokenizer)
+    return ids
+
+
+def _generation_ids(tokenizer: "Tokenizer") -> list[int]:
+    prompt = generation_prompt()
+    assert prompt.startswith(IM_START)
+    return [tokenizer.special_tokens[IM_START]] + tokenizer.encode(prompt[len(IM_START):])
+
+
+@dataclass
+class ReplyStats:
+    """How the last reply went: sizes, finish reason ("stop", "length", "interrupted") and timing."""
+
+    prompt_tokens: int = 0
+    reply_tokens: int = 0
+    finish_reason: str | None = None
+    first_token_s: float | None = None  # from the call to the first token (prefill included)
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed after the first token (the prefill is in first_token_s)."""
+        if self.first_token_s is None or self.reply_tokens < 2 or self.total_s <= self.first_token_s:
+            return None
+        return (self.reply_tokens - 1) / (self.total_s - self.first_token_s)
+
+
+class ChatSession:
+    """A multi-turn conversation with a chat model; see the module docstring."""
+
+    def __init__(self, model: "GPT", tokenizer: "Tokenizer", config: "SamplingConfig | None" = None, *,
+                 system: str | None = None, seed: int | None = None,
+                 notify: Callable[[str], None] | None = None) -> None:
+        from ..generation import SamplingConfig
+
+        require_chat_model(tokenizer, "the model")
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                            f"{model.config.vocab_size}; use the tokenizer the model was trained with")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config if config is not None else SamplingConfig()
+        self.seed = seed
+        self.notify = notify
+        self.im_end_id = tokenizer.special_tokens[IM_END]
+        self.system: str | None = None
+        self._turns: list[dict[str, str]] = []  # user/assistant messages, alternating, user first
+        self._first = 0  # index into _turns of the first exchange the model still sees
+        self._sent = 0  # turns asked in this conversation (the seed's counter)
+        self._told = False
+        self.last = ReplyStats()
+        self.set_system(system)
+
+    # ---- the conversation -----------------------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The whole conversation (dropped exchanges included), system message first if there is one."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [dict(m) for m in self._turns]
+
+    @property
+    def visible_messages(self) -> list[dict[str, str]]:
+        """What the model sees next turn: the system message and the exchanges not yet dropped."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [dict(m) for m in self._turns[self._first:]]
+
+    def set_system(self, text: str | None) -> None:
+        """Set (or with None/"" remove) the system message; it applies from the next reply on."""
+        if text is not None and not isinstance(text, str):
+            raise UserError(f"the system message must be text, got {type(text).__name__}")
+        self.system = text or None
+
+    def reset(self) -> None:
+        """Start a new conversation (the system message stays)."""
+        self._turns.clear()
+        self._first = 0
+        self._sent = 0
+        self._told = False
+
+    def undo(self) -> bool:
+        """Drop the last exchange (the last user message and its reply); False if there was none."""
+        if not self._turns:
+            return False
+        del self._turns[-2:]
+        self._first = min(self._first, len(self._turns))
+        return True
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation as one `{"messages": [...]}` JSON line, the format `prepare --chat` reads."""
+        from ..atomic import write_text
+
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path} is a directory; give a file name such as chat.jsonl")
+        write_text(path, json.dumps({"messages": self.messages}, ensure_ascii=False) + "\n")
+        return path
+
+    # ---- replies ----------------------------------------------------------------------------------------
+
+    def prompt_ids(self, user_text: str | None = None) -> list[int]:
+        """The ids the model would be given for the next reply (after `user_text`, if given), without
+        dropping anything; `send` fits them to the context first."""
+        turns = self._turns[self._first:] + ([{"role": "user", "content": user_text}] if user_text is not None else [])
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return encode_chat(self.tokenizer, head + turns, add_generation_prompt=True)
+
+    def send(self, text: str) -> Iterator[str]:
+        """Stream the reply to the user's `text` as printable pieces.
+
+        The exchange joins the conversation when the iterator ends, is closed or is interrupted (then with
+        the part of the reply that was shown); an iterator never started adds nothing. A message too long
+        for the context raises UserError here, before anything changes.
+        """
+        if not isinstance(text, str):
+            raise UserError(f"a message must be text, got {type(text).__name__}")
+        prompt, budget = self._fit(text)
+        return self._stream(text, prompt, budget)
+
+    def ask(self, text: str) -> str:
+        """`send` collected into the whole reply."""
+        return "".join(self.send(text))
+
+    def _fit(self, text: str) -> tuple[list[int], int]:
+        """Prompt ids for the next reply and its token budget, dropping the oldest exchanges as needed.
+
+        Room kept for the reply: max_new_tokens, but at most half the context, so a long max_new_tokens does
+        not make a short context drop everything; the reply may then use all the context that is left.
+        """
+        block = self.model.config.block_size
+        room = min(self.config.max_new_tokens, max(1, block // 2))
+        head = encode_chat(self.tokenizer, [{"role": "system", "content": self.system}]) if self.system else []
+        turns = self._turns + [{"role": "user", "content": text}]
+        parts = [encode_message(self.tokenizer, m["role"], m["content"]) for m in turns]
+        tail = _generation_ids(self.tokenizer)
+        first = self._first
+        while True:
+            size = len(head) + sum(len(p) for p in parts[first:]) + len(tail)
+            if size + room <= block or first >= len(parts) - 1:
+                break
+            first += 2  # one exchange: a user message and its reply
+        if size + room > block:
+            what = "with the system message " if self.system else ""
+            raise UserError(f"the message is too long: {what}it takes {size} tokens, and the model's context of "
+                            f"{block} tokens must keep {room} for the reply; shorten it"
+                            + (" or the system message (/system)" if self.system else ""))
+        if first > self._first:
+            self._first = first
+            if not self._told:
+                self._told = True
+                if self.notify is not None:
+                    self.notify(f"the conversation outgrew the model's context of {block} tokens: the oldest "
+                                "exchanges are left out from now on (the system message is kept; /save still "
+                                "saves everything)")
+        prompt = head + [t for p in parts[first:] for t in p] + tail
+        return prompt, min(self.config.max_new_tokens, block - len(prompt))
+
+    def _stream(self, text: str, prompt: list[int], budget: int) -> Iterator[str]:
+        from ..generation import TokenGenerator
+        from ..generation.sampling import row_seed
+        from ..generation.text import TextStream
+
+        config = self.config.replace(max_new_tokens=budget, stop_at_eot=True)
+        seed = None if self.seed is None else row_seed(self.seed, self._sent)
+        self._sent += 1
+        stats = self.last = ReplyStats(prompt_tokens=len(prompt))
+        # The engine stops at its one end id (here end-of-turn); end-of-text is stopped below.
+        engine = TokenGenerator(self.model, [prompt], [config], [seed], eot_id=self.im_end_id)
+        stream = TextStream(self.tokenizer.decode_bytes, config.stop)
+        shown = ""
+        start = time.perf_counter()
+        try:
+            for events in engine:
+                for e in events:
+                    if stats.first_token_s is None:
+                        stats.first_token_s = time.perf_counter() - start
+                    reason = e.finish_reason
+                    if e.token in (self.im_end_id, self.tokenizer.eot_id):
+                        reason = "stop"
+                        engine.finish(e.index)
+                        piece = ""
+                    else:
+                        stats.reply_tokens += 1
+                        piece = stream.push(e.token)
+                        if stream.stopped:
+                            reason = "stop"
+                            engine.finish(e.index)
+                    if reason:
+                        piece += stream.close()
+                        stats.finish_reason = reason
+                    if piece:
+                        shown += piece
+                        yield piece
+        finally:
+            stats.total_s = time.perf_counter() - start
+            if stats.finish_reason is None:
+                stats.finish_reason = "interrupted"
+            self._turns += [{"role": "user", "content": text}, {"role": "assistant", "content": shown}]
