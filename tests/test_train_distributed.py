@@ -48,7 +48,7 @@ TIMEOUT = 240
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPTFORGE_TEST_CHECKPOINT_SLEEP"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
 
@@ -243,7 +243,7 @@ WORKER = textwrap.dedent('''
     import torch
     from safetensors.torch import save_file
     from gptforge.train import distributed as D
-    from gptforge.train.run_config import resolve_run_config
+    from gptforge.resolve import resolve_run_config
     from gptforge.train.trainer import Trainer
 
     data, out, report = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -14,7 +14,7 @@ from gptforge.cli import main
 from gptforge.config import RunConfig, apply_overrides
 from gptforge.errors import UserError
 from gptforge.train import checkpoint as ckpt
-from gptforge.train.demo import run_demo, tiny_demo_config
+from gptforge.train.demo import demo_config, run_demo
 from gptforge.train.metrics import read_metrics
 from gptforge.train.trainer import Trainer, train
 
@@ -36,10 +36,14 @@ def code_data(tmp_path_factory) -> Path:
 
 
 def _tiny(data: Path, out: Path, steps: int = 40, **train) -> RunConfig:
-    config = tiny_demo_config(str(data), str(out), max_steps=steps)
-    overrides = {f"train.{k}": v for k, v in train.items()}
-    from gptforge.train.run_config import fit_vocab_to_data
-    return fit_vocab_to_data(apply_overrides(config, overrides), explicit_vocab=False)
+    """The demo's recipe (same LR and schedule family) shrunk to a model that trains in seconds."""
+    from gptforge.resolve import fit_vocab_to_data
+    config = apply_overrides(demo_config(str(data), str(out)), {
+        "model.block_size": 64, "model.n_layer": 2, "model.n_embd": 64, "model.n_head": 2,
+        "train.max_steps": steps, "train.max_time": 0.0, "train.micro_batch_size": 8, "train.warmup_steps": 5,
+        "train.eval_every": max(1, steps // 2), "train.sample_every": steps, "train.checkpoint_every": steps,
+        "train.sample_tokens": 16, "train.log_every": 10, **{f"train.{k}": v for k, v in train.items()}})
+    return fit_vocab_to_data(config, explicit_vocab=False)
 
 
 def test_demo_recipe_val_loss_falls(code_data, tmp_path):

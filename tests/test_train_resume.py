@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptforge.train.checkpoint import SLEEP_HOOK_ENV, latest_valid_checkpoint, list_checkpoints
+from gptforge.layout import latest_valid_checkpoint, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 24
@@ -37,18 +37,32 @@ def data_dir(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def _cmd(data_dir: Path, out: Path, resume: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "gptforge", "train", "--data", str(data_dir), "--out", str(out)]
+# `python -c SLOW_SAVE STEP ARGS...`: gptforge's CLI with the checkpoint writer of step STEP made slow after the
+# weights are written (a monkeypatch inside the child), so the test can kill it half-way through a save.
+SLOW_SAVE = """
+import importlib, sys, time
+ckpt = importlib.import_module("gptforge.train.checkpoint")
+from gptforge.cli import main
+step, real = sys.argv[1], ckpt.save_weights
+def slow(model, path, *args, **kwargs):
+    real(model, path, *args, **kwargs)
+    if f"step_{step}" in str(path):
+        time.sleep(60)
+ckpt.save_weights = slow
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _cmd(data_dir: Path, out: Path, resume: bool = False, slow_save_step: int | None = None) -> list[str]:
+    launcher = ["-m", "gptforge"] if slow_save_step is None else ["-c", SLOW_SAVE, str(slow_save_step)]
+    cmd = [sys.executable, *launcher, "train", "--data", str(data_dir), "--out", str(out)]
     for s in SETTINGS:
         cmd += ["--set", s]
     return cmd + (["--resume", "auto"] if resume else [])
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
-    env.pop(SLEEP_HOOK_ENV, None)
-    env.update(extra)
-    return env
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +132,7 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_identical(data_dir, refer
 
 def test_kill_during_checkpoint_write_resumes_from_previous(data_dir, reference_run, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(data_dir, out), env=_env(**{SLEEP_HOOK_ENV: "9:60"}),
+    proc = subprocess.Popen(_cmd(data_dir, out, slow_save_step=9), env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = lambda: any(p.name.startswith(".tmp-step_9") for p in (out / "checkpoints").glob(".tmp-*")
                           if (p / "model.safetensors").exists())

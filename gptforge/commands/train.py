@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
-    from ..train.run_config import resolve_run_config
+    from ..resolve import resolve_run_config
 
     if args.resume and args.fresh:
         raise UserError("--resume and --fresh contradict each other; pass one of them")

@@ -1,8 +1,8 @@
-"""Training: the loop (`train`, `Trainer`), AdamW set-up, LR schedules, atomic checkpoints with exact resume,
+"""Training: the loop (`train`, `Trainer`) composed of small parts (run directory, checkpointer, validator,
+progress log, stop votes, batch sources), AdamW set-up, LR schedules, atomic checkpoints with exact resume,
 metrics and plots, and the offline demo.
 
-Light on import: `gptforge.loading` imports `checkpoint` from here, so the trainer (and matplotlib) load
-only when used.
+Light on import: the trainer (torch, matplotlib) loads only when one of its names is used.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import types
 from typing import Any
 
-from .checkpoint import latest_valid_checkpoint
+from ..layout import latest_valid_checkpoint
 
 __all__ = ["Trainer", "TrainResult", "latest_valid_checkpoint", "run_demo", "train"]
 

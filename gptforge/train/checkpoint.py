@@ -10,115 +10,25 @@ a file damaged or truncated afterwards (copying, a bad disk); such a checkpoint 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import atomic
 from ..errors import UserError
-from ..weights import WEIGHTS_FILE, read_weights, save_weights
+from ..layout import (CHECKPOINTS_DIR, CHECKSUMS_FILE, OPTIMIZER_FILE, REQUIRED_FILES, STATE_FILE, WEIGHTS_FILE,
+                      checkpoint_dir, latest_valid_checkpoint, list_checkpoints, sha256_file, verify_checkpoint)
+from ..weights import load_state_into, read_weights, save_weights
 
-CHECKPOINTS_DIR = "checkpoints"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
-CHECKSUMS_FILE = "checksums.json"
-REQUIRED_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE)
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-# Test hook: "SECONDS" or "STEP:SECONDS" to sleep half-way through writing a checkpoint (every one, or only
-# that step's), so a test can kill the process mid-save.
-SLEEP_HOOK_ENV = "GPTFORGE_TEST_CHECKPOINT_SLEEP"
-
-
-def _test_sleep(step: int) -> None:
-    hook = os.environ.get(SLEEP_HOOK_ENV, "")
-    if not hook:
-        return
-    when, _, seconds = hook.rpartition(":")
-    if not when or int(when) == step:
-        time.sleep(float(seconds))
-
-
-def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINTS_DIR / f"step_{step}"
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every finished checkpoint directory, oldest first (temporary ones are ignored)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and child.is_dir():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def required_files(path: Path) -> tuple[str, ...]:
-    """Files a complete checkpoint lists in its checksums: the single-file layout, or an FSDP run's sharded
-    one (gptforge/train/dist_checkpoint.py: a torch.distributed.checkpoint directory plus state.json)."""
-    from .dist_checkpoint import DCP_METADATA, SHARDED_DIR, is_sharded_checkpoint
-    if is_sharded_checkpoint(path):
-        return (STATE_FILE, f"{SHARDED_DIR}/{DCP_METADATA}")
-    return REQUIRED_FILES
-
-
-def verify_checkpoint(path: str | os.PathLike) -> str | None:
-    """None if the checkpoint at `path` is complete and every file matches its checksum, else why not."""
-    path = Path(path)
-    sums_file = path / CHECKSUMS_FILE
-    if not sums_file.is_file():
-        return f"{CHECKSUMS_FILE} is missing"
-    try:
-        sums = json.loads(sums_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return f"{CHECKSUMS_FILE} is not valid JSON"
-    for name in required_files(path):
-        if name not in sums:
-            return f"{name} is not listed in {CHECKSUMS_FILE}"
-    for name, expected in sums.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if sha256_file(file) != expected:
-            return f"{name} does not match its checksum (truncated or damaged)"
-    return None
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def latest_valid_checkpoint(run_dir: str | os.PathLike,
-                            report: Callable[[str], None] | None = _stderr) -> Path | None:
-    """The newest checkpoint of `run_dir` whose files all match their checksums; broken newer ones are
-    reported (one line each) and skipped. None when there is no valid checkpoint."""
-    for step, path in reversed(list_checkpoints(run_dir)):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        if report:
-            report(f"gptforge: checkpoint {path} is unusable ({problem}); skipping it for an earlier one")
-    return None
+# re-exported for callers that import them from here (the names are defined once, in gptforge.layout)
+__all__ = ["CHECKPOINTS_DIR", "checkpoint_dir", "latest_valid_checkpoint", "list_checkpoints", "load_checkpoint",
+           "model_config_differences", "read_state", "save_checkpoint", "verify_checkpoint"]
 
 
 # ---- optimizer state <-> safetensors ----------------------------------------------------------------
@@ -185,11 +95,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Modul
     final = checkpoint_dir(run_dir, step)
     with atomic.atomic_directory(final, overwrite=True) as tmp:
         save_weights(model, tmp / WEIGHTS_FILE)
-        _test_sleep(step)
         tensors, metadata = optimizer_tensors(optimizer)
         with atomic.atomic_file(tmp / OPTIMIZER_FILE) as f:
             save_file(tensors, str(f), metadata=metadata)
-        atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=_json_default))
+        atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=json_default))
         sums = {name: sha256_file(tmp / name) for name in REQUIRED_FILES}
         atomic.write_text(tmp / CHECKSUMS_FILE, json.dumps(sums, indent=1))
     prune_checkpoints(run_dir, keep)
@@ -211,7 +120,7 @@ def remove_partial_saves(run_dir: str | os.PathLike) -> None:
                 shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars, tensors
         return value.tolist()
     raise TypeError(f"cannot store {type(value).__name__} in {STATE_FILE}")
@@ -227,8 +136,6 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
 
     Refuses a checkpoint whose model shape differs from `model`'s, naming the differing fields.
     """
-    from ..weights import load_state_into
-
     path = Path(path)
     problem = verify_checkpoint(path)
     if problem:
@@ -243,7 +150,6 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
     if optimizer is not None:
         try:
             opt_tensors = load_file(str(path / OPTIMIZER_FILE), device=str(device))
-            from safetensors import safe_open
             with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as f:
                 metadata = f.metadata() or {}
         except (SafetensorError, OSError) as e:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from ..layout import MANIFEST_FILE, PLOT_FILE, RUN_CONFIG_FILE, SAMPLES_FILE, latest_valid_checkpoint, list_checkpoints
 from . import checkpoint as ckpt
 
 DEMO_DATA = "data/pystdlib"
@@ -88,10 +89,10 @@ def ensure_demo_data(data_dir: str | Path, log: Callable[[str], None], replace_o
 
     data_dir = Path(data_dir)
     replace = False
-    if (data_dir / "manifest.json").is_file() and not replace_other:
+    if (data_dir / MANIFEST_FILE).is_file() and not replace_other:
         log(f"using the prepared data in {data_dir}")
         return
-    if (data_dir / "manifest.json").is_file():
+    if (data_dir / MANIFEST_FILE).is_file():
         try:
             manifest = read_manifest(data_dir)
             ours = (manifest["tokenizer"].get("spec") == DEMO_TOKENIZER and manifest["sources"] == [DEMO_SOURCE])
@@ -111,16 +112,16 @@ def ensure_demo_data(data_dir: str | Path, log: Callable[[str], None], replace_o
 def _resume_mode(config: RunConfig, log: Callable[[str], None]) -> tuple[str | None, bool]:
     """(resume, fresh) for the demo's run directory: continue an unfinished run, restart a finished one."""
     run_dir = Path(config.train.out_dir)
-    latest = ckpt.latest_valid_checkpoint(run_dir, report=log)
+    latest = latest_valid_checkpoint(run_dir, report=log)
     if latest is None:
-        if ckpt.list_checkpoints(run_dir):
+        if list_checkpoints(run_dir):
             log(f"{run_dir} has no usable checkpoint: starting the demo fresh")
             return None, True
         return None, False
     state = ckpt.read_state(latest)
     step = state["step"]
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         saved = {}
     saved_train = saved.get("train", {})
@@ -139,8 +140,8 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
              config: RunConfig | None = None, calibrate: bool = True):
     """Prepare the corpus if needed, train the demo model, print its final samples; returns a TrainResult.
 
-    `calibrate=False` keeps `config`'s own max_steps (tests use a tiny config that way)."""
-    from .run_config import fit_vocab_to_data
+    `calibrate=False` keeps `config`'s own max_steps."""
+    from ..resolve import fit_vocab_to_data
     from .trainer import Trainer
 
     log = log or (lambda msg: print(msg, flush=True))
@@ -151,7 +152,7 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
     resume, fresh = _resume_mode(config, log)
     run_dir = Path(config.train.out_dir)
     if resume:
-        saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        saved = RunConfig.from_dict(json.loads((run_dir / RUN_CONFIG_FILE).read_text()))
         config = dataclasses.replace(config, train=saved.train)  # the step count it was started with
     elif calibrate:
         steps, per_step = calibrate_steps(config)
@@ -168,16 +169,7 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
             log(text.rstrip() + "\n----")
     log(f"done: {result.step} steps, {result.tokens:,} tokens; "
         + (f"val loss {result.val_loss:.3f}; " if result.val_loss is not None else "")
-        + f"curve in {run_dir / 'loss.png'}, samples in {run_dir / 'samples.txt'}; "
+        + f"curve in {run_dir / PLOT_FILE}, samples in {run_dir / SAMPLES_FILE}; "
         f"try: gptforge sample --model {run_dir} \"def \"")
     return result
 
-
-def tiny_demo_config(data_dir: str, out_dir: str, max_steps: int = 60) -> RunConfig:
-    """The demo's recipe shrunk for tests: same LR/schedule family, a model that trains in seconds."""
-    config = demo_config(data_dir, out_dir)
-    model = dataclasses.replace(config.model, block_size=64, n_layer=2, n_embd=64, n_head=2)
-    train = dataclasses.replace(config.train, max_steps=max_steps, max_time=0.0, micro_batch_size=8,
-                                warmup_steps=5, eval_every=max_steps // 2, sample_every=max_steps,
-                                checkpoint_every=max_steps, sample_tokens=16, log_every=10)
-    return dataclasses.replace(config, model=model, train=train)

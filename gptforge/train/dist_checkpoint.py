@@ -32,23 +32,20 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from .. import atomic
 from ..config import ModelConfig
 from ..errors import UserError
-from ..weights import TIED_KEYS, WEIGHTS_FILE, save_weights
+from ..layout import (CHECKSUMS_FILE, DCP_METADATA, MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDED_DIR, STATE_FILE,
+                      WEIGHTS_FILE, is_sharded_checkpoint, sha256_file, verify_checkpoint)
+from ..model import GPT
+from ..weights import TIED_KEYS, read_weights, save_weights
 from . import distributed as D
-from .checkpoint import sha256_file
+from .checkpoint import json_default, model_config_differences, read_state
 
-SHARDED_DIR = "sharded"
-MODEL_CONFIG_FILE = "model_config.json"
-STATE_FILE = "state.json"
-CHECKSUMS_FILE = "checksums.json"
-DCP_METADATA = ".metadata"
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / SHARDED_DIR / DCP_METADATA).is_file()
+__all__ = ["consolidate", "is_sharded_checkpoint", "load_full_into_sharded", "load_sharded", "save_sharded"]
 
 
 def _all_files(root: Path) -> list[str]:
@@ -83,7 +80,7 @@ def save_sharded(final: str | os.PathLike, model: nn.Module, optimizer: torch.op
     if _rank() == 0:
         try:
             atomic.write_text(tmp / MODEL_CONFIG_FILE, json.dumps(model_config.to_dict(), indent=1))
-            atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=_json_default))
+            atomic.write_text(tmp / STATE_FILE, json.dumps(state, indent=1, default=json_default))
             write_checksums(tmp)
             atomic.publish_directory(tmp, final, overwrite=True)
         except OSError as e:
@@ -129,13 +126,8 @@ def load_full_into_sharded(path: str | os.PathLike, model: nn.Module,
     `set_optimizer_state_dict` shards the same way. Every rank holds one full copy in host memory while
     loading: fine for models a single process could checkpoint in the first place.
     """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
-
-    from ..weights import read_weights
-    from .checkpoint import OPTIMIZER_FILE, model_config_differences, read_state, verify_checkpoint
 
     path = Path(path)
     problem = verify_checkpoint(path)
@@ -179,7 +171,6 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
 
 
 def _check_model_config(path: Path, current: ModelConfig) -> None:
-    from .checkpoint import model_config_differences
     differing = model_config_differences(read_model_config(path).to_dict(), current.to_dict())
     if differing:
         raise UserError(f"checkpoint {path} was trained with a different model shape ({differing}); resume "
@@ -195,7 +186,6 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     When writing inside the checkpoint, checksums.json is updated to cover the new file.
     """
     import torch.distributed.checkpoint as dcp
-    from ..model import GPT
 
     path = Path(path)
     if not is_sharded_checkpoint(path):
@@ -248,9 +238,3 @@ def _load_without_process_group(state_dict: dict[str, Any], reader: Any) -> None
 def _rank() -> int:
     import torch.distributed as dist
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot store {type(value).__name__} in {STATE_FILE}")

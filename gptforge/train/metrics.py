@@ -17,8 +17,7 @@ from typing import Any
 
 from .. import atomic
 from ..errors import UserError
-
-METRICS_FILE = "metrics.jsonl"
+from ..layout import METRICS_FILE
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 from .. import atomic
+from ..layout import METRICS_FILE, PLOT_FILE
 from .metrics import read_metrics
 
-PLOT_FILE = "loss.png"
 BENCHMARK_METRICS = ("acc", "acc_norm", "acc_micro", "bpb")  # scores on a comparable scale; not ppl
 
 
@@ -24,7 +24,7 @@ def plot_losses(run_dir: str | os.PathLike) -> Path | None:
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir / METRICS_FILE)
     train = [(r["tokens"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float)) and "tokens" in r]
     val = [(r["tokens"], r["val_loss"]) for r in rows
            if isinstance(r.get("val_loss"), (int, float)) and "tokens" in r]

@@ -15,8 +15,8 @@ import torch
 
 from .. import atomic
 from ..generation import SamplingConfig, generate_text
+from ..layout import SAMPLES_FILE
 
-SAMPLES_FILE = "samples.txt"
 _HEADER = re.compile(r"^=== step (\d+) ", re.MULTILINE)
 
 

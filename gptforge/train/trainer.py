@@ -32,16 +32,14 @@ from ..model import GPT
 from . import checkpoint as ckpt
 from . import distributed as D
 from ..info import flops_per_token
-from .metrics import METRICS_FILE, MetricsLogger, device_peak_flops, truncate_metrics
+from ..layout import METRICS_FILE, PLOT_FILE, RUN_CONFIG_FILE as CONFIG_FILE, SAMPLES_FILE, TOKENIZER_DIR, WEIGHTS_FILE
+from ..resolve import read_run_config
+from .metrics import MetricsLogger, device_peak_flops, truncate_metrics
 from .optim import build_optimizer
-from .plot import PLOT_FILE, plot_losses
+from .plot import plot_losses
 from .precision import autocast, resolve_device, resolve_precision
-from .samples import SAMPLES_FILE, append_samples, sample_texts, truncate_samples
-from .run_config import read_run_config
+from .samples import append_samples, sample_texts, truncate_samples
 from .schedule import accumulation_steps, lr_at, tokens_per_step_at
-
-CONFIG_FILE = "config.json"
-TOKENIZER_DIR = "tokenizer"
 
 # An evaluation hook: called at each eval step with the (eval-mode) model and the step; the numbers it
 # returns are added to that step's row in metrics.jsonl.
@@ -136,21 +134,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-
-
-def data_vocab_size(data_dir: str | os.PathLike) -> int:
-    """The vocabulary size of a prepared data directory (from its manifest, else its tokenizer)."""
-    from ..data.prepare import read_manifest
-
-    data_dir = Path(data_dir)
-    if not (data_dir / "manifest.json").is_file():
-        raise UserError(f"data directory {data_dir} has no manifest.json; prepare it first with "
-                        f"`gptforge prepare SOURCE --out {data_dir}` or pass --data DIR")
-    info = read_manifest(data_dir)  # a damaged manifest is a UserError naming it
-    if isinstance(info.get("tokenizer"), dict) and isinstance(info["tokenizer"].get("vocab_size"), int):
-        return info["tokenizer"]["vocab_size"]
-    from ..tokenizer import load_tokenizer
-    return load_tokenizer(data_dir / TOKENIZER_DIR).vocab_size
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -658,8 +641,8 @@ class Trainer:
         """Give the final sharded checkpoint a model.safetensors, so sample / eval / export read the run."""
         from .dist_checkpoint import consolidate
         path = self.last_checkpoint
-        D.on_main(lambda: None if (path / "model.safetensors").is_file() else consolidate(path))
-        self.log(f"consolidated the sharded checkpoint into {path / 'model.safetensors'}")
+        D.on_main(lambda: None if (path / WEIGHTS_FILE).is_file() else consolidate(path))
+        self.log(f"consolidated the sharded checkpoint into {path / WEIGHTS_FILE}")
 
     def _eval_and_log(self, logger: MetricsLogger | None) -> float | None:
         """Run by every rank (the validation set is split over ranks); rank 0 logs and plots."""
