@@ -26,17 +26,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..atomic import atomic_directory, write_text
 from ..errors import UserError
+from ..layout import MANIFEST_FILE, TOKENIZER_DIR
 from .shards import ShardWriter, dtype_for_vocab
 from .sources import DocumentReader, Piece, Source, SourceStats, resolve_sources
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
-MANIFEST_FILE = "manifest.json"
-TOKENIZER_DIR = "tokenizer"
 MANIFEST_FORMAT = "gptforge-prepared"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")

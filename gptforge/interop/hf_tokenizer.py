@@ -250,7 +250,24 @@ def _read_bpe(directory: Path) -> "Tokenizer | None":
     if type(hf.pre_tokenizer).__name__ != "ByteLevel" or EOT not in {
             t.content for t in hf.get_added_tokens_decoder().values() if t.special}:
         return None
+    _check_byte_vocab(path, hf.get_vocab(with_added_tokens=False))
     return BPETokenizer(hf)
+
+
+def _check_byte_vocab(path: Path, vocab: dict[str, int]) -> None:
+    """Refuse a byte-level BPE that lacks some of the 256 byte tokens: it cannot encode arbitrary text.
+
+    transformers 5 writes such a file (an empty `model.vocab`, only `<|endoftext|>` as an added token) for
+    `GPT2TokenizerFast(vocab_file=..., merges_file=...)`; taken as it is, it would be a tokenizer of size 1
+    that turns all text into nothing, so the user is told to name the real one instead.
+    """
+    missing = sum(1 for c in byte_encoder().values() if c not in vocab)
+    if not missing:
+        return
+    what = "is empty" if not vocab else f"lacks {missing} of the 256 byte tokens"
+    raise UserError(f"{path}: its BPE vocabulary {what}, so it cannot encode text (transformers 5 writes such a "
+                    "file for GPT2TokenizerFast(vocab_file=..., merges_file=...)); pass the model's tokenizer "
+                    "with --tokenizer (gpt2 or a tokenizer directory)")
 
 
 def _read_char(directory: Path) -> "Tokenizer | None":
