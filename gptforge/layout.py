@@ -6,7 +6,7 @@ live without importing each other.
 
     RUN/                         a training run (gptforge train / sft)
       config.json                the fully resolved run config (RUN_CONFIG_FILE)
-      tokenizer/                 the tokenizer (TOKENIZER_DIR)
+      tokenizer/                 the tokenizer (TOKENIZER_DIR); chat_template.jinja when it has chat markers
       checkpoints/step_N/        one checkpoint per saved step (CHECKPOINTS_DIR, checkpoint_dir)
         model.safetensors        weights (WEIGHTS_FILE)
         optimizer.safetensors    AdamW state (OPTIMIZER_FILE)
@@ -19,6 +19,7 @@ live without importing each other.
       manifest.json              counts, splits, tokenizer (MANIFEST_FILE)
       tokenizer/                 the tokenizer the shards were made with
       train_000000.bin, val_000000.bin, ...
+      train_mask_000000.bin, train_conversations.npy, ...   chat data: loss masks, conversation lengths
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ PLOT_FILE = "loss.png"
 SAMPLES_FILE = "samples.txt"
 LOCK_FILE = ".lock"
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # inside TOKENIZER_DIR, when the tokenizer has chat markers
+
 # ---- checkpoint directory --------------------------------------------------------------------------------
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -52,6 +55,17 @@ _STEP_DIR = re.compile(rf"^{STEP_DIR_PREFIX}(\d+)$")
 
 # ---- prepared data directory -----------------------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
+# chat data (gptforge prepare --chat): beside each split's token shards, loss-mask shards of the same sizes
+# and the token count of every conversation, in order
+CHAT_DATA_KIND = "chat"
+
+
+def chat_mask_prefix(split: str) -> str:
+    return f"{split}_mask"
+
+
+def chat_index_file(split: str) -> str:
+    return f"{split}_conversations.npy"
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:

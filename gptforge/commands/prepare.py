@@ -27,10 +27,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="tokens per shard file at most (default 100,000,000)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out once the new data is complete")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    chat = parser.add_argument_group("chat data (for gptforge sft)")
+    chat.add_argument("--chat", action="store_true",
+                      help="SOURCE holds conversations (messages, ShareGPT, Alpaca or prompt/completion records): "
+                      "store them in ChatML with a loss mask on the assistant's turns; --tokenizer names the base "
+                      "run (runs/NAME), its tokenizer directory or gpt2")
+    chat.add_argument("--chat-format", default=None, metavar="FORMAT",
+                      help="messages, sharegpt, alpaca or prompt_completion (default: detected per source)")
+    chat.add_argument("--context", type=int, default=None, metavar="N",
+                      help="row length to report packing for (default: the base run's, else 1024)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chat or args.chat_format or args.context:
+        return _run_chat(args)
     from ..data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare, summary
 
     manifest = prepare(
@@ -39,4 +50,22 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, seed=args.seed,
         shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, force=args.force, progress=not args.quiet)
     print(summary(manifest, args.out))
+    return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from ..data.chat_prepare import chat_summary, prepare_chat
+    from ..data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION
+    from ..errors import UserError
+
+    if not args.chat:
+        raise UserError("--chat-format and --context apply to chat data: add --chat")
+    if args.glob or args.text_field != "text":
+        raise UserError("--glob and --text-field apply to text data; chat records are read whole (drop them)")
+    manifest = prepare_chat(
+        args.sources, args.tokenizer, args.out, fmt=args.chat_format, context=args.context,
+        val_fraction=DEFAULT_VAL_FRACTION if args.val_fraction is None else args.val_fraction,
+        workers=args.workers, seed=args.seed, shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
+        force=args.force, progress=not args.quiet)
+    print(chat_summary(manifest, args.out))
     return 0

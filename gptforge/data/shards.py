@@ -1,7 +1,7 @@
 """The token shard file: a 64-byte header, then the tokens, so a reader can check a file before trusting it.
 
 Header (little-endian): magic `GPTFSHRD` (8 bytes), format version (uint32), dtype code (uint32: the item
-size, 2 = uint16, 4 = uint32), token count (uint64), zero padding to 64 bytes. The file size must equal
+size, 1 = uint8 (chat loss masks), 2 = uint16, 4 = uint32), token count (uint64), zero padding to 64 bytes. The file size must equal
 64 + count * itemsize, which catches a truncated copy or an interrupted write. Shards are memory-mapped
 for reading, so a loader never holds a whole corpus in RAM.
 """
@@ -22,7 +22,7 @@ MAGIC = b"GPTFSHRD"
 FORMAT_VERSION = 1
 HEADER_BYTES = 64
 _HEADER = struct.Struct("<8sIIQ")
-DTYPE_CODES: dict[int, np.dtype] = {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
+DTYPE_CODES: dict[int, np.dtype] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}
 _CHECK_BLOCK = 1 << 24
 
 
@@ -36,7 +36,7 @@ def _dtype_code(dtype: np.dtype | type) -> int:
     for code, known in DTYPE_CODES.items():
         if known == dtype:
             return code
-    raise ValueError(f"shard dtype must be uint16 or uint32, not {dtype}")
+    raise ValueError(f"shard dtype must be uint8, uint16 or uint32, not {dtype}")
 
 
 def encode_header(count: int, dtype: np.dtype | type) -> bytes:

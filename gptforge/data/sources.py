@@ -32,7 +32,8 @@ PIECE_CHARS = 16 * 1024
 READ_BYTES = 1 << 20
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
-BUILTIN_SOURCES = ("builtin:pystdlib",)
+BUILTIN_SOURCES = ("builtin:pystdlib", "builtin:pystdlib-qa")
+CHAT_BUILTIN_SOURCES = ("builtin:pystdlib-qa",)  # conversations (gptforge.data.pystdlib_qa): prepare --chat
 # Tests, installed third-party packages, and `encodings/` — 1.4 MB of generated codec tables
 # ('\x00' ... 'LATIN SMALL LETTER') that would teach a small model tables instead of Python.
 _PYSTDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
@@ -134,6 +135,8 @@ def resolve_source(spec: str, glob: str | None = None) -> Source:
     if spec.startswith("builtin:"):
         if spec not in BUILTIN_SOURCES:
             raise UserError(f"unknown built-in source {spec!r}; available: {', '.join(BUILTIN_SOURCES)}")
+        if spec in CHAT_BUILTIN_SOURCES:
+            return Source(spec, "chat-builtin")
         return Source(spec, "builtin", tuple(pystdlib_files()))
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
@@ -345,6 +348,8 @@ class DocumentReader:
         if source.kind == "hf":
             yield from self._hf(source)
             return
+        if source.kind == "chat-builtin":
+            raise UserError(f"{source.spec} holds conversations, not text: prepare it with --chat")
         for path in source.files:
             kind = _file_kind(path) if source.kind in ("dir", "builtin") else source.kind
             if kind == "builtin":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from ..layout import CHAT_TEMPLATE_FILE
 from .base import CONFIG_FILE, EOT, AllowedSpecial, Tokenizer, read_json
 from .bpe import BPETokenizer, train_bpe
 from .char import UNK, CharTokenizer
@@ -29,7 +30,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if kind not in KINDS:
         raise UserError(f"{directory / CONFIG_FILE}: unknown tokenizer kind {kind!r}; expected one of "
                         f"{', '.join(KINDS)}")
-    return KINDS[kind].load(directory, config)
+    tokenizer = KINDS[kind].load(directory, config)
+    template = directory / CHAT_TEMPLATE_FILE
+    if template.is_file():
+        tokenizer.chat_template = template.read_text(encoding="utf-8")
+    return tokenizer
 
 
 def get_tokenizer(spec: str | Path) -> Tokenizer:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..atomic import atomic_directory, write_text
 from ..errors import UserError
+from ..layout import CHAT_TEMPLATE_FILE
 
 EOT = "<|endoftext|>"
 CONFIG_FILE = "tokenizer_config.json"
@@ -46,6 +47,8 @@ class Tokenizer(ABC):
         self._special: dict[str, int] = dict(special_tokens)
         self._special_by_id: dict[int, str] = {i: t for t, i in self._special.items()}
         self._split_cache: dict[frozenset[str], re.Pattern[str]] = {}
+        # Jinja chat template (gptforge.chat), saved as its own file so exports and other tools read it as is
+        self.chat_template: str | None = None
 
     # ---- properties ----------------------------------------------------------------------------------
 
@@ -181,6 +184,9 @@ class Tokenizer(ABC):
             raise UserError(f"tokenizer directory {directory} already exists; choose another path or delete it")
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             extra = self._save_files(tmp)
+            if self.chat_template is not None:
+                write_text(tmp / CHAT_TEMPLATE_FILE, self.chat_template)
+                extra["chat_template_file"] = CHAT_TEMPLATE_FILE
             config = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_token": EOT,
                       "special_tokens": self.special_tokens, **extra}
             write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")

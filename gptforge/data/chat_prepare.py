@@ -1,0 +1,421 @@
+"""`gptforge prepare --chat`: conversations -> token shards, loss-mask shards and conversation lengths.
+
+Each record of a JSONL / Parquet / `hf:` source (or `builtin:pystdlib-qa`) is read as one conversation in
+one of the formats of `gptforge.data.chat_formats`, checked, rendered in ChatML and encoded by
+`gptforge.chat.tokens.encode_chat` (ids plus a mask that is 1 on what the assistant wrote). Bad records are
+counted, reported with their line numbers and skipped; a source with no usable conversation is an error.
+
+Conversations are stored whole and in order: per split, token shards (`train_000000.bin`), mask shards of
+exactly the same sizes (`train_mask_000000.bin`, uint8), and for every conversation its token count and the
+position of its first trained token (`train_conversations.npy`). Packing them into rows happens in the
+loader (`gptforge.data.chat_loader`), for the run's own sequence length and afresh every epoch; `prepare`
+reports what packing at `context` gives (rows, padding, conversations truncated or dropped), so a starved
+packer is visible before training.
+
+The directory is written atomically (as `gptforge prepare`'s), with the tokenizer the ids belong to: the
+base model's tokenizer plus the two chat markers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import atomic_directory, write_text
+from ..errors import UserError
+from ..layout import (CHAT_DATA_KIND, MANIFEST_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR, chat_index_file,
+                      chat_mask_prefix)
+from .chat_formats import FORMATS, BadRecord, Messages, detect_format, to_messages
+from .chat_packing import pack_report
+from .prepare import (DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS,
+                      _check_out_dir, split_of)
+from .shards import ShardWriter, dtype_for_vocab
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
+    from .sources import Source
+
+DEFAULT_CONTEXT = 1024
+MAX_REPORTED = 10
+CHUNK = 256  # conversations per worker task
+
+
+@dataclass
+class RecordStats:
+    """What reading the records found: usable conversations, bad ones by reason, examples with locations."""
+
+    records: int = 0
+    conversations: int = 0
+    bad: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+
+    def add_bad(self, where: str, why: str) -> None:
+        self.bad += 1
+        self.reasons[why.split(";")[0] if len(self.reasons) < 50 else "other"] += 1
+        if len(self.examples) < MAX_REPORTED:
+            self.examples.append(f"{where}: {why}")
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                yield f"{path} line {number}", json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield f"{path} line {number}", BadRecord(f"not valid JSON ({getattr(e, 'msg', e)})")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet files needs the 'pyarrow' package; "
+                        "pip install 'gptforge[data]'") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a non-Parquet file
+        raise UserError(f"{path}: not a readable Parquet file ({e}); check the file") from None
+    number = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            number += 1
+            yield f"{path} row {number}", record
+
+
+def check_chat_source(spec: str) -> "Source":
+    """Resolve one chat source up front (a typo fails before anything is read): record files, hf: or the
+    built-in question/answer set."""
+    from .pystdlib_qa import SOURCE as QA_SOURCE
+    from .sources import Source, resolve_source
+
+    if spec == QA_SOURCE:
+        return Source(spec, "chat-builtin")
+    source = resolve_source(spec)
+    if source.kind == "hf":
+        return source
+    files = tuple(p for p in source.files if p.suffix.lower() in (".jsonl", ".ndjson", ".parquet"))
+    if not files:
+        raise UserError(f"source {spec}: chat data must be .jsonl, .parquet, hf:NAME or {QA_SOURCE} "
+                        "(one conversation per record)")
+    return Source(spec, source.kind, files)
+
+
+def iter_records(spec: str) -> Iterator[tuple[str, Any]]:
+    """(location, record) of every record of one chat source; a record that cannot be parsed comes as a
+    BadRecord instance in its place (counted and skipped by the caller)."""
+    from .pystdlib_qa import qa_records
+    from .sources import load_hf_stream
+
+    source = check_chat_source(spec)
+    if source.kind == "chat-builtin":
+        for number, record in enumerate(qa_records(), 1):
+            yield f"{spec} record {number}", record
+        return
+    if source.kind == "hf":
+        for number, record in enumerate(load_hf_stream(source.hf_name, source.hf_config)):
+            yield f"{spec} row {number}", record
+        return
+    for path in source.files:
+        yield from (_parquet_records(path) if path.suffix.lower() == ".parquet" else _jsonl_records(path))
+
+
+def read_conversations(sources: list[str], fmt: str | None, stats: RecordStats) -> Iterator[Messages]:
+    """The usable conversations of `sources`, in order; bad records go to `stats`. `fmt` None: each source
+    takes the format of its first record that has one."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UserError(f"--chat-format {fmt}: expected one of {', '.join(FORMATS)} (or leave it out to detect)")
+    for spec in sources:
+        source_fmt = fmt
+        before = stats.conversations
+        for where, record in iter_records(spec):
+            stats.records += 1
+            if isinstance(record, BadRecord):
+                stats.add_bad(where, str(record))
+                continue
+            if source_fmt is None:
+                source_fmt = detect_format(record)
+                if source_fmt is None:
+                    keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+                    stats.add_bad(where, f"no known conversation format (keys: {keys}); formats: "
+                                  + ", ".join(FORMATS))
+                    continue
+                stats.formats[spec] = source_fmt
+            try:
+                messages = to_messages(record, source_fmt)
+            except BadRecord as e:
+                stats.add_bad(where, str(e))
+                continue
+            stats.conversations += 1
+            yield messages
+        if stats.conversations == before:
+            first = f" (first: {stats.examples[0]})" if stats.examples else ""
+            what = f"{stats.bad} bad record(s) skipped{first}" if stats.bad else "it has no records"
+            raise UserError(f"source {spec}: no usable conversation, {what}; fix the records or force the "
+                            "format with --chat-format")
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def chat_tokenizer(spec: str) -> tuple["Tokenizer", int | None]:
+    """The tokenizer named by `spec` (gpt2, a tokenizer directory, or a run directory: its tokenizer) with the
+    chat markers added, and the run's context length when `spec` is a run."""
+    from ..chat.tokens import add_chat_tokens
+    from ..tokenizer import get_tokenizer
+
+    spec = str(spec)
+    path = Path(spec)
+    context = None
+    if (path / RUN_CONFIG_FILE).is_file() and (path / TOKENIZER_DIR).is_dir():
+        try:
+            config = json.loads((path / RUN_CONFIG_FILE).read_text())
+            context = config["train"].get("seq_len") or config["model"]["block_size"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            context = None
+        path = path / TOKENIZER_DIR
+    elif spec in ("char",) or spec.startswith("bpe"):
+        raise UserError(f"--tokenizer {spec}: chat data is tokenized with the base model's tokenizer; pass the "
+                        "base run (--tokenizer runs/NAME), its tokenizer directory, or gpt2")
+    tokenizer = get_tokenizer(str(path) if path.is_dir() else spec)
+    return add_chat_tokens(tokenizer), context
+
+
+# ------------------------------------------------------------------------------------------- encoding
+
+_worker_tokenizer: "Tokenizer | None" = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..tokenizer import load_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def encode_conversations(conversations: list[Messages], tokenizer: "Tokenizer | None" = None
+                         ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) of each conversation (ids in the shard dtype)."""
+    from ..chat.tokens import encode_chat
+
+    tokenizer = tokenizer or _worker_tokenizer
+    assert tokenizer is not None, "worker not initialised"
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    out = []
+    for messages in conversations:
+        ids, mask = encode_chat(tokenizer, messages)
+        out.append((np.asarray(ids, dtype=dtype), mask))
+    return out
+
+
+def _chunks(items: Iterable[Messages], size: int) -> Iterator[list[Messages]]:
+    chunk: list[Messages] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded(chunks: Iterator[list[Messages]], tokenizer: "Tokenizer", tokenizer_dir: Path,
+             workers: int) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
+    """encode_conversations over the chunks, in order, in `workers` processes (1: this one)."""
+    if workers <= 1:
+        for chunk in chunks:
+            yield encode_conversations(chunk, tokenizer)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_dir),))
+    try:
+        yield from pool.imap(encode_conversations, chunks, chunksize=1)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# ------------------------------------------------------------------------------------------- prepare
+
+
+class _SplitWriter:
+    """Tokens, masks (same shard sizes) and conversation lengths of one split."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.tokens = ShardWriter(directory, split, dtype, shard_tokens)
+        self.masks = ShardWriter(directory, chat_mask_prefix(split), np.uint8, shard_tokens)
+        self.lengths: list[int] = []
+        self.first_trained: list[int] = []
+        self.trained = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.tokens.write(ids)
+        self.masks.write(mask)
+        self.lengths.append(int(ids.size))
+        self.first_trained.append(int(np.argmax(mask)))  # every usable conversation has a trained token
+        self.trained += int(mask.sum())
+
+    def index(self) -> np.ndarray:
+        """(conversations, 2) int64: token count and position of the first trained token of each."""
+        return np.stack([np.asarray(self.lengths, dtype=np.int64),
+                         np.asarray(self.first_trained, dtype=np.int64)], axis=1).reshape(-1, 2)
+
+
+def prepare_chat(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike, *, fmt: str | None = None,
+                 context: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION, workers: int | None = None,
+                 seed: int = 0, force: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 progress: bool = False) -> dict[str, Any]:
+    """Read, check, encode and store the conversations of `sources` in `out_dir`; return the manifest.
+
+    `context`: the row length packing is reported for (default: the base run's, else 1024); training packs
+    for its own sequence length.
+    """
+    out_dir = Path(out_dir)
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction}: must be at least 0 and below 1 (e.g. 0.05)")
+    if not sources:
+        raise UserError("no sources given; name a .jsonl or .parquet file of conversations, hf:NAME or "
+                        "builtin:pystdlib-qa")
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    if context is not None and context < 2:
+        raise UserError(f"--context {context}: must be at least 2 tokens")
+    for spec in sources:
+        check_chat_source(spec)
+    replace = _check_out_dir(out_dir, force)
+    started = time.monotonic()
+    tokenizer, run_context = chat_tokenizer(tokenizer_spec)
+    context = context or run_context or DEFAULT_CONTEXT
+    stats = RecordStats()
+    with atomic_directory(out_dir, overwrite=replace) as tmp:
+        tokenizer_dir = tmp / TOKENIZER_DIR
+        tokenizer.save(tokenizer_dir)
+        dtype = dtype_for_vocab(tokenizer.vocab_size)
+        writers = {name: _SplitWriter(tmp, name, dtype, shard_tokens) for name in SPLITS}
+        conversations = read_conversations(sources, fmt, stats)
+        index = 0
+        for encoded in _encoded(_chunks(conversations, CHUNK), tokenizer, tokenizer_dir, workers):
+            for ids, mask in encoded:
+                writers[SPLITS[split_of(index, seed, val_fraction)]].add(ids, mask)
+                index += 1
+            if progress:
+                seconds = max(time.monotonic() - started, 1e-9)
+                tokens = sum(sum(w.lengths) for w in writers.values())
+                print(f"\rprepare --chat: {index:,} conversations, {tokens:,} tokens, {tokens / seconds:,.0f} tok/s",
+                      end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
+        if not writers["train"].lengths:
+            raise UserError(f"sources {' '.join(sources)}: every conversation went to the val split; lower "
+                            "--val-fraction or add conversations")
+        splits = {}
+        for name, writer in writers.items():
+            token_shards, mask_shards = writer.tokens.close(), writer.masks.close()
+            index_rows = writer.index()
+            np.save(tmp / chat_index_file(name), index_rows, allow_pickle=False)
+            splits[name] = {"tokens": int(index_rows[:, 0].sum()), "conversations": len(index_rows),
+                            "trained_tokens": writer.trained,
+                            "shards": [{"file": f, "tokens": n} for f, n in token_shards],
+                            "mask_shards": [{"file": f, "tokens": n} for f, n in mask_shards],
+                            "index": chat_index_file(name)}
+        train_index = writers["train"].index()
+        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, splits, stats, fmt, context,
+                             pack_report(train_index[:, 0], train_index[:, 1], context + 1), val_fraction, seed,
+                             shard_tokens,
+                             time.monotonic() - started)
+        write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def tokenizer_fingerprint(tokenizer: "Tokenizer") -> str:
+    """sha256 over the files `tokenizer.save` writes: equal exactly when two tokenizers encode alike (same
+    kind, vocabulary, merges, special tokens and template)."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory(prefix="gptforge-tok-") as tmp:
+        saved = tokenizer.save(Path(tmp) / "t")
+        for path in sorted(saved.iterdir()):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", dtype: np.dtype,
+              splits: dict[str, Any], stats: RecordStats, fmt: str | None, context: int, packing: dict[str, Any],
+              val_fraction: float, seed: int, shard_tokens: int, seconds: float) -> dict[str, Any]:
+    warnings = []
+    if val_fraction > 0 and not splits["val"]["conversations"]:
+        warnings.append(f"the val split is empty: no conversation was drawn at --val-fraction {val_fraction}")
+    if stats.bad:
+        warnings.append(f"skipped {stats.bad} bad record(s) of {stats.records}: " + "; ".join(stats.examples[:3])
+                        + (" ..." if stats.bad > 3 else ""))
+    if packing["truncated"] or packing["dropped"]:
+        warnings.append(f"at context {context}: {packing['truncated']} conversation(s) longer than the context "
+                        f"will be truncated, {packing['dropped']} dropped (nothing to train on within the context)")
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "kind": CHAT_DATA_KIND,
+        "gptforge_version": __version__,
+        "tokenizer": {"spec": str(tokenizer_spec), "kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+                      "eot_id": tokenizer.eot_id, "dir": TOKENIZER_DIR,
+                      "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "dtype": dtype.name,
+        "splits": splits,
+        "counts": {"tokens": sum(s["tokens"] for s in splits.values()), "documents": stats.conversations},
+        "chat": {"format": fmt or "detect", "formats": stats.formats, "records": stats.records,
+                 "conversations": stats.conversations, "bad_records": stats.bad,
+                 "bad_reasons": dict(stats.reasons.most_common(20)), "bad_examples": stats.examples,
+                 "context": context, "packing": packing},
+        "sources": [str(s) for s in sources],
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "shard_tokens": shard_tokens,
+        "seconds": round(seconds, 3),
+        "warnings": warnings,
+    }
+
+
+def chat_summary(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
+    """A few lines for the user: counts, what was skipped (with line numbers), packing at the context."""
+    chat, splits, tok = manifest["chat"], manifest["splits"], manifest["tokenizer"]
+    pack = chat["packing"]
+    seconds = max(manifest["seconds"], 1e-9)
+    formats = ", ".join(sorted(set(chat["formats"].values()))) or chat["format"]
+    lines = [f"prepared chat data {out_dir}: {chat['conversations']:,} conversations ({formats}) -> "
+             f"{splits['train']['conversations']:,} train / {splits['val']['conversations']:,} val, "
+             f"{manifest['counts']['tokens']:,} tokens ({splits['train']['trained_tokens']:,} train tokens "
+             f"trained on), {tok['kind']} tokenizer with chat markers (vocab {tok['vocab_size']:,}) in "
+             f"{manifest['seconds']:.1f} s ({manifest['counts']['tokens'] / seconds:,.0f} tok/s)",
+             f"packing at context {chat['context']}: {pack['rows']:,} rows, padding {100 * pack['padding']:.1f}%, "
+             f"{pack['truncated']} truncated, {pack['dropped']} dropped"]
+    if chat["bad_records"]:
+        lines.append(f"skipped {chat['bad_records']} bad record(s) of {chat['records']}:")
+        lines += [f"  {e}" for e in chat["bad_examples"]]
+        if chat["bad_records"] > len(chat["bad_examples"]):
+            lines.append(f"  ... and {chat['bad_records'] - len(chat['bad_examples'])} more")
+    lines += [f"warning: {w}" for w in manifest["warnings"] if not w.startswith("skipped")]
+    return "\n".join(lines)
