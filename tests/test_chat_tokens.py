@@ -96,3 +96,10 @@ def test_a_tokenizer_without_markers_is_named():
     with pytest.raises(UserError, match="gptforge sft"):
         encode_chat(CharTokenizer.train(CORPUS), TWO_TURNS)
     assert np.asarray(encode_chat(add_chat_tokens(CharTokenizer.train(CORPUS)), TWO_TURNS)[1]).dtype == np.uint8
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_chat_session_encodes_the_ids_training_uses(chat_tok, messages):
+    from gptforge.chat.session import encode_chat as session_encode
+
+    assert session_encode(chat_tok, messages, True) == encode_chat(chat_tok, messages, True)[0]
