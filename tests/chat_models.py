@@ -64,3 +64,14 @@ def random_chat_model(tokenizer, end_at: int | list[int], block_size: int = 128,
         positions = slice(end_at, None) if isinstance(end_at, int) else end_at
         model.transformer.wpe.weight[positions] = direction / direction.norm() * 50
     return model.eval()
+
+
+def save_chat_checkpoint(directory, model: GPT, tokenizer) -> str:
+    """`directory` as a checkpoint directory (`model.safetensors` + `tokenizer/`) that --model accepts."""
+    from gptforge.layout import TOKENIZER_DIR, WEIGHTS_FILE
+    from gptforge.weights import save_weights
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(model, directory / WEIGHTS_FILE)
+    tokenizer.save(directory / TOKENIZER_DIR)
+    return str(directory)
