@@ -2,11 +2,19 @@
 
 Parameter names follow GPT-2's own checkpoint (transformer.wte, .h.N.attn.c_attn, ...), stored as
 nn.Linear (out, in), so that the mapping to Hugging Face layouts and GGUF is a table, not a puzzle.
+
+One path computes hidden states for training, scoring and generation: `hidden_states(idx, kv_cache)`.
+Without a cache the whole sequence attends to itself (causal, or banded in GPT-3's odd layers). With one
+(`gptforge.generation.KVCache`), each attention layer hands its new keys and values to the cache and gets
+back what to attend over: the prompt itself on the first call (prefill), then the cached keys of all
+earlier tokens when one token per row is fed (decode). Shapes: B batch, T new tokens, C = n_embd,
+nh heads of hd = C / nh dims, V the real vocabulary.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -14,6 +22,9 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .fused_loss import linear_cross_entropy
+
+if TYPE_CHECKING:
+    from .generation.kv_cache import KVCache
 
 IGNORE_INDEX = -100
 
@@ -32,41 +43,45 @@ def band_mask(q_len: int, k_len: int, window: int, device: torch.device | str | 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        self.layer = layer  # the cache keeps one key/value buffer per layer, found by this index
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.window = config.window if config.is_band_layer(layer) else None
+        self.window = config.window if config.is_band_layer(layer) else None  # None: dense
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias and config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, C) -> q, k, v each (B, n_head, T, head_dim)."""
-        B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.n_head * self.head_dim, dim=2)
-        return tuple(t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of q over k/v, then the output projection. `mask` overrides the layer's own pattern."""
-        dropout = self.dropout if self.training else 0.0
-        q_len, k_len = q.size(2), k.size(2)
-        band_reaches_all = self.window is None or self.window >= k_len  # the band is then just causal
-        if mask is None and band_reaches_all and q_len == k_len:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif mask is None and band_reaches_all and q_len == 1:  # one new query: every key is in its past
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
-            if mask is None:
-                mask = band_mask(q_len, k_len, self.window or k_len, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        B, _, T, _ = q.shape
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+    def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        mask = None
+        if kv_cache is not None:
+            # Prefill: k, v come back as given (the prompt attends to itself). Decode: the layer's cached keys
+            # and values, this step's included, (B, nh, S, hd), with a mask of those each query may see
+            # (None: all of them).
+            k, v, mask = kv_cache.update(self.layer, k, v)
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attend(*self.split_heads(x))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(hd)) v for (B, nh, Tq, hd) queries over (B, nh, Tk, hd) keys: every attention
+        the model computes goes through here, so precision or kernel choices are made in one place."""
+        dropout = self.dropout if self.training else 0.0
+        if mask is not None:  # a KV cache's mask: left padding of ragged batches, ring slots, the band
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        q_len, k_len = q.size(2), k.size(2)
+        if q_len == 1 and k_len > 1:  # cached decode: the cache returned only keys in this query's past
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        if self.window is None or self.window >= k_len:  # dense causal (a band reaching back to 0 is causal)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        # The band call site: a band layer over a whole sequence (training, scoring, prefill); query t sees
+        # keys t-window+1 .. t. A dense masked product today, so it does the full square of work.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(q_len, k_len, self.window, q.device),
+                                              dropout_p=dropout)
 
 
 class MLP(nn.Module):
@@ -78,6 +93,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, C) -> (B, T, ffn_dim) -> (B, T, C); GELU in GPT-2's tanh form, so HF logits match exactly
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
@@ -90,21 +106,22 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, attention=None) -> torch.Tensor:
-        """`attention(attn_module, normed_x)` replaces plain self-attention (the KV-cache path uses it)."""
-        attend = attention or (lambda attn, h: attn(h))
-        if self.pre_norm:
-            x = x + attend(self.attn, self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
+        if self.pre_norm:  # GPT-2/3: normalise each branch's input, keep the residual stream untouched
+            x = x + self.attn(self.ln_1(x), kv_cache)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + attend(self.attn, x))
+        x = self.ln_1(x + self.attn(x, kv_cache))  # post-LN (original Transformer, GPT-1)
         return self.ln_2(x + self.mlp(x))
 
 
 class GPT(nn.Module):
     """GPT-2 (and GPT-3 with `attention="alternating"`): token + learned position embeddings, a stack of
-    blocks, a final LayerNorm (pre-LN only) and an output head tied to the token embedding."""
+    blocks, a final LayerNorm (pre-LN only) and an output head tied to the token embedding.
 
-    def __init__(self, config: ModelConfig) -> None:
+    `init_weights=False` leaves the parameters as allocated: for callers that load weights right after
+    (on the meta device nothing is allocated, and initialising there would only cost time)."""
+
+    def __init__(self, config: ModelConfig, init_weights: bool = True) -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -118,8 +135,13 @@ class GPT(nn.Module):
                   if config.norm == "pre" else nn.Identity()),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one (padded V, C) matrix, in and out
+        if init_weights:
+            self.apply(self._init_weights)
+            with torch.no_grad():
+                # Rows past the real vocabulary exist only for fast matmul shapes. Zeroed last: `apply` visits
+                # lm_head after wte, and lm_head *is* wte, so zeroing inside _init_weights would be undone.
+                self.transformer.wte.weight[config.vocab_size:].zero_()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -131,9 +153,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module is self.transformer.wte:
-                with torch.no_grad():  # rows past the real vocabulary exist only for speed
-                    module.weight[self.config.vocab_size:].zero_()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             if module.bias is not None:
@@ -147,42 +166,52 @@ class GPT(nn.Module):
             n -= self.config.vocab_size * self.config.n_embd + self.transformer.wpe.weight.numel()
         return n
 
-    def embed(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if position_ids is None:
-            T = idx.size(1)
+    def hidden_states(self, idx: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
+        """Token ids (B, T) -> the last block's output (B, T, C), before the final norm.
+
+        Without a cache, idx is a whole sequence from position 0. With one, idx holds the tokens that follow
+        what the cache holds (the prompt first, then one per row per step); the cache says their positions,
+        which differ per row in a left-padded batch."""
+        T = idx.size(1)
+        if kv_cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence length {T} exceeds the model's context {self.config.block_size}")
-            position_ids = torch.arange(T, device=idx.device)
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(position_ids))
+            positions = torch.arange(T, device=idx.device)  # (T,), broadcast over the batch
+        else:
+            positions = kv_cache.start_step(T)  # (T,) or (B, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and output projection onto the real vocabulary only, so padded ids are never sampled
-        or scored. Slicing the weight's first rows (contiguous) rather than the logits (strided) avoids a
-        copy of the logits forward and a zero-filled padded gradient backward."""
+        """Final norm and output projection (..., C) -> (..., V) onto the real vocabulary only, so padded ids
+        are never sampled or scored. Slicing the weight's first rows (contiguous) rather than the logits
+        (strided) avoids a copy of the logits forward and a zero-filled padded gradient backward."""
         return F.linear(self.transformer.ln_f(x), self.lm_head.weight[: self.config.vocab_size])
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                ignore_index: int = IGNORE_INDEX, *,
-                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) and, given targets, the mean cross-entropy over targets that are not
-        `ignore_index` (fine-tuning masks prompt tokens that way).
+                ignore_index: int = IGNORE_INDEX, *, return_logits: bool = True,
+                kv_cache: "KVCache | None" = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, V) and, given targets (B, T), the mean cross-entropy over targets that are not
+        `ignore_index` (fine-tuning masks prompt tokens that way). `kv_cache`: see `hidden_states`.
 
         `return_logits=False` (training) returns (None, loss) and never builds the full logits: the output
         projection and the loss run in row chunks (`gptforge.fused_loss`), with the gradients computed in
         the same pass when autograd needs them. Same loss; far less memory and copying at GPT-2's vocabulary.
         """
-        x = self.embed(idx)
-        for block in self.transformer.h:
-            x = block(x)
+        x = self.hidden_states(idx, kv_cache)
         if not return_logits:
             if targets is None:
                 raise ValueError("return_logits=False needs targets: the loss is all it returns")
-            h = self.transformer.ln_f(x)
-            return None, linear_cross_entropy(h.reshape(-1, h.size(-1)), self.lm_head.weight,
-                                              targets.reshape(-1), self.config.vocab_size, ignore_index)
-        logits = self.head(x)
+            h = self.transformer.ln_f(x).flatten(0, 1)  # (B*T, C)
+            return None, linear_cross_entropy(h, self.lm_head.weight, targets.reshape(-1), self.config.vocab_size,
+                                              ignore_index)
+        logits = self.head(x)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=ignore_index)
+            # fp32 before the softmax: bf16 log-probabilities of a 50k vocabulary lose the small ones
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=ignore_index)
         return logits, loss

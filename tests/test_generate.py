@@ -10,7 +10,7 @@ import torch
 
 from gptforge.config import ModelConfig
 from gptforge.errors import UserError
-from gptforge.generation import SamplingConfig, generate, generate_ids, generate_text
+from gptforge.generation import SamplingConfig, TokenGenerator, generate, generate_ids, generate_text
 from gptforge.model import GPT
 
 GREEDY = SamplingConfig(temperature=0.0, stop_at_eot=False)
@@ -221,20 +221,49 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 
 def test_cache_keeps_keys_in_the_dtype_the_forward_computes():
     """FSDP2 computes in bf16 from fp32 shards, and autocast does the same: the cache must hold what the
-    forward produces, not the dtype the weights are stored in."""
-    model = make_model("alternating", vocab=50, block=16, window=4)  # band layers: the ring path too
-    bf16_model = GPT(model.config).eval()
-    bf16_model.load_state_dict(model.state_dict())
-    bf16_model.to(torch.bfloat16)
-    bf16_model.transformer.wte.weight = torch.nn.Parameter(model.transformer.wte.weight.detach().clone())
-    bf16_model.lm_head.weight = bf16_model.transformer.wte.weight  # fp32 "storage" weight, bf16 compute
-    original_embed = bf16_model.embed
-    bf16_model.embed = lambda idx, pos=None: original_embed(idx, pos).to(torch.bfloat16)
-    bf16_model.head = lambda x: torch.nn.functional.linear(
-        bf16_model.transformer.ln_f(x).float(), bf16_model.transformer.wte.weight[:50])
+    forward produces (bf16 keys), not the dtype the weights are stored in (fp32)."""
+    model = make_model("alternating", vocab=50, block=16, window=4, seed=1)  # band layers: the ring path too
     prompts = [[1, 2, 3, 4, 5, 6], [7]]  # ragged: the short row is padded in the batch
-    out = generate_ids(bf16_model, prompts, GREEDY.replace(max_new_tokens=8))
-    # the same bf16-compute model without a cache (forward uses the patched embed/head too)
-    expected = [reference_greedy(bf16_model, prompt, 8) for prompt in prompts]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate_ids(model, prompts, GREEDY.replace(max_new_tokens=8))
+        expected = [reference_greedy(model, prompt, 8) for prompt in prompts]  # the same autocast, no cache
     assert out == expected
     assert all(len(set(ids)) > 2 for ids in expected)  # not a degenerate repeat
+
+
+def test_generation_runs_in_eval_mode_and_restores_the_callers_mode():
+    """A model left in training mode (a trainer writing samples) must not sample with dropout."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=101, block_size=24, n_layer=2, n_head=2, n_embd=16, dropout=0.5)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5)
+    model.train()
+    got = generate_ids(model, [[1, 2, 3]], GREEDY.replace(max_new_tokens=10))[0]
+    assert model.training  # the caller's mode is back
+    model.eval()
+    assert got == reference_greedy(model, [1, 2, 3], 10)  # what the model without dropout does
+    model.train()
+    engine = TokenGenerator(model, [[1, 2, 3]], [GREEDY.replace(max_new_tokens=10)], [None])
+    steps = iter(engine)
+    next(steps)
+    assert not model.training  # during generation
+    steps.close()  # abandoned half-way (a client hung up): the mode still comes back
+    assert model.training
+
+
+def test_ids_the_tokenizer_cannot_decode_are_never_produced():
+    """An imported model may have more ids than its tokenizer (nanoGPT's padded 50304 over GPT-2's 50257)."""
+    model = make_model(vocab=300, block=64)
+    tok = BytesTokenizer()  # 257 ids
+    with torch.no_grad():  # make the ids past the tokenizer the most attractive by far
+        model.transformer.wte.weight[257:300] = 50.0
+    config = SamplingConfig(max_new_tokens=20, temperature=1.0, stop_at_eot=False)
+    unrestricted = generate_ids(model, [[1, 2]] * 4, config, seed=0)
+    assert any(t >= 257 for row in unrestricted for t in row)  # the test has teeth
+    restricted = generate_ids(model, [[1, 2]] * 4, config, seed=0, vocab_size=257)
+    assert all(0 <= t < 257 for row in restricted for t in row)
+    events = list(generate(model, tok, ["ab"] * 2, config, seed=0))  # the text API limits to the tokenizer
+    assert len(events) == 40 and all(0 <= e.token < 257 for e in events)

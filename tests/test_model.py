@@ -159,3 +159,34 @@ def test_loss_matches_cross_entropy_in_bf16_autocast(tiny_config):
     assert loss.dtype == torch.float32
     expected = F.cross_entropy(logits.float().reshape(-1, 101), targets.reshape(-1))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_fresh_model_has_zero_vocabulary_padding_rows():
+    """The padded rows are never used; they start (and, untrained, stay) at zero. The tied lm_head is the
+    same tensor, so initialising it after the embedding must not refill them."""
+    model = GPT(ModelConfig(vocab_size=70, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    assert model.config.padded_vocab_size == 128
+    assert torch.count_nonzero(model.transformer.wte.weight[70:]) == 0
+    assert torch.count_nonzero(model.transformer.wte.weight[:70]) == 70 * 16
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating"])
+def test_forward_with_a_kv_cache_equals_the_whole_sequence(attention):
+    """The cache is an argument of forward: a prompt, then one token at a time, gives the logits the
+    whole sequence gives at the same positions (band layers keep only a ring of `window` slots)."""
+    from gptforge.generation import KVCache
+
+    config = ModelConfig(vocab_size=50, block_size=32, n_layer=2, n_head=2, n_embd=16, attention=attention,
+                         window=3)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    idx = torch.randint(0, 50, (2, 12))
+    cache = KVCache(config, pads=[0, 0], capacity=12)
+    with torch.no_grad():
+        full, _ = model(idx)
+        steps = [model(idx[:, :5], kv_cache=cache)[0]]  # prefill of 5
+        steps += [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 12)]  # then one at a time
+    assert cache.length == 12
+    if attention == "alternating":
+        assert cache.keys[1].size(2) == 3  # the band layer's ring
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)

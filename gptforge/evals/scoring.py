@@ -81,14 +81,6 @@ def _fit_window(request: Request, block_size: int) -> tuple[list[int], int]:
     return whole[:-1], n_cont
 
 
-def _hidden_states(model: "GPT", idx: torch.Tensor) -> torch.Tensor:
-    """Final-block activations (before ln_f and the head), so the head can run on scored positions only."""
-    x = model.embed(idx)
-    for block in model.transformer.h:
-        x = block(x)
-    return x
-
-
 @torch.inference_mode()
 def score_requests(model: "GPT", requests: Sequence[Request], batch_size: int = 16,
                    progress: Callable[[int], None] | None = None) -> list[Score]:
@@ -133,7 +125,7 @@ def score_requests(model: "GPT", requests: Sequence[Request], batch_size: int = 
                     col_of.extend(range(first, len(ids)))
                     targets.extend(requests[i].continuation)
                     owners.append(i)
-            hidden = _hidden_states(model, idx.to(device))
+            hidden = model.hidden_states(idx.to(device))  # before ln_f: the head runs on scored positions only
             picked = hidden[torch.tensor(row_of, device=device), torch.tensor(col_of, device=device)]
             target = torch.tensor(targets, dtype=torch.long, device=device)
             token_logprobs, token_greedy = [], []

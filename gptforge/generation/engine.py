@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..model import GPT
-from .kv_cache import KVCache
+from .kv_cache import CudaGraphDecoder, KVCache
 from .sampling import Sampler, SamplingConfig
 
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is finished
@@ -47,8 +47,11 @@ class TokenGenerator:
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], configs: Sequence[SamplingConfig],
                  seeds: Sequence[int | None], eot_id: int | None = None, context_keep: int | None = None,
-                 static: bool = False, cuda_graph: bool = False) -> None:
+                 static: bool = False, cuda_graph: bool = False, vocab_size: int | None = None) -> None:
         block = model.config.block_size
+        # Ids the caller can turn back into text: a model may have more (an HF import with a padded
+        # vocabulary) and must never produce those.
+        self.vocab_size = model.config.vocab_size if vocab_size is None else min(vocab_size, model.config.vocab_size)
         if not prompts:
             raise ValueError("no prompts")
         if len(configs) != len(prompts) or len(seeds) != len(prompts):
@@ -61,16 +64,16 @@ class TokenGenerator:
         self.eot_id = eot_id
         self.static = static or cuda_graph  # fixed-shape decode steps (see KVCache)
         self.cuda_graph = cuda_graph
-        self._decoder = None
+        self._decode = None
         self.configs = list(configs)
         self.histories: list[list[int]] = []
         for i, prompt in enumerate(prompts):
             prompt = [int(t) for t in prompt]
             if not prompt:
                 raise UserError(f"prompt {i} is empty; give at least one token (e.g. the end-of-text token)")
-            bad = [t for t in prompt if not 0 <= t < model.config.vocab_size]
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
-                raise UserError(f"prompt {i} has token ids outside the vocabulary (0..{model.config.vocab_size - 1}): {bad[:5]}")
+                raise UserError(f"prompt {i} has token ids outside the vocabulary (0..{self.vocab_size - 1}): {bad[:5]}")
             if len(prompt) > block:
                 warnings.warn(f"prompt {i} has {len(prompt)} tokens, more than the model's context of {block}; "
                               f"keeping the last {block}", stacklevel=3)
@@ -80,15 +83,25 @@ class TokenGenerator:
         self.generated = [0] * len(prompts)
         self.starts = [0] * len(prompts)  # each row's context is histories[i][starts[i]:]
         self.rows = list(range(len(prompts)))  # original index of each row of the current batch
-        self.sampler = Sampler(configs, seeds, self.histories, model.config.vocab_size, self.device)
+        self.sampler = Sampler(configs, seeds, self.histories, self.vocab_size, self.device)
         self._finished: set[int] = set()
         self.cache: KVCache | None = None
 
     def finish(self, index: int) -> None:
         self._finished.add(index)
 
-    @torch.inference_mode()
     def __iter__(self) -> Iterator[list[TokenEvent]]:
+        # Sampling is inference: never with dropout, whatever mode the caller left the model in (a trainer
+        # writing samples mid-run); the caller's mode comes back when the iteration ends or is abandoned.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield from self._steps()
+        finally:
+            self.model.train(was_training)
+
+    def _steps(self) -> Iterator[list[TokenEvent]]:
         logits = self._prefill([self.histories[i] for i in self.rows])
         while True:
             tokens = self.sampler.choose(logits)
@@ -119,7 +132,7 @@ class TokenGenerator:
             if not self.cuda_graph and len(live) <= (1 - COMPACT_FRACTION) * len(self.rows):
                 self._select(live)  # a captured graph has a fixed batch: it keeps finished rows instead
                 tokens = tokens[torch.tensor(live, device=self.device)]
-            logits = self._decoder.decode(tokens)
+            logits = self._decode(tokens)
 
     def _select(self, live: list[int]) -> None:
         if len(live) == len(self.rows):
@@ -128,7 +141,6 @@ class TokenGenerator:
         self.sampler.select(live)
         if self.cache is not None:
             self.cache.select(live)
-            self._decoder = self.cache
 
     def _window(self, index: int) -> list[int]:
         """What row `index` conditions on after a slide: its current context, cut to the last
@@ -145,25 +157,32 @@ class TokenGenerator:
         pads = [width - len(s) for s in sequences]
         pad_id = sequences[0][-1]  # any valid id: padded positions are masked out
         idx = torch.tensor([[pad_id] * p + s for p, s in zip(pads, sequences)], device=self.device)
-        self.cache = KVCache(self.model, pads, capacity, static=self.static)
-        logits = self.cache.prefill(idx)
-        self._decoder = self.cache
+        weight = self.model.transformer.wte.weight
+        self.cache = KVCache(self.model.config, pads, capacity, weight.device, weight.dtype, static=self.static)
+        logits = self._step(idx, self.cache)
+        self._decode = lambda tokens: self._step(tokens.view(-1, 1), self.cache)
         if self.cuda_graph and self.device.type == "cuda":
-            from .kv_cache import CudaGraphDecoder
-            self._decoder = CudaGraphDecoder(self.cache)
+            self._decode = CudaGraphDecoder(self._step, self.cache).decode
         return logits
+
+    def _step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed idx (B, T) after what the cache holds; the next-token logits (B, V) of each row."""
+        x = self.model.hidden_states(idx, kv_cache=cache)  # (B, T, C)
+        return self.model.head(x[:, -1])
 
 
 def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
                  seed: int | Sequence[int | None] | None = None, eot_id: int | None = None,
-                 context_keep: int | None = None, static: bool = False, cuda_graph: bool = False) -> list[list[int]]:
+                 context_keep: int | None = None, static: bool = False, cuda_graph: bool = False,
+                 vocab_size: int | None = None) -> list[list[int]]:
     """Tokenizer-free batched generation: the new token ids of each prompt (an end-of-text token that ended
     a sequence is not included). `seed` is one base seed (sample i gets a seed derived from it and i) or
-    one seed per prompt. `static`/`cuda_graph`: fixed-shape decode steps, replayed as a CUDA graph on a GPU."""
+    one seed per prompt. `static`/`cuda_graph`: fixed-shape decode steps, replayed as a CUDA graph on a GPU.
+    `vocab_size`: only ids below it are ever produced (default: the model's vocabulary)."""
     configs, seeds = expand_settings(len(prompt_ids), config, seed)
     out: list[list[int]] = [[] for _ in prompt_ids]
     for events in TokenGenerator(model, prompt_ids, configs, seeds, eot_id, context_keep,
-                                 static=static, cuda_graph=cuda_graph):
+                                 static=static, cuda_graph=cuda_graph, vocab_size=vocab_size):
         for e in events:
             if not (e.finish_reason == "stop" and e.token == eot_id):
                 out[e.index].append(e.token)

@@ -120,8 +120,9 @@ class Sampler:
         self.greedy_rows = torch.tensor(greedy, device=self.device)[:, None] if self.any_greedy else None
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """Next token per row, (B,) long, from logits (B, V)."""
-        logits = logits.float()
+        """Next token per row, (B,) long, from logits (B, V >= vocab_size); ids from vocab_size on are never
+        chosen (the caller's tokenizer may not know them)."""
+        logits = logits[:, : self.vocab_size].float()
         if self.seen is not None:
             logits = P.apply_repetition_penalty(logits, self.seen, self.penalty)
         if any(self.ngrams):

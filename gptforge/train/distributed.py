@@ -154,10 +154,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         original = block.forward
 
         @functools.wraps(original)
-        def forward(x: torch.Tensor, attention: Any = None, _original: Any = original) -> torch.Tensor:
-            if attention is None and torch.is_grad_enabled():
+        def forward(x: torch.Tensor, kv_cache: Any = None, _original: Any = original) -> torch.Tensor:
+            if kv_cache is None and torch.is_grad_enabled():
                 return checkpoint(_original, x, use_reentrant=False)
-            return _original(x, attention=attention)
+            return _original(x, kv_cache)
 
         block.forward = forward  # type: ignore[method-assign]
 
@@ -252,12 +252,13 @@ def build_fsdp_model(build: Callable[[], nn.Module], ctx: DistContext, precision
 
 
 def _register_fsdp_methods(model: nn.Module) -> None:
-    """Let `embed` and `head` (used by generation's KV-cache path) gather the root's sharded weights.
+    """Let `hidden_states` and `head` (generation and scoring call them directly) gather the root's sharded
+    weights.
 
     FSDP2 gathers parameters in forward hooks; methods other than `forward` need registering.
     """
     register = fsdp_api().register_fsdp_forward_method
-    for name in ("embed", "head"):
+    for name in ("hidden_states", "head"):
         if hasattr(model, name):
             register(model, name)
 
