@@ -1,4 +1,5 @@
-"""`--device` and `--dtype` for the commands that run a model (sample, eval), checked the same way in both.
+"""`--device` and `--dtype` for the commands that run a model (sample, eval) and `train.device` for training,
+checked the same way everywhere.
 
 Checked before any model is loaded, so a typo or a GPU-less machine costs a second and one clear line
 instead of an AssertionError from deep inside torch after the weights were read.
@@ -20,24 +21,28 @@ DTYPE_CHOICES = tuple(DTYPE_NAMES)
 DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """The device `--device name` means (default: cuda when available, else cpu), checked to be usable here."""
+def resolve_device(name: str | None, option: str = "--device") -> torch.device:
+    """The device `name` means, checked to be usable here. None or "auto": cuda when available, else cpu.
+
+    One rule for every command and for training (`train.device`, through `option`, which error messages
+    name): cpu, cuda, cuda:N or mps, and the device must accept a tensor, so a missing backend or GPU index
+    is one line before any weights are read rather than an error from deep inside torch later.
+    """
     import torch
 
-    if name is None:
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name}: not a device name; use cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"{option} {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type not in DEVICE_TYPES:
-        raise UserError(f"--device {name}: unsupported device type; use cpu, cuda, cuda:N or mps")
+        raise UserError(f"{option} {name}: unsupported device type; use auto, cpu, cuda, cuda:N or mps")
     try:
         torch.empty(0, device=device)  # torch raises AssertionError or RuntimeError for a missing backend/index
     except (RuntimeError, AssertionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--device {name}: not available on this machine ({first}); use cpu or leave "
-                        "--device out") from None
+        raise UserError(f"{option} {name}: not available on this machine ({first}); use cpu or auto") from None
     return device
 
 

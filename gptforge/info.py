@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .config import ModelConfig
 from .fused_loss import chunk_rows
+from .units import human_bytes, human_count
 
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -126,36 +127,6 @@ def inference_memory(config: ModelConfig, batch: int = 1, seq_len: int | None = 
     params = parameter_counts(config)["total"]
     return MemoryEstimate({f"weights ({dtype})": BYTES[dtype] * params,
                            f"KV cache (batch {batch} x {seq_len})": kv_cache_bytes(config, batch, seq_len, dtype)})
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_count(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def format_distributed(config: ModelConfig, world_size: int, micro_batch: int, seq_len: int, dtype: str) -> str:
-    """Per-GPU training memory under DDP and FSDP2, with and without activation checkpointing, so a user can
-    pick a strategy before launching torchrun (formulas: gptforge.memory.per_gpu_memory)."""
-    from .memory import per_gpu_memory
-
-    lines = [f"training memory per GPU, {world_size} GPUs, micro-batch {micro_batch} x {seq_len}, {dtype}:",
-             f"  {'':<36} {'activations kept':>18} {'with act. checkpointing':>24}"]
-    for parallel, label in (("ddp", "DDP (full replica)"), ("fsdp", "FSDP2 (sharded weights/grads/AdamW)")):
-        plain, ckpt = (per_gpu_memory(config, world_size, micro_batch, seq_len, parallel, dtype, checkpointing)
-                       ["total"] for checkpointing in (False, True))
-        lines.append(f"  {label:<36} {human_bytes(plain):>18} {human_bytes(ckpt):>24}")
-    lines.append("  (add ~10-20% for the CUDA context, communication buffers and fragmentation)")
-    return "\n".join(lines)
 
 
 def format_report(config: ModelConfig, name: str, micro_batch: int, seq_len: int | None,

@@ -8,22 +8,20 @@ a `.safetensors` file; a preset name (random weights, for speed tests).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .config import PRESETS, get_preset
+from .config import GPT2_VOCAB_SIZE, PRESETS, get_preset
 from .errors import UserError
+from .layout import CHECKPOINTS_DIR, TOKENIZER_DIR, WEIGHTS_FILE, is_sharded_checkpoint, latest_valid_checkpoint
 from .model import GPT
-from .weights import WEIGHTS_FILE, load_weights
+from .weights import load_weights
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
-
-TOKENIZER_DIR = "tokenizer"
-RUN_CONFIG_FILE = "config.json"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def _is_hf_dir(path: Path) -> bool:
@@ -34,6 +32,10 @@ def _is_hf_dir(path: Path) -> bool:
         return "model_type" in json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def find_tokenizer_dir(path: Path) -> Path | None:
@@ -60,8 +62,7 @@ def load_model(spec: str, device: str | torch.device = "cpu",
         model, tokenizer = load_hf_model(path)
         return model.to(device=device, dtype=dtype).eval(), tokenizer
     if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir():
-        from .train.checkpoint import latest_valid_checkpoint
-        checkpoint = latest_valid_checkpoint(path)
+        checkpoint = latest_valid_checkpoint(path, report=_warn)
         if checkpoint is None:
             raise UserError(f"run directory {path} has no valid checkpoint yet; train it first "
                             "(gptforge train) or pass a checkpoint directory")
@@ -69,7 +70,6 @@ def load_model(spec: str, device: str | torch.device = "cpu",
     if path.is_dir():
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
-            from .train.dist_checkpoint import is_sharded_checkpoint
             if is_sharded_checkpoint(path):
                 raise UserError(f"--model {spec}: a sharded (FSDP) checkpoint; make the single-file weights first "
                                 f"with `gptforge consolidate {spec}`")
@@ -88,3 +88,16 @@ def load_model(spec: str, device: str | torch.device = "cpu",
     if path.exists():
         raise UserError(f"--model {spec}: not a run directory, checkpoint, safetensors file or HF directory")
     raise UserError(f"--model {spec}: no such path and not a preset name (presets: {', '.join(PRESETS)})")
+
+
+def default_tokenizer(model: GPT, spec: str, hint: str = "") -> "Tokenizer":
+    """The tokenizer for a model loaded without one (a preset, a bare .safetensors, an HF directory without
+    tokenizer files), the same for sample, eval and export: GPT-2's when the vocabulary is exactly GPT-2's
+    50,257 ids (the one vocabulary recognisable by its size), else one line saying what to pass instead.
+    `hint` adds a command's own way out (export: " or pass --tokenizer")."""
+    if model.config.vocab_size == GPT2_VOCAB_SIZE:
+        from .tokenizer import get_tokenizer
+        return get_tokenizer("gpt2")
+    raise UserError(f"--model {spec}: no tokenizer saved with it and its vocabulary ({model.config.vocab_size:,} "
+                    f"ids) is not GPT-2's ({GPT2_VOCAB_SIZE:,}); use a run or checkpoint directory with its "
+                    f"tokenizer/{hint}")

@@ -15,6 +15,7 @@ from typing import Literal
 from .config import ModelConfig
 from .errors import UserError
 from .info import BYTES, activation_bytes, flops_per_token, parameter_counts
+from .units import human_bytes
 
 Parallel = Literal["ddp", "fsdp"]
 
@@ -99,3 +100,16 @@ def per_gpu_memory(config: ModelConfig, world_size: int, micro_batch: int, seq_l
     parts = {k: int(v) for k, v in parts.items()}
     return {"parallel": parallel, "world_size": world_size, "micro_batch": micro_batch, "seq_len": seq_len,
             "precision": precision, "params": P, "parts": parts, "total": sum(parts.values())}
+
+
+def format_distributed(config: ModelConfig, world_size: int, micro_batch: int, seq_len: int, dtype: str) -> str:
+    """Per-GPU training memory under DDP and FSDP2, with and without activation checkpointing, so a user can
+    pick a strategy before launching torchrun (formulas: `per_gpu_memory`)."""
+    lines = [f"training memory per GPU, {world_size} GPUs, micro-batch {micro_batch} x {seq_len}, {dtype}:",
+             f"  {'':<36} {'activations kept':>18} {'with act. checkpointing':>24}"]
+    for parallel, label in (("ddp", "DDP (full replica)"), ("fsdp", "FSDP2 (sharded weights/grads/AdamW)")):
+        plain, ckpt = (per_gpu_memory(config, world_size, micro_batch, seq_len, parallel, dtype, checkpointing)
+                       ["total"] for checkpointing in (False, True))
+        lines.append(f"  {label:<36} {human_bytes(plain):>18} {human_bytes(ckpt):>24}")
+    lines.append("  (add ~10-20% for the CUDA context, communication buffers and fragmentation)")
+    return "\n".join(lines)

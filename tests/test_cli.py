@@ -87,6 +87,15 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda: not available"):
             resolve_device("cuda")
+    assert resolve_device("auto") == resolve_device(None)
+
+
+def test_training_resolves_devices_by_the_same_rule_naming_its_option():
+    from gptforge.train.precision import resolve_device as train_device
+    assert train_device("auto") == resolve_device(None) and train_device("cpu") == torch.device("cpu")
+    for bad in ("foo", "meta", "cuda:99"):
+        with pytest.raises(UserError, match=f"^train.device {bad}: "):
+            train_device(bad)
 
 
 def test_resolve_dtype_spellings_and_defaults():

@@ -95,7 +95,8 @@ def test_per_gpu_memory_matches_a_hand_count_for_a_tiny_model():
 
 
 def test_info_shows_per_gpu_memory_for_a_world_size():
-    from gptforge.info import format_distributed, human_bytes
+    from gptforge.memory import format_distributed
+    from gptforge.units import human_bytes
     from gptforge.memory import per_gpu_memory
     config = get_preset("gpt3-xl")
     text = format_distributed(config, 8, 4, 2048, "bf16")

@@ -47,3 +47,64 @@ def test_own_tokenizer_wins_and_stray_one_is_ignored(tmp_path, monkeypatch, weig
     tok.save(tmp_path / "sub" / "tokenizer")
     assert load_model("ckpt")[1].encode("abc") == tok.encode("abc")
     assert load_model("sub/x.safetensors")[1].encode("abc") == tok.encode("abc")
+
+
+def _checkpoint(step_dir, model) -> None:
+    """A complete checkpoint by the layout's rules (weights, optimizer, state, checksums), written by hand."""
+    import json
+
+    from gptforge.layout import CHECKSUMS_FILE, OPTIMIZER_FILE, STATE_FILE, WEIGHTS_FILE, sha256_file
+    save_weights(model, step_dir / WEIGHTS_FILE)
+    (step_dir / OPTIMIZER_FILE).write_bytes(b"not read by inference")
+    (step_dir / STATE_FILE).write_text("{}")
+    names = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE)
+    (step_dir / CHECKSUMS_FILE).write_text(json.dumps({n: sha256_file(step_dir / n) for n in names}))
+
+
+def test_run_directory_loads_newest_valid_checkpoint_and_reports_a_broken_one(tmp_path, capsys,
+                                                                               weights_and_tokenizer):
+    model, tok = weights_and_tokenizer
+    run = tmp_path / "run"
+    (run / "config.json").parent.mkdir()
+    (run / "config.json").write_text("{}")
+    tok.save(run / "tokenizer")
+    _checkpoint(run / "checkpoints" / "step_5", model)
+    newer = GPT(model.config)
+    _checkpoint(run / "checkpoints" / "step_9", newer)
+    (run / "checkpoints" / "step_9" / "state.json").write_text('{"edited": true}')  # checksum no longer matches
+    loaded, loaded_tok = load_model(str(run))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert loaded_tok.encode("abc") == tok.encode("abc")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_9 is unusable (state.json does not match its checksum" in err[0]
+
+
+def test_default_tokenizer_is_gpt2_only_for_gpt2_vocabulary(gpt2_ranks):
+    from gptforge.errors import UserError
+    from gptforge.loading import default_tokenizer
+
+    gpt2_sized = GPT(ModelConfig(vocab_size=50257, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    assert default_tokenizer(gpt2_sized, "m").encode("Hello world") == [15496, 995]
+    other = GPT(ModelConfig(vocab_size=50304, block_size=8, n_layer=1, n_head=2, n_embd=16))  # nanoGPT's padding
+    with pytest.raises(UserError, match=r"--model m\.safetensors: no tokenizer saved with it and its vocabulary "
+                                        r"\(50,304 ids\) is not GPT-2's \(50,257\).* or pass --tokenizer$"):
+        default_tokenizer(other, "m.safetensors", hint=" or pass --tokenizer")
+
+
+@pytest.mark.parametrize("command", ["sample", "eval", "export"])
+def test_sample_eval_and_export_share_the_tokenizer_rule(tmp_path, capsys, command, weights_and_tokenizer):
+    """A bare .safetensors with a non-GPT-2 vocabulary: the same one line from all three commands."""
+    from gptforge.cli import main
+
+    model, _ = weights_and_tokenizer
+    save_weights(model, tmp_path / "bare" / "m.safetensors")
+    spec = str(tmp_path / "bare" / "m.safetensors")
+    argv = {"sample": ["sample", "--model", spec, "hi", "--device", "cpu"],
+            "eval": ["eval", "--model", spec, "--task", "val", "--data", str(tmp_path / "t.txt"), "--device", "cpu"],
+            "export": ["export", "--model", spec, "--format", "hf", "--out", str(tmp_path / "out")]}[command]
+    (tmp_path / "t.txt").write_text("abc def " * 20)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"gptforge {command}: error: --model {spec}: no tokenizer saved "
+                                               f"with it and its vocabulary ({model.config.vocab_size:,} ids)")
+    assert not (tmp_path / "out").exists()

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import dtype_name, resolve_device, resolve_dtype
     from ..evals import runner
     from ..evals.report import format_table, to_json, write_json
-    from ..loading import load_model
+    from ..loading import default_tokenizer, load_model
 
     tasks = runner.check_tasks(args.task)
     data = runner.parse_data(args.data, tasks)
@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
         runner.load_task(task, data.get(task), args.limit, options)
 
     model, tokenizer = load_model(args.model, device, dtype)
-    if tokenizer is None and model.config.vocab_size == 50257:
-        from ..tokenizer import get_tokenizer
-        tokenizer = get_tokenizer("gpt2")
+    tokenizer = tokenizer or default_tokenizer(model, args.model)
 
     results = runner.run_tasks(model, tokenizer, tasks, data, args.limit, args.batch_size, options,
                                progress=not args.no_progress and sys.stderr.isatty())

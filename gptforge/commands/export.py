@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default=None,
                         help="weights precision: hf f32|f16|bf16 (default f32); gguf f32|f16|bf16|q8_0 (default f16)")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer to include when the model has none saved beside it: gpt2 or a directory")
+                        help="tokenizer to include: gpt2 or a directory (default: the one saved with the model, else "
+                             "gpt2 for a model with GPT-2's 50,257-id vocabulary)")
     parser.set_defaults(func=run)
 
 
@@ -27,15 +28,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format!r} is not supported; choose one of {', '.join(FORMATS)}")
-    from ..loading import load_model
+    from ..loading import default_tokenizer, load_model
     from ..tokenizer import get_tokenizer
 
     model, tokenizer = load_model(args.model)
     if args.tokenizer is not None:
         tokenizer = get_tokenizer(args.tokenizer)
-    if tokenizer is None:
-        raise UserError(f"--model {args.model} has no tokenizer saved beside it; pass --tokenizer gpt2 or a "
-                        "tokenizer directory so the export can be used for text")
+    tokenizer = tokenizer or default_tokenizer(model, args.model, hint=" or pass --tokenizer")
     if args.format == "hf":
         from ..interop.hf import export_hf
         out = export_hf(model, tokenizer, args.out, force=args.force, dtype=args.dtype or "f32")

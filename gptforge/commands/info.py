@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import ModelConfig, apply_overrides, from_dict, get_preset, load_toml
     from ..errors import UserError
-    from ..info import format_distributed, format_report
+    from ..info import format_report
+    from ..memory import format_distributed
 
     if args.config:
         table = load_toml(args.config).get("model")

@@ -64,7 +64,7 @@ def read_prompt(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device, resolve_dtype
     from ..generation import SamplingConfig
-    from ..loading import load_model
+    from ..loading import default_tokenizer, load_model
 
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
@@ -75,12 +75,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    if tokenizer is None:
-        if model.config.vocab_size != 50257:
-            raise UserError(f"--model {args.model}: no tokenizer saved with it and its vocabulary "
-                            f"({model.config.vocab_size}) is not GPT-2's; use a run or checkpoint directory")
-        from ..tokenizer import get_tokenizer
-        tokenizer = get_tokenizer("gpt2")
+    tokenizer = tokenizer or default_tokenizer(model, args.model)
     seeds = args.seed or [None]
 
     if prompt is not None:

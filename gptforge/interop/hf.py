@@ -357,8 +357,8 @@ def load_hf_model(path: str | os.PathLike) -> "tuple[GPT, Tokenizer | None]":
 
 def import_hf(source: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
     """Convert an HF checkpoint into a gptforge checkpoint directory (`model.safetensors` + `tokenizer/`)."""
-    from ..loading import TOKENIZER_DIR
-    from ..weights import WEIGHTS_FILE, save_weights
+    from ..layout import TOKENIZER_DIR, WEIGHTS_FILE
+    from ..weights import save_weights
 
     out = check_output(out, force)
     model, tokenizer = load_hf_model(source)

@@ -12,20 +12,13 @@ from typing import ContextManager
 
 import torch
 
+from .. import devices
 from ..errors import UserError
 
 
 def resolve_device(spec: str) -> torch.device:
-    """"auto" -> cuda when available else cpu; anything else must be a device torch knows and has."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UserError(f"train.device {spec!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device {spec!r}: CUDA is not available here; use train.device=cpu")
-    return device
+    """`train.device`: the same rule as every command's --device (gptforge.devices), named as the option."""
+    return devices.resolve_device(spec, option="train.device")
 
 
 def cpu_has_native_bf16() -> bool:

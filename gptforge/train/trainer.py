@@ -29,6 +29,7 @@ from .. import atomic
 from ..config import RunConfig
 from ..errors import UserError
 from ..model import GPT
+from ..units import human_count
 from . import checkpoint as ckpt
 from . import distributed as D
 from ..info import flops_per_token
@@ -142,13 +143,6 @@ def _is_oom(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def _fmt_count(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return f"{n:.0f}"
 
 
 def _fmt_time(seconds: float) -> str:
@@ -396,7 +390,7 @@ class Trainer:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
             truncate_samples(self.run_dir, self.step)
         self.resumed_from = self.step
-        self.log(f"resuming {self.run_dir} from {path.name} ({_fmt_count(self.tokens)} tokens seen)")
+        self.log(f"resuming {self.run_dir} from {path.name} ({human_count(self.tokens)} tokens seen)")
 
     def _check_resume_layout(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a resume that would silently change the optimization: the global batch must stay the same.
@@ -551,8 +545,8 @@ class Trainer:
 
     def _fit(self, logger: MetricsLogger | None) -> TrainResult:
         tc = self.tc
-        self.log(f"training {_fmt_count(self.raw_model.num_parameters())} parameters on {self.device} "
-                 f"({self.precision}{', compiled' if tc.compile else ''}); {_fmt_count(self.full_tokens)} tokens "
+        self.log(f"training {human_count(self.raw_model.num_parameters())} parameters on {self.device} "
+                 f"({self.precision}{', compiled' if tc.compile else ''}); {human_count(self.full_tokens)} tokens "
                  f"per step = {self.full_tokens // self.micro_tokens} x "
                  + (f"{self.world_size} ranks ({self.parallel}) x " if self.world_size > 1 else "")
                  + f"{tc.micro_batch_size} x {self.seq_len}; "
@@ -617,8 +611,8 @@ class Trainer:
                 step_time = window["time"] / max(1, window["all_steps"])
                 total = f"/{tc.max_steps}" if tc.max_steps else ""
                 self.log(f"step {self.step}{total} | loss {avg_loss:.4f} | lr {lr:.2e} | "
-                         f"{_fmt_count(tok_s)} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                         + f" | {_fmt_count(self.tokens)} tok | ETA {self._eta(step_time)}")
+                         f"{human_count(tok_s)} tok/s" + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else "")
+                         + f" | {human_count(self.tokens)} tok | ETA {self._eta(step_time)}")
                 self.window = window = self._new_window()
             finishing = reason is not None and reason != "interrupted"
             if self.step % tc.eval_every == 0 or finishing:
