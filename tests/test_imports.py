@@ -124,8 +124,6 @@ def test_no_import_cycles_at_module_level():
     assert _cycles(_graph(module_level_only=True)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="trainer (issue 11.4): run_config<->trainer and checkpoint<->dist_checkpoint "
-                                       "are still broken only by imports inside functions")
 def test_no_import_cycles_even_through_imports_inside_functions():
     assert _cycles(_graph(module_level_only=False)) == []
 
