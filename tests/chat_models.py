@@ -1,7 +1,7 @@
 """Tiny chat models for tests: tokenizers with the ChatML markers, and GPTs whose replies are known.
 
-`chat_tokenizer` adds `<|im_start|>`/`<|im_end|>` to a small char or byte-level BPE tokenizer through the
-tokenizer's own add_special_tokens (what `gptforge sft` does to a base tokenizer).
+`chat_tokenizer` gives a small char or byte-level BPE tokenizer the chat markers and template
+(`add_chat_tokens`, what `gptforge sft` does to a base tokenizer).
 
 `scripted_model(vocab, script)` is a GPT whose greedy next token depends only on the position: blocks add
 nothing (their output projections are zero), token embeddings are small one-hot rows and the position
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from gptforge.chat import IM_END, IM_START
+from gptforge.chat import IM_END
 from gptforge.config import ModelConfig
 from gptforge.model import GPT
 
@@ -29,9 +29,10 @@ CORPUS = (string.printable + "é ü 🙂 ") + "hello world, the quick brown fox 
 def chat_tokenizer(kind: str = "char", corpus: str = CORPUS):
     from gptforge.tokenizer import CharTokenizer, train_bpe
 
+    from gptforge.chat.tokens import add_chat_tokens
+
     tok = CharTokenizer.train([corpus]) if kind == "char" else train_bpe([corpus], vocab_size=300)
-    tok.add_special_tokens([IM_START, IM_END])
-    return tok
+    return add_chat_tokens(tok)
 
 
 def scripted_model(vocab_size: int, script: dict[int, int], block_size: int = 64, default: int | None = None) -> GPT:

@@ -9,7 +9,7 @@ import pytest
 from chat_models import chat_tokenizer, random_chat_model, scripted_model
 
 from gptforge.chat import IM_END, IM_START, ChatSession, render_chat
-from gptforge.chat.session import encode_chat
+from gptforge.chat.tokens import encode_chat_prompt
 from gptforge.errors import UserError
 from gptforge.generation import SamplingConfig, generate_ids
 
@@ -26,20 +26,21 @@ def _marked(tok, text):
 
 
 def test_prompt_ids_are_the_rendered_template(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"},
-                {"role": "assistant", "content": "hi!"}, {"role": "user", "content": "the fox?"}]
-    assert encode_chat(tok, messages, True) == _marked(tok, render_chat(messages, True))
-    assert encode_chat(tok, messages) == _marked(tok, render_chat(messages))
+    session = ChatSession(random_chat_model(tok, end_at=100), tok, GREEDY, system="Be brief.")
+    session.ask("hello there")
+    messages = session.messages + [{"role": "user", "content": "the fox?"}]
+    assert session.prompt_ids("the fox?") == _marked(tok, render_chat(messages, True))
 
 
 def test_marker_text_typed_by_a_user_is_not_a_marker(tok):
-    ids = encode_chat(tok, [{"role": "user", "content": "a<|im_end|>b"}])
+    session = ChatSession(random_chat_model(tok, end_at=100), tok, GREEDY)
+    ids = session.prompt_ids("a<|im_end|>b")
     specials = tok.special_tokens
-    assert ids.count(specials[IM_END]) == 1 and ids.count(specials[IM_START]) == 1
+    assert ids.count(specials[IM_END]) == 1 and ids.count(specials[IM_START]) == 2
 
 
 def test_reply_is_the_greedy_continuation_cut_at_end_of_turn(tok):
-    prompt = encode_chat(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}], True)
+    prompt = encode_chat_prompt(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
     model = random_chat_model(tok, end_at=list(range(len(prompt) + 10, 256, 15)), block_size=256)
     session = ChatSession(model, tok, GREEDY, system="Be brief.")
     reply = session.ask("hello")
@@ -48,7 +49,7 @@ def test_reply_is_the_greedy_continuation_cut_at_end_of_turn(tok):
     assert session.last.finish_reason == "stop" and session.last.reply_tokens == len(expected) > 0
     # second turn: the whole conversation, first reply included, is the prompt
     second = session.ask("the fox?")
-    prompt2 = encode_chat(tok, session.messages[:-1], True)
+    prompt2 = encode_chat_prompt(tok, session.messages[:-1])
     expected2 = generate_ids(model, [prompt2], GREEDY, eot_id=tok.special_tokens[IM_END])[0]
     assert second == tok.decode(expected2) and session.last.prompt_tokens == len(prompt2) and expected2
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
@@ -62,7 +63,7 @@ def _script_reply(tok, prompt_len, tokens, block_size=64):
 @pytest.mark.parametrize("end", [IM_END, "<|endoftext|>"])
 def test_stops_at_end_of_turn_or_end_of_text_without_printing_them(end):
     tok = chat_tokenizer("char")
-    prompt_len = len(encode_chat(tok, [{"role": "user", "content": "hi"}], True))
+    prompt_len = len(encode_chat_prompt(tok, [{"role": "user", "content": "hi"}]))
     a, b = tok.encode("ok")
     model = _script_reply(tok, prompt_len, [a, b, tok.special_tokens[end], a, a])
     session = ChatSession(model, tok, GREEDY)
@@ -74,7 +75,7 @@ def test_a_character_split_across_tokens_is_never_printed_in_halves():
     tok = chat_tokenizer("bpe")
     e_acute = tok.encode("é")
     assert len(e_acute) == 2  # two byte tokens: the first ends inside the character
-    prompt_len = len(encode_chat(tok, [{"role": "user", "content": "hi"}], True))
+    prompt_len = len(encode_chat_prompt(tok, [{"role": "user", "content": "hi"}]))
     bang = tok.encode("!")
     model = _script_reply(tok, prompt_len, bang + e_acute + bang + [tok.special_tokens[IM_END]])
     pieces = list(ChatSession(model, tok, GREEDY).send("hi"))
@@ -104,7 +105,7 @@ def test_oldest_exchanges_are_dropped_when_the_context_is_full_and_the_user_told
     assert visible[0] == {"role": "system", "content": "S."}
     assert visible[1]["role"] == "user" and visible[1]["content"] != "one"
     assert len(session.messages) == 13  # everything is kept for /save
-    prompt = encode_chat(tok, visible[:-1], True)
+    prompt = encode_chat_prompt(tok, visible[:-1])
     assert session.last.prompt_tokens == len(prompt)
 
 
@@ -193,3 +194,19 @@ def test_interrupt_inside_generation_keeps_the_conversation_well_formed(monkeypa
             pieces.append(piece)
     assert session.last.finish_reason == "interrupted"
     assert session.messages[-1] == {"role": "assistant", "content": "".join(pieces)}
+
+
+def test_load_continues_a_saved_conversation_and_refuses_malformed_ones(tmp_path):
+    tok = chat_tokenizer("char")
+    model = random_chat_model(tok, end_at=list(range(70, 256, 20)), block_size=256)
+    talked = ChatSession(model, tok, GREEDY, system="Be brief.")
+    talked.ask("hello")
+    saved = json.loads(talked.save(tmp_path / "t.jsonl").read_text(encoding="utf-8"))["messages"]
+    resumed = ChatSession(model, tok, GREEDY)
+    resumed.load(saved)
+    assert resumed.messages == talked.messages and resumed.ask("more") == talked.ask("more")
+    for bad in ([{"role": "user", "content": "a"}],
+                [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
+                [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]):
+        with pytest.raises(UserError):
+            resumed.load(bad)

@@ -100,6 +100,12 @@ def test_a_tokenizer_without_markers_is_named():
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_chat_session_encodes_the_ids_training_uses(chat_tok, messages):
-    from gptforge.chat.session import encode_chat as session_encode
+    from gptforge.chat import ChatSession
+    from gptforge.config import ModelConfig
+    from gptforge.model import GPT
 
-    assert session_encode(chat_tok, messages, True) == encode_chat(chat_tok, messages, True)[0]
+    model = GPT(ModelConfig(vocab_size=chat_tok.vocab_size, block_size=512, n_layer=1, n_head=1, n_embd=8))
+    session = ChatSession(model, chat_tok)
+    session.load(messages)
+    expected = encode_chat(chat_tok, messages + [{"role": "user", "content": "next?"}], True)[0]
+    assert session.prompt_ids("next?") == expected

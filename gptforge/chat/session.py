@@ -3,14 +3,13 @@
     session = ChatSession(model, tokenizer, SamplingConfig(temperature=0.7), system="Be brief.", seed=0)
     for piece in session.send("What does json.dumps do?"):
         print(piece, end="", flush=True)
-    session.undo(); session.reset(); session.save("talk.jsonl")
+    session.undo(); session.reset(); session.save("talk.jsonl"); session.load(messages)
 
 Each turn re-renders the *whole* conversation with the model's own template (ChatML), so the model sees
 every earlier exchange exactly as it was trained on them (a chat that forgets earlier turns is a common
-bug elsewhere). Messages are encoded one by one: the markers `<|im_start|>`/`<|im_end|>` become their
-special ids only where the template puts them, never from text a user typed, and because the markers split
-the text anyway the ids are the same as encoding the rendered string with the markers allowed (what
-`apply_chat_template` does for a model we export).
+bug elsewhere). The ids are `gptforge.chat.tokens.encode_chat`'s, the ones SFT trains on: the markers
+become their special ids only where the template puts them, never from text a user typed. Messages are
+encoded one by one (the markers split the text anyway), which is what lets old exchanges be dropped.
 
 A reply ends at `<|im_end|>` (end of turn) or `<|endoftext|>`; neither is printed. Pieces are released
 through an incremental UTF-8 decoder, so a byte-level token that ends inside a character never shows up
@@ -37,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .template import CHAT_TEMPLATE, IM_END, IM_START, check_messages, generation_prompt
+from .template import CHAT_TEMPLATE, IM_END, IM_START, check_messages
+from .tokens import encode_chat, encode_chat_prompt, has_chat_tokens
 
 if TYPE_CHECKING:
     from ..generation import SamplingConfig
@@ -48,20 +48,19 @@ if TYPE_CHECKING:
 def chat_template(tokenizer: "Tokenizer") -> str | None:
     """The Jinja chat template of the model whose tokenizer this is, or None for a base model.
 
-    A tokenizer that carries a template (`tokenizer.chat_template`) gives it; otherwise one that has both
-    ChatML markers as special tokens is a ChatML chat model.
+    The template saved with the tokenizer (`tokenizer.chat_template`), else ChatML for a tokenizer that has
+    both markers as special tokens (one imported without its template file).
     """
     template = getattr(tokenizer, "chat_template", None)
     if template:
         return template
-    specials = tokenizer.special_tokens
-    return CHAT_TEMPLATE if IM_START in specials and IM_END in specials else None
+    return CHAT_TEMPLATE if has_chat_tokens(tokenizer) else None
 
 
 def require_chat_model(tokenizer: "Tokenizer | None", what: str) -> str:
     """The tokenizer's chat template, or a UserError telling how to get a chat model."""
     template = chat_template(tokenizer) if tokenizer is not None else None
-    if template is None:
+    if template is None or not has_chat_tokens(tokenizer):
         raise UserError(f"{what} is a base model without a chat template (no {IM_START}/{IM_END} tokens); "
                         "fine-tune it into a chat model first with `gptforge sft --model RUN`")
     if template != CHAT_TEMPLATE:
@@ -69,26 +68,8 @@ def require_chat_model(tokenizer: "Tokenizer | None", what: str) -> str:
     return template
 
 
-def encode_message(tokenizer: "Tokenizer", role: str, content: str) -> list[int]:
-    """Ids of one rendered message `<|im_start|>role\\ncontent<|im_end|>\\n`, markers as special ids only."""
-    specials = tokenizer.special_tokens
-    return ([specials[IM_START]] + tokenizer.encode(f"{role}\n{content}") + [specials[IM_END]]
-            + tokenizer.encode("\n"))
-
-
-def encode_chat(tokenizer: "Tokenizer", messages: list[Mapping[str, Any]],
-                add_generation_prompt: bool = False) -> list[int]:
-    """Ids of the rendered conversation (what `render_chat` writes, with the markers as special ids)."""
-    ids = [t for m in check_messages(messages) for t in encode_message(tokenizer, m["role"], m["content"])]
-    if add_generation_prompt:
-        ids += _generation_ids(tokenizer)
-    return ids
-
-
-def _generation_ids(tokenizer: "Tokenizer") -> list[int]:
-    prompt = generation_prompt()
-    assert prompt.startswith(IM_START)
-    return [tokenizer.special_tokens[IM_START]] + tokenizer.encode(prompt[len(IM_START):])
+def _message_ids(tokenizer: "Tokenizer", role: str, content: str) -> list[int]:
+    return encode_chat(tokenizer, [{"role": role, "content": content}])[0]
 
 
 @dataclass
@@ -155,6 +136,22 @@ class ChatSession:
             raise UserError(f"the system message must be text, got {type(text).__name__}")
         self.system = text or None
 
+    def load(self, messages: list[Mapping[str, Any]]) -> None:
+        """Continue the conversation `messages` (a leading system message, then complete user/assistant
+        exchanges: what `messages` returns or /save wrote), replacing the current one."""
+        checked = check_messages(messages)
+        system = checked[0]["content"] if checked and checked[0]["role"] == "system" else None
+        turns = checked[1:] if system is not None else checked
+        for i, m in enumerate(turns):
+            if m["role"] != ("user", "assistant")[i % 2]:
+                raise UserError(f"message {i + (system is not None)} has role {m['role']!r}; after an optional "
+                                "system message a conversation alternates user and assistant, user first")
+        if len(turns) % 2:
+            raise UserError("the conversation ends with a user message; give it to send() instead")
+        self.reset()
+        self.set_system(system)
+        self._turns = [dict(m) for m in turns]
+
     def reset(self) -> None:
         """Start a new conversation (the system message stays)."""
         self._turns.clear()
@@ -187,7 +184,7 @@ class ChatSession:
         dropping anything; `send` fits them to the context first."""
         turns = self._turns[self._first:] + ([{"role": "user", "content": user_text}] if user_text is not None else [])
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return encode_chat(self.tokenizer, head + turns, add_generation_prompt=True)
+        return encode_chat_prompt(self.tokenizer, head + turns)
 
     def send(self, text: str) -> Iterator[str]:
         """Stream the reply to the user's `text` as printable pieces.
@@ -213,10 +210,10 @@ class ChatSession:
         """
         block = self.model.config.block_size
         room = min(self.config.max_new_tokens, max(1, block // 2))
-        head = encode_chat(self.tokenizer, [{"role": "system", "content": self.system}]) if self.system else []
+        head = _message_ids(self.tokenizer, "system", self.system) if self.system else []
         turns = self._turns + [{"role": "user", "content": text}]
-        parts = [encode_message(self.tokenizer, m["role"], m["content"]) for m in turns]
-        tail = _generation_ids(self.tokenizer)
+        parts = [_message_ids(self.tokenizer, m["role"], m["content"]) for m in turns]
+        tail = encode_chat_prompt(self.tokenizer, [])  # <|im_start|>assistant\n
         first = self._first
         while True:
             size = len(head) + sum(len(p) for p in parts[first:]) + len(tail)
