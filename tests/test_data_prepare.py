@@ -279,6 +279,38 @@ def test_cli_prepares(tmp_path):
     assert read_manifest(tmp_path / "out")["counts"]["documents"] == 2
 
 
+def test_cli_skips_malformed_lines_and_replaces_lone_surrogates(tmp_path):
+    """One bad line in a corpus costs that line, not the run; a lone surrogate becomes U+FFFD (issue 10 #8, #13)."""
+    from gptforge.tokenizer import load_tokenizer
+
+    (tmp_path / "d.jsonl").write_text('{"text": "good one"}\n{"text": broken\n{"text": "lone \\ud800 here"}\n')
+    result = run_cli("d.jsonl", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1",
+                     "--val-fraction", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    counts = read_manifest(tmp_path / "out")["counts"]
+    assert counts["documents"] == 2 and counts["skipped_records"] == 1 and counts["lone_surrogates"] == 1
+    assert counts["skipped_record_examples"] == ["d.jsonl:2: not valid JSON (Expecting value); skipped"]
+    assert counts["lone_surrogate_examples"] == ["d.jsonl:3: 1 lone surrogate(s) replaced by U+FFFD"]
+    assert "warning: skipped 1 malformed record(s) (first: d.jsonl:2: not valid JSON" in result.stdout
+    assert "warning: replaced 1 lone surrogate(s) by U+FFFD (first: d.jsonl:3:" in result.stdout
+    tokenizer = load_tokenizer(tmp_path / "out" / "tokenizer")
+    eot = tokenizer.eot_id
+    assert split_tokens(tmp_path / "out")["train"].tolist() == \
+        tokenizer.encode("good one") + [eot] + tokenizer.encode("lone \ufffd here") + [eot]
+
+
+def test_cli_source_with_no_usable_record_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"body": "x"}\nnot json\n')
+    result = run_cli("d.jsonl", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["gptforge prepare: error: source d.jsonl: no usable records (2 skipped; first: d.jsonl:1: no "
+                     "field 'text' (found: body); choose one with --text-field); fix the file or choose the text "
+                     "field with --text-field"]
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def make_long_line(path, megabytes):
     block = ("lorem ipsum dolor sit amet " * 40_000)[:1 << 20].encode()
     with open(path, "wb") as f:

@@ -46,16 +46,34 @@ def test_jsonl_records_and_text_field(tmp_path):
     assert list(iter_documents([str(path)], text_field="body")) == ["x", "y"]
 
 
-def test_jsonl_errors_name_the_line_and_field(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"body": "x"}])
-    with pytest.raises(UserError, match=r"d.jsonl line 1: no field 'text' \(found: body\); choose one with --text-field"):
+def test_jsonl_bad_records_are_skipped_by_line_and_only_nothing_usable_is_an_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": oops}\n[1, 2]\n{"text": 5}\n{"body": "x"}\n{"text": "fine"}\n')
+    reader = DocumentReader([str(path)])
+    assert list(reader.documents()) == ["ok", "fine"]
+    report = reader.stats.records
+    assert report.count == 4
+    assert report.examples == [f"{path}:2: not valid JSON (Expecting value); skipped",
+                               f"{path}:3: not a JSON object (a list); skipped",
+                               f"{path}:4: field 'text' is int, not text; choose a text field with --text-field; skipped",
+                               f"{path}:5: no field 'text' (found: body); choose one with --text-field; skipped"]
+    counts = reader.stats.to_dict()
+    assert counts["skipped_records"] == 4 and counts["documents"] == 2
+    path.write_text('{"body": "x"}\n{"body": "y"}\n')
+    with pytest.raises(UserError, match=rf"source {path}: no usable records \(2 skipped; first: {path}:1: no field "
+                                        r"'text' \(found: body\); choose one with --text-field\); fix the file"):
         list(iter_documents([str(path)]))
-    path.write_text('{"text": "ok"}\n{"text": oops}\n')
-    with pytest.raises(UserError, match="d.jsonl line 2: not valid JSON"):
-        list(iter_documents([str(path)]))
-    path.write_text('{"text": 5}\n')
-    with pytest.raises(UserError, match="is int, not text"):
-        list(iter_documents([str(path)]))
+
+
+def test_lone_surrogates_in_jsonl_are_replaced_and_counted_by_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a\\ud800b"}\n{"text": "fine \\ud83d\\ude00"}\n{"text": "\\udfff\\udfff"}\n')
+    reader = DocumentReader([str(path)])
+    assert list(reader.documents()) == ["a\ufffdb", "fine \U0001F600", "\ufffd\ufffd"]
+    counts = reader.stats.to_dict()
+    assert counts["lone_surrogates"] == 3
+    assert counts["lone_surrogate_examples"] == [f"{path}:1: 1 lone surrogate(s) replaced by U+FFFD",
+                                                 f"{path}:3: 2 lone surrogate(s) replaced by U+FFFD"]
 
 
 def test_parquet_column(tmp_path):

@@ -88,7 +88,7 @@ def test_hellaswag_file_skips_bad_lines_with_line_numbers(tmp_path):
     assert len(hellaswag.load_hellaswag(str(path), limit=1)[0]) == 1
 
 
-@pytest.mark.parametrize("content, message", [("", "is empty"), ("{bad\n[1]\n", "no usable items")])
+@pytest.mark.parametrize("content, message", [("", "is empty"), ("{bad\n[1]\n", "no usable records")])
 def test_hellaswag_bad_files(tmp_path, content, message):
     path = tmp_path / "hs.jsonl"
     path.write_text(content)

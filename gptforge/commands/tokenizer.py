@@ -48,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..data.sources import iter_documents
+    from ..data.sources import DocumentReader
     from ..errors import UserError
     from ..tokenizer import CharTokenizer, train_bpe
 
@@ -56,7 +56,8 @@ def run_train(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"--out {out} already exists; choose another directory or pass --overwrite")
     start = time.perf_counter()
-    documents = iter_documents(args.sources, glob=args.glob)
+    reader = DocumentReader(args.sources, glob=args.glob)
+    documents = reader.documents()
     if args.kind == "char":
         tokenizer = CharTokenizer.train(documents)
         tokenizer.add_special_tokens(args.special_token)
@@ -74,6 +75,9 @@ def run_train(args: argparse.Namespace) -> int:
         note = f" (the corpus supports only {tokenizer.vocab_size} of the {args.vocab_size} requested)"
     print(f"saved {tokenizer.kind} tokenizer to {out}: vocab_size {tokenizer.vocab_size}{note}, "
           f"eot_id {tokenizer.eot_id}, {seconds:.1f} s")
+    problems = reader.stats.records.summary()  # malformed lines skipped, text repaired: say where
+    if problems:
+        print("\n".join(f"warning: {line}" for line in problems.splitlines()))
     return 0
 
 

@@ -258,7 +258,7 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
                 for train_tokens, val_tokens in pool.map(tasks):
                     writers.train.write(train_tokens)
                     writers.val.write(val_tokens)
-                    bar.update(reader.stats.bytes, train_tokens.size + val_tokens.size)
+                    bar.update(reader.stats.bytes_read(), train_tokens.size + val_tokens.size)
             finally:
                 bar.close()
         shards = {name: getattr(writers, name).close() for name in SPLITS}
@@ -279,11 +279,18 @@ def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", d
     warnings = []
     if val_fraction > 0 and not splits["val"]["tokens"]:
         warnings.append(f"the val split is empty: no document piece was drawn at --val-fraction {val_fraction}")
-    if stats.skipped_binary_files:
-        warnings.append(f"skipped {stats.skipped_binary_files} binary file(s) (NUL bytes)")
-    if stats.invalid_utf8_files:
-        warnings.append(f"replaced {stats.invalid_utf8_replacements} invalid UTF-8 sequence(s) in "
-                        f"{stats.invalid_utf8_files} file(s)")
+    counts = stats.to_dict()
+    if counts["skipped_binary_files"]:
+        warnings.append(f"skipped {counts['skipped_binary_files']} binary file(s) (NUL bytes)")
+    if counts["invalid_utf8_replacements"]:
+        warnings.append(f"replaced {counts['invalid_utf8_replacements']} invalid UTF-8 sequence(s) in "
+                        f"{counts['invalid_utf8_files']} file(s) (first: {counts['invalid_utf8_examples'][0]})")
+    if counts["lone_surrogates"]:
+        warnings.append(f"replaced {counts['lone_surrogates']} lone surrogate(s) by U+FFFD "
+                        f"(first: {counts['lone_surrogate_examples'][0]})")
+    if counts["skipped_records"]:
+        warnings.append(f"skipped {counts['skipped_records']} malformed record(s) "
+                        f"(first: {counts['skipped_record_examples'][0]})")
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
@@ -292,7 +299,7 @@ def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", d
                       "eot_id": tokenizer.eot_id, "dir": TOKENIZER_DIR},
         "dtype": dtype.name,
         "splits": splits,
-        "counts": {"tokens": sum(s["tokens"] for s in splits.values()), **stats.to_dict()},
+        "counts": {"tokens": sum(s["tokens"] for s in splits.values()), **counts},
         "sources": [str(s) for s in sources],
         "glob": glob,
         "text_field": text_field,

@@ -10,13 +10,16 @@ Documents are yielded in a deterministic order. A very long document is yielded 
 a whitespace boundary that does not change how GPT-2-style tokenizers pre-tokenize the text, so memory stays
 bounded even for a 100 MB single line. Files with NUL bytes are skipped as binary and counted; invalid
 UTF-8 is replaced by U+FFFD and counted; both end up in `SourceStats` and the prepared manifest.
+
+Records (JSONL, Parquet, hf:) are read by the shared reader layer (gptforge.data.readers) with its one
+bad-line policy: a malformed line, or a record without a usable text field, is skipped, counted and reported
+by file and line; lone surrogates are replaced and counted; only a source with no usable record is an error.
 """
 
 from __future__ import annotations
 
 import codecs
 import fnmatch
-import json
 import os
 import re
 import sysconfig
@@ -25,13 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
+from .readers import HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, ReadReport, load_hf, parse_hf_spec, read_records
 
 #: Longest piece of a document handed out at once (characters). Small enough that a worker's task
 #: and a split unit stay small, large enough that cutting costs nothing measurable.
 PIECE_CHARS = 16 * 1024
 READ_BYTES = 1 << 20
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
-PARQUET_SUFFIXES = {".parquet"}
 BUILTIN_SOURCES = ("builtin:pystdlib", "builtin:pystdlib-qa")
 CHAT_BUILTIN_SOURCES = ("builtin:pystdlib-qa",)  # conversations (gptforge.data.pystdlib_qa): prepare --chat
 # Tests, installed third-party packages, and `encodings/` — 1.4 MB of generated codec tables
@@ -60,9 +62,20 @@ class SourceStats:
     invalid_utf8_replacements: int = 0
     invalid_utf8_examples: list[str] = field(default_factory=list)
     empty_documents: int = 0
+    records: ReadReport = field(default_factory=ReadReport)  # JSONL/Parquet/hf: what was skipped or repaired
+
+    def bytes_read(self) -> int:
+        """Input bytes consumed so far: text files, record files and hub text."""
+        return self.bytes + self.records.bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        counts = {k: v for k, v in self.__dict__.items() if k != "records"}
+        r = self.records
+        counts["bytes"] = self.bytes_read()
+        counts["invalid_utf8_replacements"] += r.invalid_utf8
+        counts["invalid_utf8_examples"] = (counts["invalid_utf8_examples"] + r.invalid_utf8_examples)[:_MAX_EXAMPLES]
+        return {**counts, "skipped_records": r.count, "skipped_record_examples": list(r.examples),
+                "lone_surrogates": r.lone_surrogates, "lone_surrogate_examples": list(r.lone_surrogate_examples)}
 
 
 @dataclass(frozen=True)
@@ -138,11 +151,9 @@ def resolve_source(spec: str, glob: str | None = None) -> Source:
         if spec in CHAT_BUILTIN_SOURCES:
             return Source(spec, "chat-builtin")
         return Source(spec, "builtin", tuple(pystdlib_files()))
-    if spec.startswith("hf:"):
-        name, _, config = spec[3:].partition(":")
-        if not name:
-            raise UserError(f"source {spec!r}: write hf:NAME or hf:NAME:CONFIG (e.g. hf:roneneldan/TinyStories)")
-        return Source(spec, "hf", hf_name=name, hf_config=config or None)
+    if spec.startswith(HF_PREFIX):
+        name, config = parse_hf_spec(spec)
+        return Source(spec, "hf", hf_name=name, hf_config=config)
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"source {spec}: no such file or directory; check the path")
@@ -285,62 +296,46 @@ class DocumentReader:
             yield decoder.decode(b"", final=True)
         self._note_replacements(path, before)
 
+    def _records_of(self, source: str | Path, hf_loader: Callable[..., Iterable[dict]] | None = None
+                    ) -> Iterator[Iterator[str]]:
+        """One document per usable record; records without usable text are skipped and counted."""
+        field_name = self.text_field
+        before = self.stats.records.invalid_utf8
+        for where, record in read_records(source, self.stats.records, hf_loader=hf_loader, what="source"):
+            if field_name not in record:
+                self.stats.records.add(where, f"no field {field_name!r} (found: {', '.join(sorted(record)) or 'none'}); "
+                                       "choose one with --text-field")
+                continue
+            value = record[field_name]
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                self.stats.records.add(where, f"field {field_name!r} is {type(value).__name__}, not text; "
+                                       "choose a text field with --text-field")
+                continue
+            yield iter((value,))
+        if self.stats.records.invalid_utf8 > before:
+            self.stats.invalid_utf8_files += 1
+
     def _jsonl_file(self, path: Path) -> Iterator[Iterator[str]]:
         self.stats.files += 1
-        before = _ReplacementCounter.count
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                self.stats.bytes += len(raw)
-                line = raw.decode("utf-8", errors=_ReplacementCounter.name).strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {number}: not valid JSON ({e.msg}); fix or remove that line") from None
-                yield iter((self._field_of(record, f"{path} line {number}"),))
-        self._note_replacements(path, before)
-
-    def _field_of(self, record: Any, where: str) -> str:
-        if not isinstance(record, dict) or self.text_field not in record:
-            keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            raise UserError(f"{where}: no field {self.text_field!r} (found: {keys}); choose one with --text-field")
-        value = record[self.text_field]
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise UserError(f"{where}: field {self.text_field!r} is {type(value).__name__}, not text; "
-                            "choose a text field with --text-field")
-        return value
+        yield from self._records_of(path)
 
     def _parquet_file(self, path: Path) -> Iterator[Iterator[str]]:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"{path}: reading .parquet files needs the 'pyarrow' package; "
-                            "pip install 'gptforge[data]'") from None
-
         self.stats.files += 1
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as e:  # pyarrow raises several types for a non-Parquet file
-            raise UserError(f"{path}: not a readable Parquet file ({e}); check the file") from None
-        names = parquet.schema_arrow.names
-        if self.text_field not in names:
-            raise UserError(f"{path}: no column {self.text_field!r} (found: {', '.join(names)}); "
-                            "choose one with --text-field")
-        self.stats.bytes += path.stat().st_size
-        for batch in parquet.iter_batches(batch_size=1024, columns=[self.text_field]):
-            for value in batch.column(0).to_pylist():
-                if value is not None and not isinstance(value, str):
-                    raise UserError(f"{path}: column {self.text_field!r} holds {type(value).__name__}, not text; "
-                                    "choose a text column with --text-field")
-                yield iter((value or "",))
+        report = self.stats.records
+        for where, record in read_records(path, report, columns=[self.text_field],
+                                          hint="choose one with --text-field", what="source"):
+            value = record[self.text_field]
+            if value is not None and not isinstance(value, str):
+                report.add(where, f"column {self.text_field!r} holds {type(value).__name__}, not text; "
+                           "choose a text column with --text-field")
+                continue
+            yield iter((value or "",))
 
     def _hf(self, source: Source) -> Iterator[Iterator[str]]:
-        rows = self.hf_loader(source.hf_name, source.hf_config)
-        for number, record in enumerate(rows):
-            text = self._field_of(record, f"{source.spec} row {number}")
+        for chunks in self._records_of(source.spec, hf_loader=self.hf_loader):
+            text = next(chunks)
             self.stats.bytes += len(text.encode("utf-8", errors="surrogatepass"))
             yield iter((text,))
 
@@ -365,6 +360,7 @@ class DocumentReader:
         """Every document as Pieces, in order; empty documents are counted and skipped."""
         for source in self.sources:
             produced = self.stats.documents
+            skipped_before = self.stats.records.count
             for chunks in self._documents_of(source):
                 empty = True
                 for piece in _pieces_of(chunks, self.piece_chars):
@@ -375,6 +371,9 @@ class DocumentReader:
                 if empty:
                     self.stats.empty_documents += 1
             if self.stats.documents == produced:
+                if self.stats.records.count > skipped_before:
+                    raise self.stats.records.nothing_usable(
+                        f"source {source.spec}", "fix the file or choose the text field with --text-field")
                 detail = ""
                 if self.stats.skipped_binary_files:
                     detail = f" ({self.stats.skipped_binary_files} binary file(s) skipped so far)"
@@ -387,23 +386,8 @@ class DocumentReader:
 
 
 def load_hf_stream(name: str, config: str | None = None, split: str = "train") -> Iterable[dict]:
-    """Stream a Hugging Face dataset's rows (`datasets.load_dataset(..., streaming=True)`).
-
-    `name` is a Hub id or a local folder of data files (json/parquet/csv, found by `datasets` itself), which
-    is how it is tested offline.
-    """
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("hf: sources need the 'datasets' package; pip install 'gptforge[data]'") from None
-    try:
-        return datasets.load_dataset(name, config, split=split, streaming=True)
-    except FileNotFoundError as e:
-        raise UserError(f"hf:{name}: dataset not found ({e}); check the name, or the network") from None
-    except ValueError as e:
-        raise UserError(f"hf:{name}: cannot load split {split!r} ({e}); check the name and config") from None
-    except ConnectionError as e:
-        raise UserError(f"hf:{name}: cannot reach the Hugging Face Hub ({e}); go online or use local files") from None
+    """Stream a Hugging Face dataset's rows (the reader layer's `load_hf`, streamed)."""
+    return load_hf(name, config, split, streaming=True)
 
 
 def iter_documents(sources: list[str], glob: str | None = None, text_field: str = "text") -> Iterator[str]:

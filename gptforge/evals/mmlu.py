@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..errors import UserError
 from .result import TaskResult
 from .scoring import Request, best_choice, encode_pair, score_requests
-from .sources import HF_PREFIX, Skipped, hub_name, iter_json_records, load_hub, read_parquet_rows
+from .sources import HF_PREFIX, Skipped, hub_rows, iter_file_records, new_skipped
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -146,11 +146,7 @@ def _hf_files(root: Path, split: str) -> list[Path]:
 def _load_hf_files(files: list[Path], skipped: Skipped) -> list[MMLUItem]:
     items = []
     for path in files:
-        if path.suffix == ".parquet":
-            rows = ((f"{path} row {n}", r) for n, r in enumerate(read_parquet_rows(path, "MMLU file")))
-        else:
-            rows = iter_json_records(path, "MMLU file", skipped)
-        for where, row in rows:
+        for where, row in iter_file_records(path, "MMLU file", skipped):
             try:
                 items.append(parse_row(row, where))
             except ValueError as e:
@@ -162,15 +158,13 @@ def load_split(data: str | None, split: str, skipped: Skipped) -> list[MMLUItem]
     """All items of `split` from a local MMLU folder (either layout), a single file, or the hub."""
     spec = data or HUB_DEFAULT
     if spec.startswith(HF_PREFIX):
-        name, config = hub_name(spec)
         hub_split = "validation" if split == "val" else split
-        rows = load_hub(name, config or "all", hub_split, "mmlu --data")
         items = []
-        for n, row in enumerate(rows):
+        for where, row in hub_rows(spec, hub_split, "mmlu --data", skipped, default_config="all"):
             try:
-                items.append(parse_row(row, f"{name} {hub_split} row {n}"))
+                items.append(parse_row(row, where))
             except ValueError as e:
-                skipped.add(f"{name} {hub_split} row {n}", str(e))
+                skipped.add(where, str(e))
         return items
     root = Path(spec)
     if not root.exists():
@@ -202,7 +196,7 @@ def load_mmlu(data: str | None, split: str = "test", shots: int = 0, limit: int 
     """Questions to score plus, for k-shot, each subject's first k dev examples (lm-eval's first_n)."""
     if shots < 0:
         raise UserError(f"--shots must be 0 or more, got {shots}")
-    skipped = Skipped()
+    skipped = new_skipped()
     items = load_split(data, split, skipped)
     if subjects:
         unknown = sorted(set(subjects) - {i.subject for i in items})
