@@ -12,6 +12,9 @@ Refused, with the reason: band-attention layers (llama.cpp's gpt2 graph is dense
 blocks, and char tokenizers (llama.cpp's "gpt2" tokenizer is byte-level BPE: a character vocabulary has no
 byte tokens and no merges, so llama.cpp would tokenize text into ids our model never saw — export the
 model with a bpe or gpt2 tokenizer, or use the HF export).
+
+Chat models (a tokenizer with `<|im_start|>`/`<|im_end|>`) carry `tokenizer.chat_template` and
+`<|im_end|>` as `tokenizer.ggml.eot_token_id`, next to end-of-text as eos: both end generation.
 """
 
 from __future__ import annotations
@@ -111,6 +114,19 @@ def _vocab(tokenizer: "Tokenizer", n_vocab: int) -> tuple[list[str], list[int], 
     return tokens, types, merges
 
 
+def _add_chat(writer: Any, tokenizer: "Tokenizer") -> None:
+    """A chat model's template and end of turn: llama.cpp renders `tokenizer.chat_template` (without it, it
+    guesses ChatML) and ends generation at every end-of-generation id, eos and eot among them; the markers
+    are already CONTROL tokens (all special tokens are), so they are never produced from user text."""
+    from ..chat.session import chat_template
+    from ..chat.tokens import chat_token_ids, has_chat_tokens
+
+    if not has_chat_tokens(tokenizer):
+        return
+    writer.add_chat_template(chat_template(tokenizer))
+    writer.add_eot_token_id(chat_token_ids(tokenizer)[1])
+
+
 def _encode_tensor(name: str, data: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
     """(array, raw ggml type or None) for one tensor under `dtype`, following llama.cpp's converter rules."""
     gguf = _import_gguf()
@@ -163,6 +179,7 @@ def export_gguf(model: GPT, tokenizer: "Tokenizer", out: str | os.PathLike, forc
         writer.add_bos_token_id(tokenizer.eot_id)
         writer.add_eos_token_id(tokenizer.eot_id)
         writer.add_add_bos_token(False)
+        _add_chat(writer, tokenizer)
         for name, data in gguf_tensors(model).items():
             array, raw = _encode_tensor(name, data, dtype)
             writer.add_tensor(name, array, raw_dtype=raw)

@@ -152,6 +152,16 @@ def hf_config(config: ModelConfig, eot_id: int | None, dtype: torch.dtype = torc
             "attention_dropout": config.dropout, **common}
 
 
+def stop_token_ids(tokenizer: "Tokenizer | None", eot_id: int | None) -> int | list[int] | None:
+    """generation_config's eos_token_id: for a chat model [<|im_end|>, end-of-text], so that
+    `generate` ends a reply at the end of the turn (a single end-of-text id would let it run on)."""
+    from ..chat.tokens import chat_token_ids, has_chat_tokens
+
+    if tokenizer is None or not has_chat_tokens(tokenizer):
+        return eot_id
+    return [chat_token_ids(tokenizer)[1], tokenizer.eot_id]
+
+
 def hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     """The transformers state dict for `model` in the architecture `hf_architecture` picks."""
     if hf_architecture(model.config) == "gpt2":
@@ -179,7 +189,8 @@ def export_hf(model: GPT, tokenizer: "Tokenizer | None", out: str | os.PathLike,
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}, indent=2) + "\n")
+            {"bos_token_id": config["bos_token_id"], "eos_token_id": stop_token_ids(tokenizer, config["eos_token_id"])},
+            indent=2) + "\n")
         if tokenizer is not None:
             from .hf_tokenizer import write_hf_tokenizer
             write_hf_tokenizer(tokenizer, tmp, model_max_length=model.config.block_size)

@@ -32,6 +32,7 @@ HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_SPECIAL_MAP = "special_tokens_map.json"
 GPT2_VOCAB_JSON = "vocab.json"
 GPT2_MERGES_TXT = "merges.txt"
+HF_CHAT_TEMPLATE = "chat_template.jinja"  # transformers' name, the same as ours (layout.CHAT_TEMPLATE_FILE)
 EOT = "<|endoftext|>"
 
 
@@ -123,6 +124,13 @@ def bpe_hf_tokenizer(tokenizer: "Tokenizer") -> Any:
     return hf
 
 
+def _chat_template(tokenizer: "Tokenizer") -> str | None:
+    """The chat template to export: the tokenizer's own, or ChatML when it has the markers without one."""
+    from ..chat.session import chat_template
+
+    return chat_template(tokenizer)
+
+
 def write_hf_tokenizer(tokenizer: "Tokenizer", directory: str | Path, model_max_length: int | None = None) -> None:
     """Write transformers tokenizer files for `tokenizer` into `directory` (which the caller writes
     atomically as a whole)."""
@@ -143,6 +151,11 @@ def write_hf_tokenizer(tokenizer: "Tokenizer", directory: str | Path, model_max_
     else:
         raise UserError(f"tokenizer kind {tokenizer.kind!r} has no Hugging Face export; use gpt2, char or bpe")
     hf.save(str(directory / HF_TOKENIZER_JSON))
+    template = _chat_template(tokenizer)
+    if template is not None:
+        # transformers 5 reads chat_template.jinja, older versions the tokenizer_config key: write both
+        (directory / HF_CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+        extra["chat_template"] = template
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, **extra,
               "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
               "model_max_length": model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
@@ -217,18 +230,42 @@ def is_gpt2_vocab(vocab: dict[str, int]) -> bool:
 
 def read_hf_tokenizer(directory: str | Path) -> "Tokenizer | None":
     """Our tokenizer for an HF directory when we can reproduce it exactly: GPT-2's vocabulary (as the gpt2
-    kind) or a char tokenizer we exported. None otherwise (the model still loads; pass --tokenizer)."""
+    kind, with any special tokens added after it, such as chat markers) or a char tokenizer we exported.
+    None otherwise (the model still loads; pass --tokenizer). A chat template comes along."""
     directory = Path(directory)
     config = _read_json(directory / HF_TOKENIZER_CONFIG)
+    tokenizer = _read_tokenizer(directory, config)
+    if tokenizer is not None:
+        tokenizer.chat_template = _read_chat_template(directory, config)
+    return tokenizer
+
+
+def _read_chat_template(directory: Path, config: Any) -> str | None:
+    """chat_template.jinja, else tokenizer_config.json's chat_template key (when it is one template)."""
+    try:
+        return (directory / HF_CHAT_TEMPLATE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        pass
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    return template if isinstance(template, str) else None
+
+
+def _read_tokenizer(directory: Path, config: Any) -> "Tokenizer | None":
     if isinstance(config, dict) and config.get("gptforge_kind") == "char":
         return _read_char(directory)
     vocab = _hf_vocab(directory)
     if vocab is None:
         return None
+    from ..tokenizer.gpt2 import GPT2_EOT_ID
+
+    data = _read_json(directory / HF_TOKENIZER_JSON)
+    added = (_added_tokens(data, special_only=True) if isinstance(data, dict) else None) or {}
+    extra = {t: i for t, i in added.items() if i > GPT2_EOT_ID}
     try:
-        if is_gpt2_vocab(vocab):
+        if sorted(extra.values()) == list(range(GPT2_EOT_ID + 1, GPT2_EOT_ID + 1 + len(extra))) \
+                and is_gpt2_vocab({t: i for t, i in vocab.items() if t not in extra}):
             from ..tokenizer.gpt2 import GPT2Tokenizer
-            return GPT2Tokenizer()
+            return GPT2Tokenizer(special_tokens={EOT: GPT2_EOT_ID, **extra}) if extra else GPT2Tokenizer()
     except UserError:  # no GPT-2 ranks on this machine: fall back to the tokenizer.json itself
         pass
     return _read_bpe(directory)
