@@ -10,6 +10,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from typing import NoReturn
 
 from . import __version__, commands
 from .errors import UserError
@@ -18,8 +19,16 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the product's error contract: a bad option is one line on stderr and exit 2 (argparse
+    would print the whole usage first, burying the line that says what is wrong)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gptforge",
         description="Train, sample, evaluate and export GPT-2/GPT-3-family language models.")
     parser.add_argument("--version", action="version", version=f"gptforge {__version__}")

@@ -129,17 +129,22 @@ def inference_memory(config: ModelConfig, batch: int = 1, seq_len: int | None = 
                            f"KV cache (batch {batch} x {seq_len})": kv_cache_bytes(config, batch, seq_len, dtype)})
 
 
+def describe_shape(config: ModelConfig) -> str:
+    """The model's shape in one line (what `info` prints for presets, configs and runs alike)."""
+    attention = ("dense" if config.attention == "dense"
+                 else f"alternating dense / band (window {config.window})")
+    return (f"{config.n_layer} layers, d_model {config.n_embd}, {config.n_head} heads x {config.head_dim}, "
+            f"d_ff {config.ffn_dim}, context {config.block_size}, vocab {config.vocab_size} "
+            f"(padded to {config.padded_vocab_size}), {config.norm}-LN, attention {attention}")
+
+
 def format_report(config: ModelConfig, name: str, micro_batch: int, seq_len: int | None,
                   dtype: str, inference_batch: int) -> str:
     seq_len = seq_len or config.block_size
     counts = parameter_counts(config)
     flops = flops_per_token(config, seq_len)
-    attention = ("dense" if config.attention == "dense"
-                 else f"alternating dense / band (window {config.window})")
     lines = [
-        f"{name}: {config.n_layer} layers, d_model {config.n_embd}, {config.n_head} heads x {config.head_dim}, "
-        f"d_ff {config.ffn_dim}, context {config.block_size}, vocab {config.vocab_size} "
-        f"(padded to {config.padded_vocab_size}), {config.norm}-LN, attention {attention}",
+        f"{name}: {describe_shape(config)}",
         "",
         f"parameters             {counts['total']:>18,}  ({human_count(counts['total'])})",
         f"  without embeddings   {counts['non_embedding']:>18,}  ({human_count(counts['non_embedding'])})",

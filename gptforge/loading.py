@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .config import GPT2_VOCAB_SIZE, PRESETS, get_preset
 from .errors import UserError
-from .layout import CHECKPOINTS_DIR, TOKENIZER_DIR, WEIGHTS_FILE, is_sharded_checkpoint, latest_valid_checkpoint
+from .layout import (CHECKPOINTS_DIR, CHECKSUMS_FILE, STATE_FILE, TOKENIZER_DIR, WEIGHTS_FILE, is_sharded_checkpoint,
+                     latest_valid_checkpoint)
 from .model import GPT
 from .weights import load_weights
 
@@ -32,6 +34,16 @@ def _is_hf_dir(path: Path) -> bool:
         return "model_type" in json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A small JSON object file (state.json, checksums.json), or {} when it is missing or damaged: for
+    describing a checkpoint, where a damaged file is reported elsewhere and must not stop the report."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _warn(message: str) -> None:
@@ -51,43 +63,88 @@ def find_tokenizer_dir(path: Path) -> Path | None:
     return next((c for c in candidates if c.is_dir()), None)
 
 
-def load_model(spec: str, device: str | torch.device = "cpu",
+@dataclass(frozen=True)
+class ModelSource:
+    """What a `--model` spec names, found before anything is loaded.
+
+    kind: "hf" (a Hugging Face directory or hub id), "run" (a run directory; `path` is its newest valid
+    checkpoint, None when it has none yet), "checkpoint" (a checkpoint directory with model.safetensors),
+    "sharded" (an FSDP checkpoint not yet consolidated), "weights" (a .safetensors file), "preset".
+    """
+
+    spec: str
+    kind: str
+    path: Path | None = None
+    run_dir: Path | None = None
+
+    def provenance(self) -> dict[str, Any]:
+        """Which weights exactly, for results files (eval --json, sample --json): the checkpoint directory,
+        weights file or HF directory, and for a training checkpoint its step, tokens seen and the weights'
+        sha256 as recorded in its checksums (nothing is re-hashed)."""
+        found: dict[str, Any] = {"checkpoint": str(self.path) if self.path is not None else None}
+        if self.kind in ("run", "checkpoint", "sharded") and self.path is not None:
+            state = read_json_object(self.path / STATE_FILE)
+            found.update({key: state.get(key) for key in ("step", "tokens")})
+            sums = read_json_object(self.path / CHECKSUMS_FILE)
+            if isinstance(sums.get(WEIGHTS_FILE), str):
+                found["weights_sha256"] = sums[WEIGHTS_FILE]
+        return found
+
+    @property
+    def weights(self) -> Path | None:
+        if self.kind == "weights":
+            return self.path
+        if self.kind in ("run", "checkpoint") and self.path is not None:
+            return self.path / WEIGHTS_FILE
+        return None
+
+
+def resolve_model_source(spec: str, report: Callable[[str], None] | None = _warn) -> ModelSource:
+    """Classify `spec` (the order is the module docstring's), or a UserError naming --model. A run's broken
+    newer checkpoints are skipped and each is `report`ed in one line (default: stderr)."""
+    path = Path(spec[3:] if spec.startswith("hf:") else spec)
+    if spec.startswith("hf:") or (path.is_dir() and _is_hf_dir(path)):
+        return ModelSource(spec, "hf", path)
+    if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir():
+        return ModelSource(spec, "run", latest_valid_checkpoint(path, report=report), path)
+    run_dir = path.resolve().parent.parent if path.resolve().parent.name == CHECKPOINTS_DIR else None
+    if path.is_dir():
+        if (path / WEIGHTS_FILE).is_file():
+            return ModelSource(spec, "checkpoint", path, run_dir)
+        if is_sharded_checkpoint(path):
+            return ModelSource(spec, "sharded", path, run_dir)
+        raise UserError(f"--model {spec}: directory has no {WEIGHTS_FILE}, no checkpoints/ and no Hugging Face "
+                        "config.json; pass a run directory, a checkpoint directory or a preset name")
+    if path.suffix == ".safetensors" and path.is_file():
+        return ModelSource(spec, "weights", path)
+    if spec in PRESETS:
+        return ModelSource(spec, "preset")
+    if path.exists():
+        raise UserError(f"--model {spec}: not a run directory, checkpoint, safetensors file or HF directory")
+    raise UserError(f"--model {spec}: no such path and not a preset name (presets: {', '.join(PRESETS)})")
+
+
+def load_model(spec: str | ModelSource, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[GPT, "Tokenizer | None"]:
     """Load the model `spec` names, in eval mode, with the tokenizer saved beside it (None for a preset)."""
     from .tokenizer import load_tokenizer
 
-    path = Path(spec[3:] if spec.startswith("hf:") else spec)
-    if spec.startswith("hf:") or (path.is_dir() and _is_hf_dir(path)):
+    source = spec if isinstance(spec, ModelSource) else resolve_model_source(spec)
+    if source.kind == "hf":
         from .interop.hf import load_hf_model
-        model, tokenizer = load_hf_model(path)
+        model, tokenizer = load_hf_model(source.path)
         return model.to(device=device, dtype=dtype).eval(), tokenizer
-    if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir():
-        checkpoint = latest_valid_checkpoint(path, report=_warn)
-        if checkpoint is None:
-            raise UserError(f"run directory {path} has no valid checkpoint yet; train it first "
-                            "(gptforge train) or pass a checkpoint directory")
-        path = checkpoint
-    if path.is_dir():
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            if is_sharded_checkpoint(path):
-                raise UserError(f"--model {spec}: a sharded (FSDP) checkpoint; make the single-file weights first "
-                                f"with `gptforge consolidate {spec}`")
-            raise UserError(f"--model {spec}: directory has no {WEIGHTS_FILE}, no checkpoints/ and no Hugging Face "
-                            "config.json; pass a run directory, a checkpoint directory or a preset name")
-        tokenizer_dir = find_tokenizer_dir(path)
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        return load_weights(weights, device, dtype).eval(), tokenizer
-    if path.suffix == ".safetensors" and path.is_file():
-        tokenizer_dir = find_tokenizer_dir(path.parent)
-        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
-        return load_weights(path, device, dtype).eval(), tokenizer
-    if spec in PRESETS:
-        model = GPT(get_preset(spec))
-        return model.to(device=device, dtype=dtype).eval(), None
-    if path.exists():
-        raise UserError(f"--model {spec}: not a run directory, checkpoint, safetensors file or HF directory")
-    raise UserError(f"--model {spec}: no such path and not a preset name (presets: {', '.join(PRESETS)})")
+    if source.kind == "preset":
+        return GPT(get_preset(source.spec)).to(device=device, dtype=dtype).eval(), None
+    if source.kind == "sharded":
+        raise UserError(f"--model {source.spec}: a sharded (FSDP) checkpoint; make the single-file weights first "
+                        f"with `gptforge consolidate {source.spec}`")
+    if source.weights is None:  # a run without a valid checkpoint
+        raise UserError(f"run directory {source.run_dir} has no valid checkpoint yet; train it first "
+                        "(gptforge train) or pass a checkpoint directory")
+    tokenizer_dir = find_tokenizer_dir(source.weights.parent)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    return load_weights(source.weights, device, dtype).eval(), tokenizer
 
 
 def default_tokenizer(model: GPT, spec: str, hint: str = "") -> "Tokenizer":

@@ -35,22 +35,35 @@ def save_weights(model: GPT, path: str | os.PathLike) -> None:
         save_file(model_state_for_saving(model), str(tmp), metadata=metadata)
 
 
-def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The config and tensors stored in a gptforge safetensors file, or a UserError saying what is wrong."""
+def _unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"weights file {path} is not a readable safetensors file ({e}); "
+                     "it may be truncated: re-copy it or use an earlier checkpoint")
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The model config a gptforge safetensors file carries in its metadata; the tensors are not read, so
+    describing a multi-GB checkpoint (`gptforge info --model`) costs one small read."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"weights file {path} is not a readable safetensors file ({e}); "
-                        "it may be truncated: re-copy it or use an earlier checkpoint") from None
+        raise _unreadable(path, e) from None
     if CONFIG_METADATA_KEY not in metadata:
         raise UserError(f"weights file {path} has no gptforge model config in its metadata; "
                         "was it written by gptforge? (Hugging Face directories load with --model hf:DIR)")
-    config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    return ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+
+
+def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and tensors stored in a gptforge safetensors file, or a UserError saying what is wrong."""
+    config = read_config(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(Path(path), e) from None
     return config, tensors
 
 

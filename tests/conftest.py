@@ -73,3 +73,40 @@ def gpt2_ranks() -> Path:
             pytest.skip(f"GPT-2 ranks unavailable: `gptforge tokenizer fetch-gpt2` failed ({reason})")
     _pin_gpt2_ranks(path)
     return path
+
+
+@pytest.fixture
+def tiny_run(tmp_path) -> Path:
+    """A run as the trainer leaves it, written by the trainer's own checkpoint and metrics writers:
+    config.json, a char tokenizer/, checkpoints at steps 100, 200, 300 (the newest then damaged; step N has
+    N * 512 tokens), train loss 4 - N/100 at each and val loss 4.5 - N/100 at 100 and 200."""
+    import dataclasses
+    import json
+
+    from gptforge.config import ModelConfig, RunConfig
+    from gptforge.model import GPT
+    from gptforge.tokenizer import CharTokenizer
+    from gptforge.train.checkpoint import save_checkpoint
+    from gptforge.train.metrics import MetricsLogger
+
+    tok = CharTokenizer.train(["hello world, the quick brown fox"])
+    model_config = ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    config = RunConfig()
+    config = dataclasses.replace(config, model=model_config,
+                                 train=dataclasses.replace(config.train, max_steps=300, out_dir=str(tmp_path / "run")),
+                                 data=dataclasses.replace(config.data, path="data/mine"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    tok.save(run / "tokenizer")
+    torch.manual_seed(0)
+    model = GPT(model_config)
+    optimizer = torch.optim.AdamW(model.parameters())
+    logger = MetricsLogger(run)
+    for step in (100, 200, 300):
+        save_checkpoint(run, step, model, optimizer, {"step": step, "tokens": step * 512})
+        logger.log({"step": step, "tokens": step * 512, "loss": 4.0 - step / 100, "lr": 1e-3})
+        if step < 300:
+            logger.log({"step": step, "tokens": step * 512, "val_loss": 4.5 - step / 100, "val_ppl": 1.0})
+    (run / "checkpoints" / "step_300" / "model.safetensors").write_bytes(b"truncated")
+    return run

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import dtype_name, resolve_device, resolve_dtype
     from ..evals import runner
     from ..evals.report import format_table, to_json, write_json
-    from ..loading import default_tokenizer, load_model
+    from ..loading import default_tokenizer, load_model, resolve_model_source
 
     tasks = runner.check_tasks(args.task)
     data = runner.parse_data(args.data, tasks)
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     for task in tasks:  # read every task's data before spending time on the model
         runner.load_task(task, data.get(task), args.limit, options)
 
-    model, tokenizer = load_model(args.model, device, dtype)
+    source = resolve_model_source(args.model)
+    model, tokenizer = load_model(source, device, dtype)
     tokenizer = tokenizer or default_tokenizer(model, args.model)
 
     results = runner.run_tasks(model, tokenizer, tasks, data, args.limit, args.batch_size, options,
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {result.task}: {result.skipped.count} items skipped in all "
                   f"(the first {len(result.skipped.examples)} are listed above)", file=sys.stderr)
     if args.json:
-        meta = {"model": args.model, "device": str(device), "dtype": dtype_name(dtype),
+        meta = {"model": args.model, **source.provenance(), "device": str(device), "dtype": dtype_name(dtype),
                 "batch_size": args.batch_size, "limit": args.limit, "shots": args.shots}
         write_json(args.json, to_json(results, meta, samples=args.samples))
         print(f"results written to {args.json}")

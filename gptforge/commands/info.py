@@ -1,4 +1,5 @@
-"""`gptforge info`: parameters, FLOPs and memory of a preset or config, without building the model."""
+"""`gptforge info`: parameters, FLOPs and memory of a preset or config (without building the model), or
+what an existing model is (`--model`: a run's shape, progress, losses and checkpoints)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,49 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("info", help="parameters, FLOPs per token and memory estimates of a model",
+    parser = subparsers.add_parser("info", help="size a model (params, FLOPs, memory) or describe a run/checkpoint",
                                    description=__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", default=None, help="a preset name (default gpt2)")
-    source.add_argument("--config", default=None, help="a TOML file with a [model] table")
+    source.add_argument("--config", default=None, help="a run config TOML file (as `gptforge train --config`)")
+    source.add_argument("--model", default=None,
+                        help="describe an existing model: run directory, checkpoint, .safetensors, hf:DIR or "
+                             "preset (verifies every checkpoint's checksums)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model field, e.g. --set n_layer=4 (repeatable)")
+                        help="override a model field, e.g. --set n_layer=4 or --set model.n_layer=4 (repeatable)")
     parser.add_argument("--batch-size", type=int, default=8, help="training micro-batch (default 8)")
     parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the context)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--inference-batch", type=int, default=1)
     parser.add_argument("--world-size", type=int, default=1,
                         help="number of GPUs: also show per-GPU training memory under DDP and FSDP2")
+    parser.add_argument("--json", action="store_true", help="with --model: print the description as JSON")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ModelConfig, apply_overrides, from_dict, get_preset, load_toml
     from ..errors import UserError
+
+    if args.model is not None:
+        import json
+
+        from ..describe import describe_model, format_description
+        if args.set:
+            raise UserError("--set changes a model being sized; it does not apply to --model (an existing model)")
+        info = describe_model(args.model)
+        print(json.dumps(info, indent=2) if args.json else format_description(info))
+        return 0
+    if args.json:
+        raise UserError("--json goes with --model; the sizing report is text")
+
     from ..info import format_report
     from ..memory import format_distributed
+    from ..resolve import resolve_run_config
 
-    if args.config:
-        table = load_toml(args.config).get("model")
-        if not isinstance(table, dict):
-            raise UserError(f"config file {args.config} has no [model] table; add one or use --preset")
-        preset = table.pop("preset", None)
-        if preset is not None and not isinstance(preset, str):
-            raise UserError(f"config file {args.config}: [model] preset must be a string such as \"gpt3-small\", "
-                            f"got {preset!r}")
-        config = apply_overrides(get_preset(preset), table) if preset else from_dict(ModelConfig, table, "model")
-        name = args.config
-    else:
-        name = args.preset or "gpt2"
-        config = get_preset(name)
-    overrides = [item.removeprefix("model.") for item in args.set]
-    config = apply_overrides(config, overrides)
+    # The same resolver as `gptforge train`, so a file means the same model to both; bare keys are model keys.
+    overrides = [item if "." in item.split("=", 1)[0] else f"model.{item}" for item in args.set]
+    name = args.config or args.preset or "gpt2"
+    config = resolve_run_config(args.config, None if args.config else name, overrides=overrides).model
     seq_len = args.seq_len or config.block_size
     if args.batch_size < 1 or args.inference_batch < 1 or args.world_size < 1:
         raise UserError("--batch-size, --inference-batch and --world-size must be at least 1")

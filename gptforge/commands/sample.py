@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import secrets
 import sys
 
 from ..devices import DTYPE_CHOICES
@@ -27,12 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="> 1 discourages tokens already present (sign-aware, as transformers; 1 = off)")
     p.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="end a sample at this text (not printed); repeatable")
+                   help="end a sample at this text (not printed); repeatable. Backslash escapes as in Python "
+                        "strings: \\n newline, \\t tab, \\r, \\\\ a backslash, \\xNN, \\uNNNN, \\UNNNNNNNN "
+                        "(so --stop '\\n\\n' ends at a blank line)")
     p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
                    help="keep generating past the end-of-text token")
     p.add_argument("--num-samples", type=int, default=1, help="samples per seed (default 1), generated as a batch")
     p.add_argument("--seed", type=int, action="append", default=None, metavar="N",
-                   help="random seed; repeat for several seeds, each printed with its samples")
+                   help="random seed; repeat for several seeds, each printed with its samples (default: a "
+                        "fresh one per prompt, recorded in --json output so a sample can be reproduced)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: one JSON object (with --stream: one JSON line per token)")
@@ -61,25 +66,53 @@ def read_prompt(args: argparse.Namespace) -> str | None:
     return None
 
 
+_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.?)", re.DOTALL)
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+_HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
+
+
+def unescape(text: str, option: str) -> str:
+    """`text` with backslash escapes decoded (\\n \\t \\r \\\\ \\xNN \\uNNNN \\UNNNNNNNN, as in Python strings),
+    since a shell passes `--stop "\\n\\n"` as backslash-n-backslash-n, never as two newlines. Any other
+    backslash is an error naming the option (it is almost certainly a typo), not a literal backslash."""
+    def replace(match: re.Match) -> str:
+        code = match.group(1)
+        if code in _SIMPLE_ESCAPES:
+            return _SIMPLE_ESCAPES[code]
+        if len(code) > 1:
+            point = int(code[1:], 16)
+            if 0xD800 <= point <= 0xDFFF or point > 0x10FFFF:
+                raise UserError(f"{option} '{text}': \\{code} is not a character (a surrogate or beyond U+10FFFF)")
+            return chr(point)
+        if code in _HEX_DIGITS:
+            raise UserError(f"{option} '{text}': \\{code} needs exactly {_HEX_DIGITS[code]} hex digits")
+        what = f"unknown escape \\{code}" if code else "a lone backslash at the end"
+        raise UserError(f"{option} '{text}': {what}; use \\n, \\t, \\r, \\xNN, \\uNNNN, \\UNNNNNNNN, "
+                        "or \\\\ for a backslash")
+
+    return _ESCAPE.sub(replace, text)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device, resolve_dtype
     from ..generation import SamplingConfig
-    from ..loading import default_tokenizer, load_model
+    from ..loading import default_tokenizer, load_model, resolve_model_source
 
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            no_repeat_ngram=args.no_repeat_ngram, stop=tuple(args.stop),
+                            no_repeat_ngram=args.no_repeat_ngram,
+                            stop=tuple(unescape(text, "--stop") for text in args.stop),
                             stop_at_eot=args.stop_at_eot)
     if args.num_samples < 1:
         raise UserError(f"--num-samples: must be a positive integer, got {args.num_samples}")
     prompt = read_prompt(args)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
+    source = resolve_model_source(args.model)
+    model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device))
+    args.provenance = source.provenance()
     tokenizer = tokenizer or default_tokenizer(model, args.model)
-    seeds = args.seed or [None]
-
     if prompt is not None:
-        _sample(model, tokenizer, prompt, config, args, seeds)
+        _sample(model, tokenizer, prompt, config, args, args.seed or [fresh_seed()])
         return 0
     while True:  # interactive: one prompt per line until end of input
         try:
@@ -87,16 +120,21 @@ def run(args: argparse.Namespace) -> int:
         except EOFError:
             print()
             return 0
-        _sample(model, tokenizer, line, config, args, seeds)
+        _sample(model, tokenizer, line, config, args, args.seed or [fresh_seed()])
 
 
-def _sample(model, tokenizer, prompt: str, config, args: argparse.Namespace, seeds: list[int | None]) -> None:
+def fresh_seed() -> int:
+    """A seed for a run without --seed: random, but known, so --json can record it and --seed repeat it."""
+    return secrets.randbelow(2**31)
+
+
+def _sample(model, tokenizer, prompt: str, config, args: argparse.Namespace, seeds: list[int]) -> None:
     from ..generation import generate
 
     n = args.num_samples
     results = []
     for seed in seeds:
-        label = f"seed {seed}" if seed is not None else "unseeded"
+        label = f"seed {seed}"
         events = generate(model, tokenizer, prompt, config, num_samples=n, seed=seed)
         if args.stream and args.json:
             for e in events:
@@ -118,7 +156,8 @@ def _sample(model, tokenizer, prompt: str, config, args: argparse.Namespace, see
                     print(f"=== {label}, sample {i + 1}/{n} ===")
                 print(prompt + texts[i], flush=True)
     if args.json and not args.stream:
-        print(json.dumps({"model": args.model, "samples": results}, ensure_ascii=False, indent=2))
+        print(json.dumps({"model": args.model, **args.provenance, "samples": results}, ensure_ascii=False,
+                         indent=2))
 
 
 def _print_streaming(events, prompt: str, n: int, label: str | None) -> None:

@@ -274,6 +274,12 @@ def _strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_model_config(source: str | os.PathLike) -> ModelConfig:
+    """The gptforge ModelConfig of an HF GPT-2/GPT-Neo directory (or hub id), from its config.json alone."""
+    source = resolve_hf_source(source)
+    return _gptforge_config(read_hf_config(source), source)
+
+
 def _gptforge_config(hf: dict[str, Any], source: Path) -> ModelConfig:
     """Our ModelConfig for an HF GPT-2 or GPT-Neo config, refusing settings we do not compute."""
     model_type = hf["model_type"]
