@@ -19,6 +19,7 @@ live without importing each other.
       manifest.json              counts, splits, tokenizer (MANIFEST_FILE)
       tokenizer/                 the tokenizer the shards were made with
       train_000000.bin, val_000000.bin, ...
+    .DATA.lock                   beside DATA while a prepare builds it (data_lock_file)
       train_mask_000000.bin, train_conversations.npy, ...   chat data: loss masks, conversation lengths
 """
 
@@ -76,6 +77,13 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     """A gptforge run: its resolved config beside a checkpoints/ folder (possibly still empty)."""
     path = Path(path)
     return (path / RUN_CONFIG_FILE).is_file() and (path / CHECKPOINTS_DIR).is_dir()
+
+
+def data_lock_file(out_dir: str | os.PathLike) -> Path:
+    """The lock `gptforge prepare` holds while it builds `out_dir`: beside it (the directory itself is only
+    renamed into place at the end), hidden, and removed when the prepare ends."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{LOCK_FILE}"
 
 
 def is_data_dir(path: str | os.PathLike) -> bool:

@@ -333,3 +333,94 @@ def test_100mb_single_line_in_flat_memory(tmp_path):
     assert read_manifest(tmp_path / "out")["counts"]["tokens"] == size + 1
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest single process
     assert peak_mb < 700, f"peak RSS {peak_mb:.0f} MB for a 100 MB line"
+
+
+# ---- owning --out: a lock, stale temporaries, SIGTERM (issue 10 #3, #11) ------------------------------------
+
+HOLD_OUTPUT = """
+import sys, time
+from pathlib import Path
+from gptforge.data.prepare import prepared_output
+with prepared_output(Path(sys.argv[1]), False) as tmp:
+    (tmp / "partial.bin").write_bytes(b"x" * 100)
+    print(tmp.name, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_second_prepare_into_the_same_out_is_refused_then_cleans_up_after_a_kill(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["some text", "more text"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OUTPUT, str(tmp_path / "out")], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        tmp_name = holder.stdout.readline().strip()
+        assert tmp_name.startswith(".tmp-out.")
+        result = run_cli("d.jsonl", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1", cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"gptforge prepare: error: --out out: this prepared-data directory is in use by another gptforge "
+            f"process (PID {holder.pid}); wait for it to finish or stop it, or choose another --out"]
+        assert not (tmp_path / "out").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock, the temporary stays behind
+        holder.wait()
+    assert leftovers(tmp_path) == [tmp_name]
+    result = run_cli("d.jsonl", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 temporary director(ies) left by an interrupted prepare into out" in result.stderr
+    assert leftovers(tmp_path) == [] and read_manifest(tmp_path / "out")["counts"]["documents"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]  # the lock file went too
+
+
+def test_only_provably_stale_temporaries_are_removed(tmp_path):
+    from gptforge.data.prepare import remove_stale_temporaries
+
+    for name in (".tmp-out.abcd1234", ".tmp-out.old.k2j4h5g6", ".tmp-out.v2.abcd1234", ".tmp-out2.abcd1234",
+                 ".tmp-other.abcd1234"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".tmp-out.zzzz9999").write_text("a file, not ours")
+    # out is missing: the .old directory may hold the only copy of the previous data
+    assert remove_stale_temporaries(tmp_path / "out") == [".tmp-out.abcd1234"]
+    (tmp_path / "out").mkdir()
+    assert remove_stale_temporaries(tmp_path / "out") == [".tmp-out.old.k2j4h5g6"]
+    assert leftovers(tmp_path) == [".tmp-other.abcd1234", ".tmp-out.v2.abcd1234", ".tmp-out.zzzz9999",
+                                   ".tmp-out2.abcd1234"]
+
+
+SLOW_PREPARE = """
+import sys, time
+import gptforge.data.prepare as p
+original = p.encode_task
+def slow(task, tokenizer=None):
+    time.sleep(0.2)
+    return original(task, tokenizer)
+p.encode_task = slow
+p.TASK_CHARS = 2000
+from gptforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("whole_group", [False, True])
+def test_sigterm_is_a_clean_exit_that_leaves_nothing(tmp_path, whole_group):
+    import signal
+    import time
+
+    write_jsonl(tmp_path / "d.jsonl", documents(200))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, "prepare", "d.jsonl", "--tokenizer", "char",
+                             "--out", "out", "--quiet", "--workers", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".tmp-out.*/train_000000.bin")):  # the workers are tokenizing
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    if whole_group:  # as Slurm and `kill -TERM -PGID` do: the workers get it too
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:  # as `kill PID` and docker stop do
+        proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines() == ["gptforge prepare: terminated (SIGTERM); out is unchanged"], stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]

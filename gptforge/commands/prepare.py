@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,9 +42,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, Slurm, docker stop) as an exception, so it unwinds like Ctrl-C: the temporary output
+    is removed, the lock released, workers stopped."""
+
+
+def _on_sigterm(owner: int):
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked worker that inherited this handler (chat workers keep it)
+            from ..data.prepare import worker_sigterm
+            worker_sigterm(signum, frame)
+        raise Terminated
+    return handler
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.chat or args.chat_format or args.context:
-        return _run_chat(args)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+    try:
+        return _run_chat(args) if args.chat or args.chat_format or args.context else _run_text(args)
+    except Terminated:
+        print(f"gptforge prepare: terminated (SIGTERM); {args.out} is unchanged", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_text(args: argparse.Namespace) -> int:
     from ..data.prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, prepare, summary
 
     manifest = prepare(

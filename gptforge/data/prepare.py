@@ -13,10 +13,13 @@ replaces an existing directory only once the new one is whole.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -27,9 +30,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import numpy as np
 
 from .._version import __version__
-from ..atomic import atomic_directory, write_text
+from ..atomic import TMP_PREFIX, atomic_directory, write_text
 from ..errors import UserError
-from ..layout import MANIFEST_FILE, TOKENIZER_DIR
+from ..layout import MANIFEST_FILE, TOKENIZER_DIR, data_lock_file
+from ..runlock import DirectoryLock
 from .shards import ShardWriter, dtype_for_vocab
 from .sources import DocumentReader, Piece, Source, SourceStats, resolve_sources
 
@@ -86,10 +90,20 @@ def build_tokenizer(spec: str, sources: list[Source], glob: str | None = None,
 _worker_tokenizer: "Tokenizer | None" = None
 
 
+def worker_sigterm(signum: int, frame: object) -> None:
+    """A pool worker's SIGTERM (the parent's cleanup, or `kill -TERM` to the whole process group): exit
+    through SystemExit, which multiprocessing ends without a traceback and which unwinds the worker's
+    `with lock:` blocks. Dying by the default action instead can leave the pool's task-queue lock held by a
+    dead process, and the parent's Pool.terminate() then waits for it forever."""
+    raise SystemExit(128 + signum)
+
+
 def _init_worker(tokenizer_dir: str) -> None:
-    """Load the saved tokenizer once per worker; Ctrl-C is the parent's to handle."""
+    """Load the saved tokenizer once per worker; Ctrl-C is the parent's to handle, SIGTERM ends the worker
+    quietly (see worker_sigterm)."""
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, worker_sigterm)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..tokenizer import load_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
@@ -222,6 +236,47 @@ def _check_out_dir(out_dir: Path, force: bool) -> bool:
     return True
 
 
+def remove_stale_temporaries(out_dir: Path) -> list[str]:
+    """Delete the temporary directories a killed prepare into `out_dir` left beside it; return their names.
+
+    Call only while holding `out_dir`'s lock: every prepare into `out_dir` holds it while its temporary
+    exists, so any temporary of `out_dir` found then belongs to a process that is gone (SIGKILL, power
+    loss). The `.old` directory of an interrupted replace holds the previous data; it goes only when
+    `out_dir` itself exists again (the replace had finished), so no data is deleted that is not replaced.
+    """
+    parent = out_dir.parent
+    if not parent.is_dir():
+        return []
+    ours = re.compile(rf"^{re.escape(TMP_PREFIX + out_dir.name)}\.(old\.)?[a-z0-9_]{{8}}$")
+    removed = []
+    for child in parent.iterdir():
+        match = ours.match(child.name)
+        if not match or not child.is_dir() or child.is_symlink():
+            continue
+        if match.group(1) and not out_dir.is_dir():
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child.name)
+    return sorted(removed)
+
+
+@contextlib.contextmanager
+def prepared_output(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Own `out_dir` for one prepare: lock it (a second prepare into it fails in one line naming this PID),
+    clear temporaries of killed runs, check it may be written, and yield a temporary directory that becomes
+    `out_dir` only when the block completes (an error or a signal leaves `out_dir` as it was)."""
+    lock = DirectoryLock(out_dir.parent, what="prepared-data directory", option="--out",
+                         lock_name=data_lock_file(out_dir).name, shown=out_dir, remove_on_release=True)
+    with lock:
+        removed = remove_stale_temporaries(out_dir)
+        if removed:
+            print(f"gptforge prepare: removed {len(removed)} temporary director(ies) left by an interrupted "
+                  f"prepare into {out_dir}", file=sys.stderr)
+        replace = _check_out_dir(out_dir, force)
+        with atomic_directory(out_dir, overwrite=replace) as tmp:
+            yield tmp
+
+
 def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike, *, glob: str | None = None,
             text_field: str = "text", val_fraction: float = DEFAULT_VAL_FRACTION, workers: int | None = None,
             seed: int = 0, force: bool = False, shard_tokens: int = DEFAULT_SHARD_TOKENS,
@@ -239,11 +294,12 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
-    replace = _check_out_dir(out_dir, force)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; choose a directory path")
     resolved = resolve_sources(sources, glob)
     started = time.monotonic()
 
-    with atomic_directory(out_dir, overwrite=replace) as tmp:
+    with prepared_output(out_dir, force) as tmp:
         tokenizer = build_tokenizer(tokenizer_spec, resolved, glob, text_field)
         tokenizer_dir = tmp / TOKENIZER_DIR
         tokenizer.save(tokenizer_dir)
