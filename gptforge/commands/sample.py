@@ -114,13 +114,31 @@ def run(args: argparse.Namespace) -> int:
     if prompt is not None:
         _sample(model, tokenizer, prompt, config, args, args.seed or [fresh_seed()])
         return 0
-    while True:  # interactive: one prompt per line until end of input
+    return _interactive(model, tokenizer, config, args)
+
+
+def _interactive(model, tokenizer, config, args: argparse.Namespace) -> int:
+    """One prompt per line until end of input (Ctrl-D), on a terminal: readline line editing and history,
+    samples streamed as they are written, Ctrl-C stops only the sample being written (at the prompt it
+    clears the line, as a shell does)."""
+    try:
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
+    except ImportError:  # not on every platform's Python; plain input() still works
+        pass
+    args.stream = args.stream or not args.json
+    while True:
         try:
             line = input("prompt> ")
         except EOFError:
             print()
             return 0
-        _sample(model, tokenizer, line, config, args, args.seed or [fresh_seed()])
+        except KeyboardInterrupt:
+            print()
+            continue
+        try:
+            _sample(model, tokenizer, line, config, args, args.seed or [fresh_seed()])
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr, flush=True)
 
 
 def fresh_seed() -> int:
