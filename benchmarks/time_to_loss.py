@@ -1,0 +1,370 @@
+"""Time to a held-out loss on CPU: gptforge's small-model recipe vs a plain PyTorch training loop.
+
+Character-level tinyshakespeare: train on the first 90% of the file, score on the last 10%.
+
+  reference  a minimal eager fp32 GPT loop written here with nanoGPT's published Shakespeare-char CPU recipe
+             (4 layers, 4 heads, d 128, context 64, batch 12, 2000 iterations, AdamW beta2 0.99, LR 1e-3 ->
+             1e-4 cosine after 100 warmup steps, weight decay 0.1, clip 1.0, no dropout, no biases, batches
+             at random offsets).
+  gptforge   `gptforge.train.train` (the product's trainer, run directory and all) with a recipe: `small-cpu`
+             (the preset's default for small models), or `same` (the reference's recipe through gptforge's
+             own defaults: the "before" figure).
+
+Each run is a fresh process with pinned threads; the arms alternate (reference, gptforge, reference, ...).
+Every run scores the whole held-out split (every 64-character window, the same function for both) at
+fixed fractions of its run, outside its clock. The target is the median of the reference runs' final
+held-out losses; each run's time is the wall time (scoring excluded) of its first evaluation at or below the
+target. The table gives medians and their ratio.
+
+    python benchmarks/time_to_loss.py --data PATH/tinyshakespeare.txt              # 3 pairs, ~10 min
+    python benchmarks/time_to_loss.py --data PATH --quick                          # 1 pair, 400 iters
+    python benchmarks/time_to_loss.py --data PATH --arms reference,same,small-cpu  # before and after
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides
+REF = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, iters=2000, lr=1e-3, min_lr=1e-4,
+           warmup=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
+N_SNAPSHOTS = 50  # weights kept per run, at equal fractions of its steps
+
+
+def load_splits(path: str) -> tuple[list[str], "object", "object"]:
+    """(alphabet, train ids, val ids): ids index the sorted characters of the whole file; 90% / 10%."""
+    import torch
+
+    text = Path(path).read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+    n = int(0.9 * len(ids))
+    return chars, ids[:n], ids[n:]
+
+
+def heldout_loss(logits_fn, val, block: int, batch: int = 128) -> float:
+    """Mean next-character cross-entropy over every non-overlapping `block`-window of `val`."""
+    import torch
+    import torch.nn.functional as F
+
+    n = (len(val) - 1) // block
+    x_all = val[: n * block].view(n, block)
+    y_all = val[1: n * block + 1].view(n, block)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            logits = logits_fn(x_all[i:i + batch]).float()
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y_all[i:i + batch].reshape(-1),
+                                     reduction="sum").item()
+    return total / (n * block)
+
+
+class Snapshots:
+    """Weights kept at N_SNAPSHOTS equal fractions of a run, with the run's clock (its own bookkeeping and
+    scoring excluded), then scored after training: only the final one and the few a bisection for the first
+    one at or below the target needs (held-out loss falls near-monotonically this close to the end), so a run
+    pays ~7 full scorings instead of one per snapshot."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.excluded = 0.0
+        self.points: list[tuple[float, int, dict]] = []
+
+    def pause(self) -> float:
+        return time.perf_counter()
+
+    def resume(self, paused_at: float) -> None:
+        self.excluded += time.perf_counter() - paused_at
+
+    def take(self, step: int, model) -> None:
+        t = time.perf_counter()
+        self.points.append((t - self.start - self.excluded, step,
+                            {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        self.excluded += time.perf_counter() - t
+
+    def time_to(self, score, target: float | None) -> dict:
+        """{"final": loss, "target": target, "time": s, "step": n, "scored": {step: loss}}; no target: its own
+        final loss is the target."""
+        scored: dict[int, float] = {}
+
+        def loss(i: int) -> float:
+            if i not in scored:
+                scored[i] = score(self.points[i][2])
+            return scored[i]
+
+        last = len(self.points) - 1
+        final = loss(last)
+        target = final if target is None else target
+        out = {"final": final, "target": target, "time": math.inf, "step": None, "total": self.points[last][0],
+               "steps": self.points[last][1]}
+        if final > target:
+            return {**out, "scored": {self.points[i][1]: v for i, v in scored.items()}}
+        lo, hi = 0, last  # invariant: loss(hi) <= target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if loss(mid) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return {**out, "time": self.points[hi][0], "step": self.points[hi][1],
+                "scored": {self.points[i][1]: v for i, v in sorted(scored.items())}}
+
+
+# ---- (a) the reference: a plain eager fp32 loop, written for this benchmark ---------------------------
+
+
+def run_reference(data: str, iters: int, target: float | None) -> dict:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    chars, train, val = load_splits(data)
+    V, C, T, H, L = len(chars), REF["n_embd"], REF["block_size"], REF["n_head"], REF["n_layer"]
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1, self.ln2 = nn.LayerNorm(C, bias=False), nn.LayerNorm(C, bias=False)
+            self.qkv, self.proj = nn.Linear(C, 3 * C, bias=False), nn.Linear(C, C, bias=False)
+            self.fc, self.out = nn.Linear(C, 4 * C, bias=False), nn.Linear(4 * C, C, bias=False)
+
+        def forward(self, x):
+            B = x.size(0)
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in self.qkv(self.ln1(x)).split(C, 2))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            x = x + self.proj(a)
+            return x + self.out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(V, C), nn.Embedding(T, C)
+            self.blocks = nn.ModuleList(Block() for _ in range(L))
+            self.ln = nn.LayerNorm(C, bias=False)
+            for name, p in self.named_parameters():
+                if p.dim() == 2:
+                    scaled = name.endswith(("proj.weight", "out.weight"))
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * L) if scaled else 0.02)
+
+        def forward(self, idx):
+            x = self.tok(idx) + self.pos.weight[: idx.size(1)]
+            for b in self.blocks:
+                x = b(x)
+            return self.ln(x) @ self.tok.weight.T  # tied output head
+
+    torch.manual_seed(1337)
+    net = Net()
+    decay = [p for p in net.parameters() if p.dim() >= 2]
+    rest = [p for p in net.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": REF["weight_decay"]},
+                             {"params": rest, "weight_decay": 0.0}], lr=REF["lr"], betas=(0.9, REF["beta2"]))
+
+    def lr_at(it: int) -> float:
+        if it < REF["warmup"]:
+            return REF["lr"] * (it + 1) / REF["warmup"]
+        progress = (it - REF["warmup"]) / max(1, iters - REF["warmup"])
+        return REF["min_lr"] + 0.5 * (REF["lr"] - REF["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    every = max(1, iters // N_SNAPSHOTS)
+    B = REF["batch_size"]
+    snaps = Snapshots()
+    for it in range(iters):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it)
+        offsets = torch.randint(len(train) - T - 1, (B,))
+        x = torch.stack([train[o:o + T] for o in offsets])
+        y = torch.stack([train[o + 1:o + T + 1] for o in offsets])
+        loss = F.cross_entropy(net(x).view(-1, V), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), REF["grad_clip"])
+        opt.step()
+        if (it + 1) % every == 0 or it + 1 == iters:
+            snaps.take(it + 1, net)
+
+    def score(state: dict) -> float:
+        net.load_state_dict(state)
+        net.eval()
+        return heldout_loss(net, val, T)
+
+    return snaps.time_to(score, target)
+
+
+# ---- (b) gptforge through its trainer ----------------------------------------------------------------
+
+
+def write_data_dir(data: str, out: Path) -> int:
+    """A prepared data directory (gptforge's char tokenizer) with exactly the reference's split."""
+    import numpy as np
+
+    from gptforge.data.prepare import MANIFEST_FORMAT, MANIFEST_VERSION
+    from gptforge.data.shards import dtype_for_vocab, write_shard
+    from gptforge.tokenizer.char import CharTokenizer
+
+    text = Path(data).read_text(encoding="utf-8")
+    tok = CharTokenizer.train([text])
+    tok.save(out / "tokenizer")
+    n = int(0.9 * len(text))
+    dtype = dtype_for_vocab(tok.vocab_size)
+    splits = {}
+    for name, part in (("train", text[:n]), ("val", text[n:])):
+        ids = np.asarray(tok.encode_ordinary_array(part), dtype=dtype)
+        write_shard(out / f"{name}_000000.bin", ids, dtype)
+        splits[name] = {"tokens": int(ids.size), "shards": [{"file": f"{name}_000000.bin", "tokens": int(ids.size)}]}
+    manifest = {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "dtype": np.dtype(dtype).name,
+                "tokenizer": {"spec": "char", "kind": "char", "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+                              "dir": "tokenizer"}, "splits": splits, "sources": [str(data)]}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return tok.vocab_size
+
+
+# gptforge recipes: TrainConfig fields over the reference's (iterations scale with --iters)
+RECIPES = {
+    "same": lambda iters: {},
+}
+
+
+def gptforge_config(recipe: str, data_dir: Path, out_dir: Path, vocab: int, iters: int):
+    """The run config of a recipe; `iters` is the reference's iteration count (recipes scale from it)."""
+    from gptforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides
+
+    model = ModelConfig(vocab_size=vocab, block_size=REF["block_size"], n_layer=REF["n_layer"],
+                        n_head=REF["n_head"], n_embd=REF["n_embd"])
+    base = dict(out_dir=str(out_dir), micro_batch_size=REF["batch_size"], max_steps=iters, lr=REF["lr"],
+                min_lr_ratio=REF["min_lr"] / REF["lr"], warmup_steps=REF["warmup"], beta2=REF["beta2"],
+                weight_decay=REF["weight_decay"], grad_clip=REF["grad_clip"], eval_batches=1,
+                log_every=max(1, iters // 10), checkpoint_every=10 * iters,
+                sample_every=10 * iters, sample_tokens=0)
+    name, _, sets = recipe.partition(":")
+    if name not in RECIPES:
+        raise SystemExit(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}")
+    config = RunConfig(model=model, train=TrainConfig(**{**base, **RECIPES[name](iters)}),
+                       data=DataConfig(path=str(data_dir)))
+    if sets:
+        config = apply_overrides(config, sets.split(","))
+    return config
+
+
+def run_gptforge(data: str, iters: int, recipe: str, target: float | None) -> dict:
+    import torch
+
+    from gptforge.model import GPT
+    from gptforge.train.trainer import Trainer
+
+    _, _, val = load_splits(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        data_dir.mkdir()
+        vocab = write_data_dir(data, data_dir)
+        config = gptforge_config(recipe, data_dir, Path(tmp) / "run", vocab, iters)
+        steps = config.train.max_steps
+        every = max(1, steps // N_SNAPSHOTS)
+        config.train.eval_every = every
+        config.train.eval_batches = 1
+        trainer = Trainer(config, log=lambda msg: None)
+        snaps: list[Snapshots] = []
+        evaluate = trainer.evaluate
+
+        def snapshot_instead_of_evaluating() -> dict:
+            if not snaps:  # called once before the first step: the clock starts now
+                snaps.append(Snapshots())
+            elif trainer.step % every == 0 or trainer.step == steps:
+                snaps[0].take(trainer.step, trainer.raw_model)
+            return {}
+
+        trainer.evaluate = snapshot_instead_of_evaluating  # the benchmark scores, outside the clock
+        trainer.fit()
+        model = GPT(config.model)
+
+        def score(state: dict) -> float:
+            model.load_state_dict(state)
+            model.eval()
+            return heldout_loss(lambda x: model(x)[0], val, config.seq_len)
+
+        return snaps[0].time_to(score, target)
+
+
+# ---- driver ------------------------------------------------------------------------------------------
+
+
+def child(arm: str, data: str, iters: int, threads: int, target: float | None) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, __file__, "--child", arm, "--data", data, "--iters", str(iters), "--threads", str(threads)]
+    if target is not None:
+        cmd += ["--target", repr(target)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{arm} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="path to tinyshakespeare.txt (input.txt of nanoGPT's shakespeare_char)")
+    p.add_argument("--pairs", type=int, default=3, help="rounds of one run per arm (default 3)")
+    p.add_argument("--iters", type=int, default=REF["iters"], help="reference iterations (default 2000)")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads for every run (default 1)")
+    p.add_argument("--arms", default="reference,small-cpu",
+                   help="comma list after `reference`: gptforge recipes (" + ", ".join(RECIPES) + "), each "
+                        "optionally RECIPE:train.key=value;train.key=value")
+    p.add_argument("--quick", action="store_true", help="1 round of 400 reference iterations (development)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--target", type=float, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if not a.data:
+        p.error("--data PATH is required: the tinyshakespeare text file (nanoGPT's data/shakespeare_char/input.txt)")
+    if not Path(a.data).is_file():
+        p.error(f"--data {a.data}: no such file")
+    if a.child:
+        import torch
+        torch.set_num_threads(a.threads)
+        if a.child == "reference":
+            out = run_reference(a.data, a.iters, a.target)
+        else:
+            out = run_gptforge(a.data, a.iters, a.child, a.target)
+        print(json.dumps(out))
+        return
+    if a.quick:
+        a.pairs, a.iters = 1, 400
+    arms = [s.replace(";", ",") for s in a.arms.split(",")]
+    if arms[0] != "reference":
+        arms.insert(0, "reference")
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
+    print(f"{a.pairs} round(s) of {', '.join(arms)}; reference {a.iters} iterations; OMP_NUM_THREADS={a.threads}; "
+          "each round's target: its reference run's final held-out loss", flush=True)
+    for i in range(a.pairs):
+        target = None
+        for arm in arms:
+            r = child(arm, a.data, a.iters, a.threads, target)
+            target = r["target"] if target is None else target
+            runs[arm].append(r)
+            reached = f"reached {r['target']:.4f} at step {r['step']}, {r['time']:6.1f} s" if r["step"] else \
+                f"did not reach {r['target']:.4f}"
+            print(f"  round {i + 1} {arm:36} final {r['final']:.4f} after {r['steps']} steps, {r['total']:6.1f} s; "
+                  f"{reached}", flush=True)
+    ref_times = [r["time"] for r in runs["reference"]]
+    print(f"\n{'arm':36} {'time to target, each round (s)':>32} {'median':>7} {'ratio':>6} {'final loss':>10}")
+    for arm in arms:
+        times = [r["time"] for r in runs[arm]]
+        ratios = [t / ref for t, ref in zip(times, ref_times)]
+        each = " ".join(f"{t:.1f}" for t in times)
+        final = statistics.median(r["final"] for r in runs[arm])
+        print(f"{arm:36} {each:>32} {statistics.median(times):7.1f} {statistics.median(ratios):5.2f}x {final:10.4f}")
+    print("ratio: median over rounds of (time / that round's reference time); times exclude scoring")
+
+
+if __name__ == "__main__":
+    main()
