@@ -190,3 +190,32 @@ def test_forward_with_a_kv_cache_equals_the_whole_sequence(attention):
     if attention == "alternating":
         assert cache.keys[1].size(2) == 3  # the band layer's ring
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_cpu_training_attention_runs_in_fp32_under_bf16_autocast(tiny_config, monkeypatch):
+    """On CPU the flash-attention backward is several times slower in bf16 than in fp32, so under autocast
+    training computes attention in fp32; without autograd (scoring, generation) it keeps autocast's dtype.
+    The loss stays the bf16 path's loss to bf16 precision."""
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real_sdpa(q, k, v, **kwargs)
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    with torch.no_grad():
+        _, fp32_loss = model(x, x)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, x, return_logits=False)
+    loss.backward()
+    assert seen and set(seen) == {(torch.float32,) * 3}
+    assert model.lm_head.weight.grad is not None
+    assert abs(loss.item() - fp32_loss.item()) < 0.02 * fp32_loss.item()
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
