@@ -55,7 +55,7 @@ def test_unwritable_output_path_is_one_line_naming_it(tiny_run):
     (tiny_run / "afile").write_text("x")
     proc = run_cli("eval", "--model", "ckpt", "--task", "val", "--data", "t.txt", "--json", "afile/sub/r.json",
                    cwd=tiny_run)
-    assert_one_line_error(proc, "eval", "afile/sub", "Not a directory")
+    assert_one_line_error(proc, "eval", "--json afile/sub/r.json", "afile is a file, not a directory")
     assert (tiny_run / "afile").read_text() == "x"
 
 

@@ -8,6 +8,7 @@ does it for any other one (or for a run directory's newest), in one process, wit
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,14 +26,14 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..errors import UserError
-    from ..train.checkpoint import CHECKPOINTS_DIR, latest_valid_checkpoint
+    from ..layout import CHECKPOINTS_DIR, latest_valid_checkpoint
     from ..train.dist_checkpoint import consolidate
 
     path = Path(args.checkpoint)
     if not path.is_dir():
         raise UserError(f"{path} is not a directory; pass checkpoints/step_N of an FSDP run or its run directory")
     if (path / CHECKPOINTS_DIR).is_dir():
-        newest = latest_valid_checkpoint(path)
+        newest = latest_valid_checkpoint(path, report=lambda line: print(line, file=sys.stderr))
         if newest is None:
             raise UserError(f"run directory {path} has no valid checkpoint to consolidate")
         path = newest

@@ -1,0 +1,290 @@
+"""The bad-input sweep: every command, given something wrong, answers with exactly one stderr line that names
+the file or option at fault, exits 2, prints no traceback and leaves nothing behind (no new or changed file
+or directory, no temporary directory).
+
+Each case runs the CLI in-process (`gptforge.cli.main`) in a fresh working directory holding copies of a
+prepared char dataset (`data/`) and a short trained run (`run/`, checkpoints at steps 2 and 4), so the
+whole sweep costs one tiny training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from gptforge.cli import main
+
+TRAIN_SMALL = ["--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2",
+               "--set", "model.block_size=16", "--set", "train.tokens_per_step=64",
+               "--set", "train.micro_batch_size=4", "--set", "train.warmup_steps=1", "--set", "train.eval_every=2",
+               "--set", "train.eval_batches=1", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1",
+               "--set", "train.sample_every=1000", "--set", "train.device=cpu", "--set", "train.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """data/ (char tokenizer) and run/ (4 steps) made once by the CLI; each case works on copies."""
+    from conftest import fixture_text
+
+    root = tmp_path_factory.mktemp("sweep")
+    docs = [p for p in fixture_text().split("\n\n") if p.strip()]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    assert main(["prepare", str(root / "docs.jsonl"), "--tokenizer", "char", "--out", str(root / "data"),
+                 "--quiet", "--workers", "1", "--val-fraction", "0.2"]) == 0
+    assert main(["train", "--data", str(root / "data"), "--out", str(root / "run"), *TRAIN_SMALL,
+                 "--set", "train.max_steps=4"]) == 0
+    (root / "docs.jsonl").unlink()
+    return root
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Path], list[str]] | list[str]  # given the working directory (after setup)
+    needles: tuple[str, ...]  # what the one line must name
+    setup: Callable[[Path], None] = lambda work: None
+    marks: list = field(default_factory=list)
+
+
+def _write(path: str, text: str | bytes) -> Callable[[Path], None]:
+    def setup(work: Path) -> None:
+        target = work / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return setup
+
+
+def _edit_json(path: str, change: Callable[[dict], None], recompute_checksum: bool = False) -> Callable[[Path], None]:
+    def setup(work: Path) -> None:
+        file = work / path
+        data = json.loads(file.read_text())
+        change(data)
+        file.write_text(json.dumps(data))
+        if recompute_checksum:  # a deliberate edit, not corruption: the checksums agree with it
+            sums_file = file.parent / "checksums.json"
+            sums = json.loads(sums_file.read_text())
+            sums[file.name] = hashlib.sha256(file.read_bytes()).hexdigest()
+            sums_file.write_text(json.dumps(sums))
+    return setup
+
+
+def _ids_beyond_vocabulary(offset: int) -> Callable[[Path], None]:
+    """Overwrite data/'s train shard with ids from vocab_size + offset (inside the padding for offset 0..)."""
+    def setup(work: Path) -> None:
+        from gptforge.data.shards import open_shard, write_shard
+        vocab = json.loads((work / "data" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        shard = next((work / "data").glob("train_*.bin"))
+        tokens = np.array(open_shard(shard))
+        tokens[::7] = vocab + offset
+        write_shard(shard, tokens, tokens.dtype)
+    return setup
+
+
+def _drop_state_key(data: dict) -> None:
+    for key in ("rng", "loader", "data"):
+        if key in data:
+            del data[key]
+            return
+    data.pop(sorted(k for k in data if k not in ("step", "tokens"))[0])
+
+
+def _sharded_like(work: Path) -> None:
+    (work / "notckpt").mkdir()
+    (work / "notckpt" / "readme.txt").write_text("not a checkpoint")
+
+
+TRAINER_PENDING = "trainer (issue 10.10 / 10.2): not yet landed on main"
+DATA_PENDING = "data (issue 10.9): token ids checked when shards are opened, not yet landed on main"
+
+CASES = [
+    # ---- prepare ----
+    Case("prepare-missing-source", ["prepare", "nope.txt", "--out", "out"], ("nope.txt",)),
+    Case("prepare-val-fraction-1", ["prepare", "t.txt", "--out", "out", "--val-fraction", "1"], ("--val-fraction",),
+         setup=_write("t.txt", "hello")),
+    Case("prepare-unknown-tokenizer", ["prepare", "t.txt", "--out", "out", "--tokenizer", "wordpiece"],
+         ("--tokenizer",), setup=_write("t.txt", "hello world")),
+    Case("prepare-bpe-size-not-a-number", ["prepare", "t.txt", "--out", "out", "--tokenizer", "bpe:lots"],
+         ("bpe:lots",), setup=_write("t.txt", "hello world")),
+    Case("prepare-out-not-empty", ["prepare", "t.txt", "--out", "data", "--tokenizer", "char"], ("data", "--force"),
+         setup=_write("t.txt", "hello world")),
+    Case("prepare-jsonl-without-the-field", ["prepare", "d.jsonl", "--out", "out", "--tokenizer", "char"],
+         ("d.jsonl",), setup=_write("d.jsonl", '{"body": "a"}\n{"body": "b"}\n')),
+    Case("prepare-workers-0", ["prepare", "t.txt", "--out", "out", "--workers", "0"], ("--workers",),
+         setup=_write("t.txt", "hello world")),
+    Case("prepare-empty-file", ["prepare", "t.txt", "--out", "out", "--tokenizer", "char"], ("t.txt",),
+         setup=_write("t.txt", "")),
+    Case("prepare-bad-int", ["prepare", "t.txt", "--out", "out", "--seed", "x"], ("--seed",)),
+    # ---- train ----
+    Case("train-unknown-key", ["train", "--data", "data", "--out", "r2", "--set", "train.lrr=1e-3"],
+         ("train.lrr",)),
+    Case("train-set-without-equals", ["train", "--data", "data", "--out", "r2", "--set", "train.lr"], ("--set",)),
+    Case("train-missing-data", ["train", "--data", "nodata", "--out", "r2"], ("nodata",)),
+    Case("train-missing-config", ["train", "--config", "none.toml"], ("none.toml",)),
+    Case("train-invalid-toml", ["train", "--config", "bad.toml"], ("bad.toml",),
+         setup=_write("bad.toml", "[model\nn_layer = ")),
+    Case("train-unknown-preset", ["train", "--preset", "gpt5", "--data", "data", "--out", "r2"], ("gpt5",)),
+    Case("train-heads-do-not-divide", ["train", "--data", "data", "--out", "r2", "--set", "model.n_embd=16",
+                                       "--set", "model.n_head=3"], ("n_head",)),
+    Case("train-resume-and-fresh", ["train", "--out", "run", "--resume", "--fresh"], ("--resume", "--fresh")),
+    Case("train-resume-missing-checkpoint", ["train", "--out", "run", "--resume", "run/checkpoints/step_99"],
+         ("step_99",)),
+    Case("train-negative-steps", ["train", "--data", "data", "--out", "r2", "--set", "train.max_steps=-5"],
+         ("max_steps",)),
+    Case("train-lr-nan", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL, "--set", "train.max_steps=2",
+                          "--set", "train.lr=nan"], ("train.lr",)),
+    Case("train-lr-inf", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL, "--set", "train.max_steps=2",
+                          "--set", "train.lr=inf"], ("train.lr",)),
+    Case("train-block-size-huge", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL,
+                                   "--set", "train.max_steps=2", "--set", "model.block_size=1000000000"],
+         ("block_size",)),
+    Case("train-fresh-with-missing-data", ["train", "--out", "run", "--fresh", "--set", "data.path=gone"],
+         ("gone",)),
+    Case("train-state-edited-with-checksum", ["train", "--out", "run", "--resume"], ("state.json",),
+         setup=_edit_json("run/checkpoints/step_4/state.json", _drop_state_key, recompute_checksum=True)),
+    Case("train-ids-beyond-padded-vocab", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL,
+                                           "--set", "train.max_steps=2"], ("train_000000.bin",),
+         setup=_ids_beyond_vocabulary(200)),
+    Case("train-ids-in-vocab-padding", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL,
+                                        "--set", "train.max_steps=2"], ("train_000000.bin",),
+         setup=_ids_beyond_vocabulary(0)),
+    # ---- sample ----
+    Case("sample-missing-model", ["sample", "--model", "nothere", "hi"], ("nothere",)),
+    Case("sample-top-p-2", ["sample", "--model", "run", "hi", "--top-p", "2"], ("--top-p",)),
+    Case("sample-missing-prompt-file", ["sample", "--model", "run", "--prompt-file", "p.txt"], ("p.txt",)),
+    Case("sample-prompt-twice", ["sample", "--model", "run", "hi", "--prompt-file", "p.txt"], ("--prompt-file",),
+         setup=_write("p.txt", "hello")),
+    Case("sample-prompt-file-not-utf8", ["sample", "--model", "run", "--prompt-file", "p.txt"], ("p.txt",),
+         setup=_write("p.txt", b"\xff\xfe\x00bad")),
+    Case("sample-bad-stop-escape", ["sample", "--model", "run", "hi", "--stop", r"\q"], ("--stop",)),
+    Case("sample-num-samples-0", ["sample", "--model", "run", "hi", "--num-samples", "0"], ("--num-samples",)),
+    Case("sample-unknown-device", ["sample", "--model", "run", "hi", "--device", "tpu"], ("--device",)),
+    Case("sample-fp16-on-cpu", ["sample", "--model", "run", "hi", "--device", "cpu", "--dtype", "fp16"],
+         ("--dtype",)),
+    Case("sample-bad-int", ["sample", "--model", "run", "hi", "--max-new-tokens", "many"], ("--max-new-tokens",)),
+    Case("sample-weights-without-tokenizer", ["sample", "--model", "w.safetensors", "hi"], ("w.safetensors",),
+         setup=lambda work: shutil.copy(work / "run/checkpoints/step_4/model.safetensors", work / "w.safetensors")),
+    Case("sample-truncated-weights", ["sample", "--model", "ckpt", "hi"], ("model.safetensors",),
+         setup=lambda work: (shutil.copytree(work / "run/checkpoints/step_4", work / "ckpt"),
+                             (work / "ckpt/model.safetensors").write_bytes(b"\x10\x00\x00\x00garbage"))),
+    # ---- eval ----
+    Case("eval-unknown-task", ["eval", "--model", "run", "--task", "winogrande"], ("winogrande",)),
+    Case("eval-missing-data", ["eval", "--model", "run", "--task", "val", "--data", "none.txt"], ("none.txt",)),
+    Case("eval-batch-size-0", ["eval", "--model", "run", "--task", "val", "--data", "data", "--batch-size", "0"],
+         ("--batch-size",)),
+    Case("eval-two-tasks-one-data", ["eval", "--model", "run", "--task", "val", "--task", "lambada",
+                                     "--data", "data"], ("--data",)),
+    Case("eval-empty-hellaswag", ["eval", "--model", "run", "--task", "hellaswag", "--data", "hs.jsonl"],
+         ("hs.jsonl",), setup=_write("hs.jsonl", "")),
+    Case("eval-json-under-a-file", ["eval", "--model", "run", "--task", "val", "--data", "data", "--limit", "1",
+                                    "--json", "afile/r.json", "--no-progress"],
+         ("--json afile/r.json", "afile is a file"),
+         setup=_write("afile", "x")),
+    # ---- export ----
+    Case("export-unknown-format", ["export", "--model", "run", "--format", "onnx", "--out", "o"], ("--format",)),
+    Case("export-out-exists", ["export", "--model", "run", "--format", "gguf", "--out", "m.gguf"],
+         ("m.gguf", "--force"), setup=_write("m.gguf", "mine")),
+    Case("export-bad-dtype", ["export", "--model", "run", "--format", "gguf", "--dtype", "q4_0", "--out", "m.gguf"],
+         ("--dtype",)),
+    Case("export-char-tokenizer-to-gguf", ["export", "--model", "run", "--format", "gguf", "--out", "m.gguf"],
+         ("char",)),
+    Case("export-run-without-checkpoint", ["export", "--model", "run", "--format", "hf", "--out", "o"], ("run",),
+         setup=lambda work: [shutil.rmtree(p) for p in (work / "run/checkpoints").iterdir()]),
+    # ---- import-hf ----
+    Case("import-hf-no-config", ["import-hf", "hfdir", "--out", "o"], ("hfdir",),
+         setup=_write("hfdir/model.safetensors", b"")),
+    Case("import-hf-unsupported-activation", ["import-hf", "hfdir", "--out", "o"], ("relu",),
+         setup=_write("hfdir/config.json", json.dumps({"model_type": "gpt2", "activation_function": "relu"}))),
+    Case("import-hf-out-exists", ["import-hf", "hfdir", "--out", "data"], ("data",),
+         setup=_write("hfdir/config.json", json.dumps({"model_type": "gpt2"}))),
+    # ---- info ----
+    Case("info-seq-len-beyond-context", ["info", "--preset", "gpt2", "--seq-len", "4096"], ("--seq-len",)),
+    Case("info-unknown-preset", ["info", "--preset", "gpt5"], ("gpt5",)),
+    Case("info-missing-config", ["info", "--config", "none.toml"], ("none.toml",)),
+    Case("info-missing-model", ["info", "--model", "nothere"], ("nothere",)),
+    Case("info-model-with-set", ["info", "--model", "run", "--set", "n_layer=2"], ("--set",)),
+    Case("info-batch-size-0", ["info", "--preset", "gpt2", "--batch-size", "0"], ("--batch-size",)),
+    Case("info-damaged-run-config", ["info", "--model", "run"], ("config.json",),
+         setup=_write("run/config.json", "{not json")),
+    # ---- tokenizer ----
+    Case("tokenizer-train-missing-source", ["tokenizer", "train", "none/", "--out", "tok"], ("none",)),
+    Case("tokenizer-train-vocab-too-small", ["tokenizer", "train", "t.txt", "--out", "tok", "--vocab-size", "10"],
+         ("--vocab-size",), setup=_write("t.txt", "hello world " * 50)),
+    Case("tokenizer-encode-missing-dir", ["tokenizer", "encode", "hi", "--tokenizer", "nodir"], ("nodir",)),
+    Case("tokenizer-info-not-a-tokenizer", ["tokenizer", "info", "data/train_000000.bin"], ("train_000000.bin",)),
+    # ---- consolidate ----
+    Case("consolidate-missing", ["consolidate", "nothere"], ("nothere",)),
+    Case("consolidate-not-a-checkpoint", ["consolidate", "notckpt"], ("notckpt",), setup=_sharded_like),
+    Case("consolidate-not-sharded", ["consolidate", "run/checkpoints/step_4"], ("step_4",)),
+    # ---- chat ----
+    Case("chat-base-model", ["chat", "--model", "run", "-p", "hi"], ("sft",)),
+]
+
+# Cases whose fixes belong to other engineers and are not on main yet (see the reasons).
+PENDING = {
+    "train-missing-data": TRAINER_PENDING, "train-lr-nan": TRAINER_PENDING, "train-lr-inf": TRAINER_PENDING, "train-block-size-huge": TRAINER_PENDING,
+    "train-fresh-with-missing-data": TRAINER_PENDING, "train-state-edited-with-checksum": TRAINER_PENDING,
+    "train-ids-beyond-padded-vocab": DATA_PENDING, "train-ids-in-vocab-padding": DATA_PENDING,
+}
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file and directory under root with a content hash (files) or a marker (directories)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _params() -> list:
+    return [pytest.param(case, id=case.id, marks=[*case.marks, *([pytest.mark.xfail(strict=True, reason=PENDING[
+        case.id])] if case.id in PENDING else [])]) for case in CASES]
+
+
+def test_the_sweep_is_broad():
+    commands = {(c.argv if isinstance(c.argv, list) else [""])[0] for c in CASES}
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+    assert {"prepare", "train", "sample", "eval", "export", "import-hf", "info", "tokenizer",
+            "consolidate"} <= commands
+
+
+@pytest.mark.parametrize("case", _params())
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, prepared, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(systmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(work)
+    case.setup(work)
+    argv = case.argv(work) if callable(case.argv) else case.argv
+    before = _tree(work)
+    capsys.readouterr()
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+
+    assert "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1, lines
+    command = argv[0]
+    assert lines[0].startswith((f"gptforge {command}", "gptforge:")) and "error" in lines[0], lines[0]
+    for needle in case.needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert _tree(work) == before, "files were created, changed or removed"
+    assert list(systmp.iterdir()) == [], "a temporary directory was left behind"
