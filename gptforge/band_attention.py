@@ -110,7 +110,10 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         w = x[:, :, head - n * b:].transpose(1, 2).unfold(1, L, b)
         return w.permute(0, 1, 2, 4, 3).reshape(B * nb, H, L, D)
 
-    mask = _block_mask(b, n, window, q.device)
+    if torch.compiler.is_compiling():  # traced into the graph (dynamo would skip the cache anyway)
+        mask = band_mask(b, L, window, q.device)
+    else:
+        mask = _block_mask(b, n, window, q.device)
     y_blocks = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=mask, dropout_p=p,
                                               scale=scale)  # (B·nb, H, b, D)
     y_blocks = y_blocks.transpose(1, 2).reshape(B, nb * b, H, D)

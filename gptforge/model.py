@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .band_attention import band_attention, band_mask  # noqa: F401 (band_mask: public here too)
 from .config import ModelConfig
 from .fused_loss import linear_cross_entropy
 
@@ -27,17 +28,6 @@ if TYPE_CHECKING:
     from .generation.kv_cache import KVCache
 
 IGNORE_INDEX = -100
-
-
-def band_mask(q_len: int, k_len: int, window: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean mask (True = may attend) for causal attention limited to the last `window` keys.
-
-    Queries are the last `q_len` of `k_len` positions (q_len < k_len when earlier keys come from a cache).
-    Query at absolute position t sees keys t-window+1 .. t.
-    """
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    k_pos = torch.arange(k_len, device=device)[None, :]
-    return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,9 +75,8 @@ class CausalSelfAttention(nn.Module):
         if self.window is None or self.window >= k_len:  # dense causal (a band reaching back to 0 is causal)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         # The band call site: a band layer over a whole sequence (training, scoring, prefill); query t sees
-        # keys t-window+1 .. t. A dense masked product today, so it does the full square of work.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(q_len, k_len, self.window, q.device),
-                                              dropout_p=dropout)
+        # keys t-window+1 .. t. Blockwise local attention computes only the band (gptforge.band_attention).
+        return band_attention(q, k, v, self.window, self.dropout, self.training)
 
 
 class MLP(nn.Module):

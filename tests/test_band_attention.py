@@ -170,3 +170,82 @@ def test_block_mask_is_cached_per_shape():
     assert a is band_module._block_mask(4, 2, 6, torch.device("cpu"))
     assert a.shape == (4, 12) and a.sum().item() == 4 * 6  # every query of a block sees exactly `window` keys
     assert math.isclose(a.float().mean().item(), 6 / 12)
+
+
+# ---------------------------------------------------------------------------------- the model's band layers
+
+def band_gpt(block_size: int = 64, window: int = 5, dropout: float = 0.0) -> "GPT":
+    from gptforge.config import ModelConfig
+    from gptforge.model import GPT
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
+                         attention="alternating", window=window, dropout=dropout)
+    return GPT(config)
+
+
+def test_model_band_layers_take_the_fast_path_and_match_the_masked_model(monkeypatch):
+    import gptforge.model as model_module
+
+    model = band_gpt()
+    idx = torch.randint(0, 61, (2, 50), generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def recording(q, k, v, window, *args, **kwargs):
+        calls.append((q.size(2), window))
+        return band_attention(q, k, v, window, *args, block=2, **kwargs)  # many blocks at this small T
+
+    def run(kernel):
+        monkeypatch.setattr(model_module, "band_attention", kernel)
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, idx)
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    logits, grads = run(recording)
+    assert calls == [(50, 5)]  # layer 1, the only band layer, over the whole sequence
+    ref_logits, ref_grads = run(band_attention_reference)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_model_passes_dropout_to_the_band_only_in_training(monkeypatch):
+    import gptforge.model as model_module
+
+    model = band_gpt(dropout=0.25)
+    seen = []
+
+    def recording(q, k, v, window, dropout_p=0.0, training=False, **kwargs):
+        seen.append((dropout_p, training))
+        return band_attention(q, k, v, window, dropout_p, training, **kwargs)
+
+    monkeypatch.setattr(model_module, "band_attention", recording)
+    idx = torch.randint(0, 61, (1, 20))
+    model.train()(idx)
+    model.eval()(idx)
+    assert seen == [(0.25, True), (0.25, False)]
+
+
+def test_generation_prefill_of_a_long_prompt_takes_the_fast_path(monkeypatch):
+    import gptforge.model as model_module
+    from gptforge.generation import SamplingConfig, generate_ids
+
+    model = band_gpt(block_size=48, window=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5)  # large weights: greedy tokens differ when attention differs
+    prompt = torch.randint(0, 61, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    lengths = []
+
+    def recording(q, k, v, window, *args, **kwargs):
+        lengths.append(q.size(2))
+        return band_attention(q, k, v, window, *args, **kwargs)
+
+    config = SamplingConfig(temperature=0.0, stop_at_eot=False, max_new_tokens=8)
+    monkeypatch.setattr(model_module, "band_attention", recording)
+    got = generate_ids(model, [prompt], config)[0]
+    assert 30 in lengths  # the band layer's prefill ran over the whole prompt on the fast path
+    monkeypatch.setattr(model_module, "band_attention", band_attention_reference)
+    assert got == generate_ids(model, [prompt], config)[0]
