@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{info.name}").register(subparsers)
+        if not info.name.startswith("_"):  # _options: shared helpers, not a command
+            importlib.import_module(f"{commands.__name__}.{info.name}").register(subparsers)
     return parser
 
 

@@ -12,8 +12,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from ..devices import DTYPE_CHOICES
 from ..errors import UserError
+from ._options import add_device_options, add_sampling_options, sampling_config
 
 if TYPE_CHECKING:
     from ..chat.session import ChatSession
@@ -29,27 +29,6 @@ HELP = """commands:
   //TEXT          send TEXT starting with a single /"""
 
 
-def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float) -> None:
-    """The sampling options `sample` has, with this command's defaults."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
-                   help=f"most tokens per reply (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages tokens already in the conversation (1 = off)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
-
-
-def sampling_config(args: argparse.Namespace) -> "SamplingConfig":
-    from ..generation import SamplingConfig
-
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          no_repeat_ngram=args.no_repeat_ngram)
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "chat", help="talk to a chat model (multi-turn, streaming)",
@@ -59,14 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="run directory, checkpoint or hf:DIR of a chat model")
     p.add_argument("-p", "--prompt", default=None, metavar="TEXT", help="print the reply to TEXT and exit")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message for the conversation")
-    add_sampling_options(p, max_new_tokens=512, temperature=0.7)
+    add_sampling_options(p, max_new_tokens=512, temperature=0.7, per="reply")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed: the same seed and the same messages give the same conversation")
     p.add_argument("--stats", action="store_true",
                    help="after each reply, print its token count, time to first token and tokens/s to stderr")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_device_options(p)
     p.set_defaults(func=run)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..devices import DTYPE_CHOICES
+from ._options import add_device_options
 from ..errors import UserError
 
 
@@ -30,9 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "files, the whole context for prepared splits)")
     p.add_argument("--json", metavar="OUT", help="write the results (and provenance) to this JSON file")
     p.add_argument("--samples", action="store_true", help="include per-item log-likelihoods in the JSON")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU); log-probs are fp32 anyway")
+    add_device_options(p, dtype_note="; log-probs are fp32 anyway")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

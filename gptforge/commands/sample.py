@@ -8,7 +8,7 @@ import re
 import secrets
 import sys
 
-from ..devices import DTYPE_CHOICES
+from ._options import add_device_options, add_sampling_options, sampling_config
 from ..errors import UserError
 
 
@@ -20,14 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT", help="text to continue")
     p.add_argument("--model", required=True, help="run directory, checkpoint, .safetensors, hf:DIR or preset name")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per sample (default 256)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="> 1 discourages tokens already present (sign-aware, as transformers; 1 = off)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
+    add_sampling_options(p, max_new_tokens=256, temperature=1.0)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample at this text (not printed); repeatable. Backslash escapes as in Python "
                         "strings: \\n newline, \\t tab, \\r, \\\\ a backslash, \\xNN, \\uNNNN, \\UNNNNNNNN "
@@ -41,9 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: one JSON object (with --stream: one JSON line per token)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_device_options(p)
     p.set_defaults(func=run)
 
 
@@ -95,14 +86,10 @@ def unescape(text: str, option: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device, resolve_dtype
-    from ..generation import SamplingConfig
     from ..loading import default_tokenizer, load_model, resolve_model_source
 
-    config = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                            no_repeat_ngram=args.no_repeat_ngram,
-                            stop=tuple(unescape(text, "--stop") for text in args.stop),
-                            stop_at_eot=args.stop_at_eot)
+    config = sampling_config(args, stop=tuple(unescape(text, "--stop") for text in args.stop),
+                             stop_at_eot=args.stop_at_eot)
     if args.num_samples < 1:
         raise UserError(f"--num-samples: must be a positive integer, got {args.num_samples}")
     prompt = read_prompt(args)
