@@ -67,11 +67,18 @@ class CausalSelfAttention(nn.Module):
             with torch.autocast("cpu", enabled=False):
                 return self.attend(q.float(), k.float(), v.float(), mask)
         dropout = self.dropout if self.training else 0.0
-        if mask is not None:  # a KV cache's mask: left padding of ragged batches, ring slots, the band
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         q_len, k_len = q.size(2), k.size(2)
-        if q_len == 1 and k_len > 1:  # cached decode: the cache returned only keys in this query's past
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        if q_len == 1 and k_len > 1:
+            # Cached decode: one query per row over the keys the cache returned (all in its past; `mask`, if
+            # any, drops padding and unwritten slots). Written out because for one query it is two small
+            # matmuls, while CPU SDPA kernels are several times slower at this shape (bf16 most of all).
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, Tk)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = F.dropout(scores.float().softmax(dim=-1), dropout).to(v.dtype)  # softmax in fp32 always
+            return probs @ v  # (B, nh, 1, hd)
+        if mask is not None:  # a KV cache's prefill mask: left padding of ragged batches, with the band
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if self.window is None or self.window >= k_len:  # dense causal (a band reaching back to 0 is causal)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         # The band call site: a band layer over a whole sequence (training, scoring, prefill); query t sees
