@@ -120,16 +120,19 @@ class GPT(nn.Module):
     """GPT-2 (and GPT-3 with `attention="alternating"`): token + learned position embeddings, a stack of
     blocks, a final LayerNorm (pre-LN only) and an output head tied to the token embedding.
 
-    `init_weights=False` leaves the parameters as allocated: for callers that load weights right after
-    (on the meta device nothing is allocated, and initialising there would only cost time)."""
+    `init_weights=False` leaves the parameters as allocated, for callers that load weights right after
+    (gptforge.weights builds on the meta device, then assigns the loaded tensors)."""
 
     def __init__(self, config: ModelConfig, init_weights: bool = True) -> None:
         super().__init__()
         config.validate()
         self.config = config
+        V, C = config.padded_vocab_size, config.n_embd
+        # Embeddings are given uninitialised storage (`_weight`): _init_weights draws them once, and loaders
+        # skip drawing entirely (nn.Embedding's own init on the meta device would import torch._dynamo, ~1 s).
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            wte=nn.Embedding(V, C, _weight=torch.empty(V, C)),
+            wpe=nn.Embedding(config.block_size, C, _weight=torch.empty(config.block_size, C)),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             # Post-LN blocks already end in a LayerNorm (as GPT-1): no final one.

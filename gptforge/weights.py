@@ -67,8 +67,9 @@ def read_weights(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.
     return config, tensors
 
 
-def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into `model`, naming missing, unexpected or mis-shaped tensors if they do not fit."""
+def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Copy `tensors` into `model`, naming missing, unexpected or mis-shaped tensors if they do not fit.
+    `assign=True` makes the tensors the model's parameters instead of copying them (see model_from_state)."""
     expected = model_state_for_saving(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -83,16 +84,25 @@ def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: str) -
             k = wrong_shape[0]
             parts.append(f"{k} has shape {tuple(tensors[k].shape)}, the model needs {tuple(expected[k].shape)}")
         raise UserError(f"weights in {source} do not fit this model: {'; '.join(parts)}")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(tensors, strict=False, assign=assign)
+
+
+def model_from_state(config: ModelConfig, tensors: dict[str, torch.Tensor], source: str) -> GPT:
+    """A GPT whose parameters are `tensors` themselves: built on the meta device without initialisation,
+    then given the loaded tensors (no second copy of the weights, no random numbers drawn).
+
+    Why not GPT(config) then copy: initialising draws ~all parameters' worth of random numbers only to
+    overwrite them, and initialising on the meta device imports torch._dynamo (~1 s at load, more at exit)."""
+    with torch.device("meta"):
+        model = GPT(config, init_weights=False)
+    load_state_into(model, {k: t.contiguous() for k, t in tensors.items()}, source, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # the head is not stored: tie it to the loaded embedding
+    return model
 
 
 def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None) -> GPT:
     """Build the model a weights file describes and load its weights."""
     config, tensors = read_weights(path)
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to_empty(device="cpu")
-    load_state_into(model, tensors, str(path))
-    model.lm_head.weight = model.transformer.wte.weight  # to_empty breaks the tie; restore it
+    model = model_from_state(config, tensors, str(path))
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)

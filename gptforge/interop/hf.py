@@ -31,7 +31,7 @@ from .. import atomic
 from ..config import ModelConfig
 from ..errors import UserError
 from ..model import GPT
-from ..weights import load_state_into
+from ..weights import model_from_state
 from . import check_output
 
 if TYPE_CHECKING:
@@ -366,8 +366,7 @@ def load_hf_model(path: str | os.PathLike) -> "tuple[GPT, Tokenizer | None]":
     hf = read_hf_config(source)
     config = _gptforge_config(hf, source)
     tensors = _our_tensors(config, hf, read_hf_tensors(source), source)
-    model = GPT(config)
-    load_state_into(model, tensors, str(source))
+    model = model_from_state(config, tensors, str(source))
     from .hf_tokenizer import read_hf_tokenizer
     return model.eval(), read_hf_tokenizer(source)
 
