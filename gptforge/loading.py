@@ -125,8 +125,9 @@ def resolve_model_source(spec: str, report: Callable[[str], None] | None = _warn
 
 
 def load_model(spec: str | ModelSource, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, "Tokenizer | None"]:
-    """Load the model `spec` names, in eval mode, with the tokenizer saved beside it (None for a preset)."""
+               dtype: torch.dtype | None = None, seed: int | None = None) -> tuple[GPT, "Tokenizer | None"]:
+    """Load the model `spec` names, in eval mode, with the tokenizer saved beside it (None for a preset).
+    A preset's random weights are drawn from `seed` (the global RNG is left as it was)."""
     from .tokenizer import load_tokenizer
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_source(spec)
@@ -135,7 +136,11 @@ def load_model(spec: str | ModelSource, device: str | torch.device = "cpu",
         model, tokenizer = load_hf_model(source.path)
         return model.to(device=device, dtype=dtype).eval(), tokenizer
     if source.kind == "preset":
-        return GPT(get_preset(source.spec)).to(device=device, dtype=dtype).eval(), None
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = GPT(get_preset(source.spec))
+        return model.to(device=device, dtype=dtype).eval(), None
     if source.kind == "sharded":
         raise UserError(f"--model {source.spec}: a sharded (FSDP) checkpoint; make the single-file weights first "
                         f"with `gptforge consolidate {source.spec}`")

@@ -73,3 +73,11 @@ def test_stop_reaches_generation_unescaped(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr(generation, "generate", fake_generate)
     assert main(["sample", "--model", str(tiny_run), "hi", "--stop", r"\n\n", "--stop", "END", "--device", "cpu"]) == 0
     assert seen == [("\n\n", "END")]
+
+
+def test_a_preset_with_a_seed_gives_the_same_text_every_run(gpt2_ranks, capsys):
+    """A preset's weights are random: --seed must cover them too, not only the sampling."""
+    common = ["--model", "dev-17m", "hello", "--max-new-tokens", "6", "--temperature", "0", "--no-stop-at-eot"]
+    first = sample_json(capsys, *common, "--seed", "7")["samples"][0]["text"]
+    assert sample_json(capsys, *common, "--seed", "7")["samples"][0]["text"] == first
+    assert sample_json(capsys, *common, "--seed", "8")["samples"][0]["text"] != first  # greedy: only the weights differ

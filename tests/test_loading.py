@@ -108,3 +108,18 @@ def test_sample_eval_and_export_share_the_tokenizer_rule(tmp_path, capsys, comma
     assert len(err) == 1 and err[0].startswith(f"gptforge {command}: error: --model {spec}: no tokenizer saved "
                                                f"with it and its vocabulary ({model.config.vocab_size:,} ids)")
     assert not (tmp_path / "out").exists()
+
+
+def test_preset_weights_are_drawn_from_the_seed():
+    """`--model PRESET --seed 7` must give the same text every run: the random weights come from the seed,
+    and loading leaves the caller's global RNG alone."""
+    torch.manual_seed(0)
+    expected_next = torch.rand(1)
+    torch.manual_seed(0)
+    a, _ = load_model("dev-17m", seed=7)
+    assert torch.equal(torch.rand(1), expected_next)
+    b, _ = load_model("dev-17m", seed=7)
+    c, _ = load_model("dev-17m", seed=8)
+    for name, tensor in a.state_dict().items():
+        assert torch.equal(tensor, b.state_dict()[name]), name
+    assert not torch.equal(a.transformer.h[0].attn.c_attn.weight, c.transformer.h[0].attn.c_attn.weight)

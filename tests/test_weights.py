@@ -35,3 +35,20 @@ def test_shape_mismatch_names_the_tensor(tmp_path, tiny_config):
     other = GPT(ModelConfig(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=32))
     with pytest.raises(UserError, match=r"c_attn.bias has shape \(96,\), the model needs \(48,\)"):
         load_state_into(GPT(tiny_config), model_state_for_saving(other), "x.safetensors")
+
+
+def test_loading_draws_no_random_numbers_and_does_not_import_dynamo(tmp_path, tiny_config):
+    """Loaded weights are assigned, not copied over an initialised model: the global RNG is untouched (no
+    initialisation ran) and torch._dynamo, which initialising on the meta device imports (~1 s at load and
+    more at exit), stays unimported. Checked in a fresh interpreter, where nothing imported it before."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.safetensors"
+    save_weights(GPT(tiny_config), path)
+    code = ("import sys, torch; torch.manual_seed(3); from gptforge.weights import load_weights; "
+            f"m = load_weights({str(path)!r}); x = torch.rand(1).item(); torch.manual_seed(3); "
+            "print('torch._dynamo' in sys.modules, x == torch.rand(1).item())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

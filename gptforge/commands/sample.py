@@ -95,11 +95,12 @@ def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     device = resolve_device(args.device)
     source = resolve_model_source(args.model)
-    model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device))
+    seeds = args.seed or [fresh_seed()]  # chosen first: a preset's random weights are drawn from it too
+    model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device), seed=seeds[0])
     args.provenance = source.provenance()
     tokenizer = tokenizer or default_tokenizer(model, args.model)
     if prompt is not None:
-        _sample(model, tokenizer, prompt, config, args, args.seed or [fresh_seed()])
+        _sample(model, tokenizer, prompt, config, args, seeds)
         return 0
     return _interactive(model, tokenizer, config, args)
 
