@@ -15,6 +15,9 @@ call as a batch, with the key windows an overlapping strided view of k (no T×T 
 plain causal (or small band-masked) attention. Work per query: L ≈ window + b keys instead of T/2 (a
 causal flash kernel) or T (the masked square).
 
+An extra boolean mask (a KV cache's left padding of ragged prompts) can restrict the band further; only
+its entries inside the blocks are read.
+
 `band_attention_reference` is the plain masked path, kept as the definition the fast path is tested
 against.
 
@@ -56,32 +59,51 @@ def _block_mask(block: int, n_before: int, window: int, device: torch.device) ->
 
 
 def band_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                             dropout_p: float = 0.0, training: bool = False,
-                             scale: float | None = None) -> torch.Tensor:
-    """Banded causal attention as dense SDPA under a T×T band mask: the definition, O(T²) work."""
+                             dropout_p: float = 0.0, training: bool = False, *,
+                             attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Banded causal attention as dense SDPA under a T×T band mask (and `attn_mask`, if given): the
+    definition, O(T²) work."""
     T = q.size(-2)
     mask = band_mask(T, T, window, q.device)
+    if attn_mask is not None:
+        mask = mask & attn_mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p if training else 0.0,
                                           scale=scale)
 
 
+def _mask_blocks(mask: torch.Tensor, head: int, n: int, b: int, nb: int) -> torch.Tensor:
+    """The entries of a (Bm, Hm, T, T) mask that the blocks use, (Bm, Hm, nb, b, L): block i's queries
+    head+i·b+r over its keys head+(i-n)·b+j. A strided view (each block steps b rows and b columns)."""
+    m = mask[:, :, head:, head - n * b:]
+    s = m.stride()
+    return m.as_strided((*m.shape[:2], nb, b, (n + 1) * b), (s[0], s[1], b * (s[2] + s[3]), s[2], s[3]),
+                        m.storage_offset())
+
+
 def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                   dropout_p: float = 0.0, training: bool = False, *,
+                   dropout_p: float = 0.0, training: bool = False, *, attn_mask: torch.Tensor | None = None,
                    block: int | None = None, scale: float | None = None) -> torch.Tensor:
     """Self-attention of q (B, H, T, D) over k, v of the same length where query t sees keys
     t-window+1 .. t; returns (B, H, T, D). Only the band is computed (see the module docstring).
 
-    `dropout_p` applies only when `training` (like F.dropout). `block` overrides the block size.
-    Any strides are accepted; the result is a (B, H, T, D) view of a (B, T, H, D)-contiguous tensor, so
-    the usual `y.transpose(1, 2).reshape(B, T, C)` that follows costs no copy.
+    `dropout_p` applies only when `training` (like F.dropout). `attn_mask`: an optional boolean
+    (B or 1, H or 1, T, T) mask further restricting the band (a KV cache's left padding); only its entries
+    inside the blocks are read. `block` overrides the block size. Any strides are accepted; the result
+    is a (B, H, T, D) view of a (B, T, H, D)-contiguous tensor, so the usual
+    `y.transpose(1, 2).reshape(B, T, C)` that follows costs no copy.
     """
     B, H, T, D = q.shape
     if k.size(-2) != T or v.size(-2) != T:
         raise ValueError(f"band_attention needs queries and keys of the same length, got {T} and {k.size(-2)}")
     if window < 1:
         raise ValueError(f"window must be at least 1, got {window}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise ValueError(f"band_attention takes a boolean attn_mask, got {attn_mask.dtype}")
+        attn_mask = attn_mask.expand(attn_mask.size(0) if attn_mask.dim() == 4 else 1,
+                                     attn_mask.size(-3) if attn_mask.dim() >= 3 else 1, T, T)
     p = dropout_p if training else 0.0
-    if window >= T:  # every query's band reaches position 0: plain causal attention
+    if window >= T and attn_mask is None:  # every query's band reaches position 0: plain causal attention
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, scale=scale)
     b = min(block or DEFAULT_BLOCK, window)
     n = math.ceil((window - 1) / b)  # key blocks before a query block that its band can reach
@@ -90,15 +112,16 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     # absorbs the remainder, so the blocks end exactly at T: no padding, no wasted rows.
     head = n * b + (T - n * b) % b
     if head >= T:  # too short for even one block: the square is small
-        return band_attention_reference(q, k, v, window, dropout_p, training, scale)
+        return band_attention_reference(q, k, v, window, dropout_p, training, attn_mask=attn_mask, scale=scale)
     nb = (T - head) // b
 
-    if head <= window:
+    if head <= window and attn_mask is None:
         y_head = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head],
                                                 dropout_p=p, is_causal=True, scale=scale)
     else:
-        y_head = band_attention_reference(q[:, :, :head], k[:, :, :head], v[:, :, :head], window,
-                                          dropout_p, training, scale)
+        y_head = band_attention_reference(q[:, :, :head], k[:, :, :head], v[:, :, :head], window, dropout_p,
+                                          training, scale=scale,
+                                          attn_mask=None if attn_mask is None else attn_mask[..., :head, :head])
 
     # Blocks go into the batch dimension: (B, T, H, D) positions -> (B·nb, H, b, D). For B=1 and the
     # usual head-major strides this is a view; otherwise reshape copies q once.
@@ -114,6 +137,9 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         mask = band_mask(b, L, window, q.device)
     else:
         mask = _block_mask(b, n, window, q.device)
+    if attn_mask is not None:  # (Bm, Hm, nb, b, L) -> (B·nb, Hm, b, L), alongside the blocks
+        blocks = _mask_blocks(attn_mask, head, n, b, nb).transpose(1, 2)
+        mask = (blocks.expand(B, *blocks.shape[1:]) & mask).reshape(B * nb, -1, b, L)
     y_blocks = F.scaled_dot_product_attention(qb, windows(k), windows(v), attn_mask=mask, dropout_p=p,
                                               scale=scale)  # (B·nb, H, b, D)
     y_blocks = y_blocks.transpose(1, 2).reshape(B, nb * b, H, D)

@@ -77,6 +77,10 @@ class CausalSelfAttention(nn.Module):
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = F.dropout(scores.float().softmax(dim=-1), dropout).to(v.dtype)  # softmax in fp32 always
             return probs @ v  # (B, nh, 1, hd)
+        if mask is not None and self.window is not None and self.window < q_len == k_len:
+            # Band call site, ragged prefill: the cache's padding mask (which has the band in it), applied
+            # only inside the band's blocks.
+            return band_attention(q, k, v, self.window, self.dropout, self.training, attn_mask=mask)
         if mask is not None:  # a KV cache's prefill mask: left padding of ragged batches, with the band
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if self.window is None or self.window >= k_len:  # dense causal (a band reaching back to 0 is causal)

@@ -69,6 +69,45 @@ def test_as_accurate_as_the_reference_in_fp32_and_bf16(dtype, tolerance, B, H, T
             assert 0 < ref_err < 0.1 and err <= 2 * ref_err
 
 
+@pytest.mark.parametrize("mask_shape", ["padding", "per_head", "2d"])
+def test_extra_mask_is_applied_inside_the_band(mask_shape):
+    """A KV cache's left padding (row i's keys before pad[i] hidden, padding queries see themselves), and
+    arbitrary masks that keep the diagonal: equal to the reference under band & mask, forward and backward."""
+    B, H, T, D, window = 3, 2, 61, 8, 9
+    x, _ = qkv(B, H, T, D, torch.float64)
+    grad = torch.randn(B, H, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(T)
+    diagonal = pos[:, None] == pos[None, :]
+    g = torch.Generator().manual_seed(2)
+    if mask_shape == "padding":
+        pads = torch.tensor([0, 7, 30])[:, None, None, None]
+        mask = (pos[None, None, None, :] >= pads) | diagonal  # (B, 1, T, T)
+    elif mask_shape == "per_head":
+        mask = (torch.rand(B, H, T, T, generator=g) < 0.7) | diagonal
+    else:
+        mask = (torch.rand(T, T, generator=g) < 0.7) | diagonal
+    for block in (4, None):
+        y, grads = forward_backward(lambda q, k, v: band_attention(q, k, v, window, attn_mask=mask, block=block),
+                                    x, B, H, T, D, grad)
+        y_ref, grads_ref = forward_backward(lambda q, k, v: band_attention_reference(q, k, v, window,
+                                                                                     attn_mask=mask),
+                                            x, B, H, T, D, grad)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(grads, grads_ref, rtol=0, atol=1e-12)
+    # the mask does matter here: without it the answer differs
+    assert not torch.allclose(y, band_attention_reference(*forward_inputs(x, B, H, T, D), window))
+
+
+def forward_inputs(x, B, H, T, D):
+    return [t.view(B, T, H, D).transpose(1, 2) for t in x.split(H * D, dim=2)]
+
+
+def test_extra_mask_must_be_boolean():
+    _, (q, k, v) = qkv(1, 2, 10, 4)
+    with pytest.raises(ValueError, match="boolean"):
+        band_attention(q, k, v, 3, attn_mask=torch.zeros(10, 10))
+
+
 def test_result_is_heads_major_view_of_token_major_memory():
     """The caller's transpose(1, 2).reshape(B, T, C) must be free: the (B, T, H, D) memory is contiguous."""
     _, (q, k, v) = qkv(2, 3, 50, 8)
@@ -92,6 +131,8 @@ def test_window_one_returns_the_values():
 def test_computes_only_the_band(monkeypatch):
     """Count the score-matrix entries the kernel calls are asked for: O(T·(window+block)) for the fast
     path, T² for the masked square."""
+    from gptforge.info import mean_attended_keys
+
     entries = []
     real_sdpa = F.scaled_dot_product_attention
 
@@ -103,7 +144,10 @@ def test_computes_only_the_band(monkeypatch):
     B, H, T, window, block = 1, 2, 1000, 64, 32
     _, (q, k, v) = qkv(B, H, T, 4)
     band_attention(q, k, v, window, block=block)
-    assert sum(entries) <= B * H * T * (window + 2 * block)
+    # `gptforge info` counts a band layer's attention at the keys the band needs; the kernel computes those
+    # plus at most two blocks' worth of masked-out keys per query.
+    needed = B * H * T * mean_attended_keys(T, window)
+    assert needed <= sum(entries) <= B * H * T * (mean_attended_keys(T, window) + 2 * block)
     entries.clear()
     band_attention_reference(q, k, v, window)
     assert sum(entries) == B * H * T * T
@@ -249,3 +293,28 @@ def test_generation_prefill_of_a_long_prompt_takes_the_fast_path(monkeypatch):
     assert 30 in lengths  # the band layer's prefill ran over the whole prompt on the fast path
     monkeypatch.setattr(model_module, "band_attention", band_attention_reference)
     assert got == generate_ids(model, [prompt], config)[0]
+
+
+def test_generation_ragged_prefill_takes_the_fast_path_with_the_padding_mask(monkeypatch):
+    import gptforge.model as model_module
+    from gptforge.generation import SamplingConfig, generate_ids
+
+    model = band_gpt(block_size=48, window=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 61, (n,), generator=g).tolist() for n in (30, 11, 23)]
+    masks = []
+
+    def recording(q, k, v, window, *args, **kwargs):
+        masks.append(kwargs.get("attn_mask"))
+        return band_attention(q, k, v, window, *args, **kwargs)
+
+    config = SamplingConfig(temperature=0.0, stop_at_eot=False, max_new_tokens=6)
+    monkeypatch.setattr(model_module, "band_attention", recording)
+    got = generate_ids(model, prompts, config)
+    assert masks and masks[0] is not None and masks[0].shape[-1] == 30  # the padded prompt's mask
+    alone = [generate_ids(model, [prompt], config)[0] for prompt in prompts]  # no padding at all
+    assert got == alone
