@@ -156,3 +156,22 @@ def test_damaged_shard_is_refused_by_name(data):
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(UserError, match="train_000001.bin"):
         SequenceLoader(data, "train", SEQ, 1)
+
+
+def test_ids_outside_the_vocabulary_are_refused_when_opened(tmp_path):
+    """A shard holding an id past the data's tokenizer (even one inside the model's padded rows, which
+    would train silently) or past the model's vocabulary is refused in one line naming the file."""
+    data = make_data(tmp_path / "d")  # ids 0..510; the last val token is 510
+    manifest = json.loads((data / MANIFEST_FILE).read_text())
+    manifest["tokenizer"] = {"vocab_size": 511}
+    (data / MANIFEST_FILE).write_text(json.dumps(manifest))
+    SequenceLoader(data, "train", SEQ, 2)
+    SequenceLoader(data, "val", SEQ, 2, vocab_size=511)
+    with pytest.raises(UserError, match=r"val_000000.bin holds token id 510, outside the model's vocabulary of 510 "
+                                        r"ids; .*re-run gptforge prepare") as info:
+        SequenceLoader(data, "val", SEQ, 2, vocab_size=510)
+    assert "\n" not in str(info.value)
+    manifest["tokenizer"] = {"vocab_size": 400}  # train shard 2 holds ids 300..460: past the data's tokenizer
+    (data / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"train_000002.bin holds token id 460, outside the data's tokenizer of 400"):
+        SequenceLoader(data, "train", SEQ, 2, vocab_size=448)

@@ -105,3 +105,39 @@ def test_check_shard_ids(tmp_path):
     with pytest.raises(UserError, match="token id 50 at position 777") as e:
         check_shard_ids(path, 50)
     assert str(path) in str(e.value)
+
+
+def test_header_stores_the_largest_id_and_version_2(tmp_path):
+    from gptforge.data.shards import FORMAT_VERSION, read_shard_header, shard_max_id
+
+    tokens = np.array([5, 60000, 7, 3], dtype=np.uint16)
+    write_shard(tmp_path / "a.bin", tokens, np.uint16)
+    raw = (tmp_path / "a.bin").read_bytes()
+    assert FORMAT_VERSION == 2 and int.from_bytes(raw[8:12], "little") == 2
+    assert int.from_bytes(raw[24:32], "little") == 60000  # the field after the count, hand-decoded
+    assert read_shard_header(tmp_path / "a.bin").max_id == 60000 == shard_max_id(tmp_path / "a.bin")
+    writer = ShardWriter(tmp_path, "train", np.uint16, max_tokens=3)
+    writer.write(np.array([1, 9, 2, 4]))
+    writer.write(np.array([8]))
+    assert writer.close() == [("train_000000.bin", 3), ("train_000001.bin", 2)]
+    assert writer.max_ids == {"train_000000.bin": 9, "train_000001.bin": 8}
+    assert [read_shard_header(tmp_path / n).max_id for n in writer.max_ids] == [9, 8]
+
+
+def test_version_1_shards_are_still_read_and_their_maximum_scanned(tmp_path):
+    """Shards written before the header held the maximum: readable, the maximum found by a scan."""
+    import struct
+
+    from gptforge.data.shards import read_shard_header, shard_max_id
+
+    tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6], dtype=np.uint16)
+    path = tmp_path / "old.bin"
+    path.write_bytes(struct.pack("<8sIIQ", MAGIC, 1, 2, tokens.size).ljust(HEADER_BYTES, b"\0") + tokens.tobytes())
+    header = read_shard_header(path)
+    assert (header.version, header.count, header.max_id) == (1, 8, None)
+    assert open_shard(path).tolist() == tokens.tolist() and shard_max_id(path) == 9
+    data = bytearray(path.read_bytes())
+    data[8:12] = (3).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="format version 3, this gptforge reads versions 1, 2; re-run gptforge prepare"):
+        open_shard(path)

@@ -23,16 +23,31 @@ import torch
 
 from ..errors import UserError
 from .prepare import SPLITS, read_manifest
-from .shards import open_shard
+from .shards import check_vocab, open_shard
 
 STATE_VERSION = 1
+
+
+def vocab_limit(manifest: dict[str, Any], model_vocab: int | None = None) -> tuple[int, str] | None:
+    """(ids must be below this, whose limit it is) for a prepared directory's manifest and the model's real
+    vocabulary, whichever is smaller; None when neither is known."""
+    tokenizer = manifest.get("tokenizer")
+    data_vocab = tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None
+    limits = []
+    if isinstance(data_vocab, int):
+        limits.append((data_vocab, "the data's tokenizer"))
+    if model_vocab is not None:
+        limits.append((model_vocab, "the model's vocabulary"))
+    return min(limits) if limits else None
 
 
 class SequenceLoader:
     """Batches of `batch_size` sequences of `seq_len` tokens from split `split` of a prepared directory."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None) -> None:
+        """`vocab_size`: the model's real (unpadded) vocabulary; every shard's largest id is checked against
+        it and against the data's own tokenizer (from the shard headers: no data is read) before any batch."""
         if split not in SPLITS:
             raise UserError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
         if seq_len < 1 or batch_size < 1:
@@ -48,7 +63,12 @@ class SequenceLoader:
         self.world_size = world_size
         manifest = read_manifest(self.data_dir)
         self.manifest = manifest
-        self.shards = [open_shard(self.data_dir / entry["file"]) for entry in manifest["splits"][split]["shards"]]
+        paths = [self.data_dir / entry["file"] for entry in manifest["splits"][split]["shards"]]
+        limit = vocab_limit(manifest, vocab_size)
+        if limit is not None:
+            for path in paths:
+                check_vocab(path, *limit)
+        self.shards = [open_shard(path) for path in paths]
         counts = np.array([max(0, (s.size - 1) // seq_len) for s in self.shards], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.sequences_per_epoch = int(self._starts[-1])

@@ -318,19 +318,22 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
             finally:
                 bar.close()
         shards = {name: getattr(writers, name).close() for name in SPLITS}
+        max_ids = {**writers.train.max_ids, **writers.val.max_ids}
         if not shards["train"]:
             raise UserError(f"sources {' '.join(sources)}: every document went to the val split; "
                             "lower --val-fraction or add documents")
-        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, shards, reader.stats, val_fraction,
-                             seed, shard_tokens, glob, text_field, time.monotonic() - started)
+        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, shards, max_ids, reader.stats,
+                             val_fraction, seed, shard_tokens, glob, text_field, time.monotonic() - started)
         write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", dtype: np.dtype,
-              shards: dict[str, list[tuple[str, int]]], stats: SourceStats, val_fraction: float, seed: int,
-              shard_tokens: int, glob: str | None, text_field: str, seconds: float) -> dict[str, Any]:
-    splits = {name: {"tokens": sum(n for _, n in files), "shards": [{"file": f, "tokens": n} for f, n in files]}
+              shards: dict[str, list[tuple[str, int]]], max_ids: dict[str, int], stats: SourceStats,
+              val_fraction: float, seed: int, shard_tokens: int, glob: str | None, text_field: str,
+              seconds: float) -> dict[str, Any]:
+    splits = {name: {"tokens": sum(n for _, n in files),
+                     "shards": [{"file": f, "tokens": n, "max_id": max_ids[f]} for f, n in files]}
               for name, files in shards.items()}
     warnings = []
     if val_fraction > 0 and not splits["val"]["tokens"]:
