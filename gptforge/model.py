@@ -75,7 +75,9 @@ class CausalSelfAttention(nn.Module):
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, Tk)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs = F.dropout(scores.float().softmax(dim=-1), dropout).to(v.dtype)  # softmax in fp32 always
+            probs = scores.float().softmax(dim=-1).to(v.dtype)  # softmax in fp32 whatever the compute dtype
+            if dropout:
+                probs = F.dropout(probs, dropout)
             return probs @ v  # (B, nh, 1, hd)
         if mask is not None and self.window is not None and self.window < q_len == k_len:
             # Band call site, ragged prefill: the cache's padding mask (which has the band in it), applied

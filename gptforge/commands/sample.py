@@ -86,6 +86,7 @@ def unescape(text: str, option: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device, resolve_dtype
+    from ..generation import prepare_for_decoding
     from ..loading import default_tokenizer, load_model, resolve_model_source
 
     config = sampling_config(args, stop=tuple(unescape(text, "--stop") for text in args.stop),
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model_source(args.model)
     seeds = args.seed or [fresh_seed()]  # chosen first: a preset's random weights are drawn from it too
     model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device), seed=seeds[0])
+    prepare_for_decoding(model)  # fp32 on CPU: weights column-major, ~2x faster batch-1 products
     args.provenance = source.provenance()
     tokenizer = tokenizer or default_tokenizer(model, args.model)
     if prompt is not None:

@@ -12,7 +12,8 @@ The public API (the package itself, so `gptforge.generate` stays the function, n
 from .api import GenerationEvent, encode_prompts, generate, generate_text
 from .engine import TokenEvent, TokenGenerator, generate_ids
 from .kv_cache import KVCache
+from .layout import prepare_for_decoding
 from .sampling import SamplingConfig
 
 __all__ = ["GenerationEvent", "KVCache", "SamplingConfig", "TokenEvent", "TokenGenerator", "encode_prompts",
-           "generate", "generate_ids", "generate_text"]
+           "generate", "generate_ids", "generate_text", "prepare_for_decoding"]
