@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import secrets
@@ -99,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seed or [fresh_seed()]  # chosen first: a preset's random weights are drawn from it too
     model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device), seed=seeds[0])
     prepare_for_decoding(model)  # fp32 on CPU: weights column-major, ~2x faster batch-1 products
+    # Everything alive now (torch's modules, the model) lives until exit: freezing it keeps the collector off
+    # those objects, and the interpreter's final collection then takes ~0.2 s instead of ~0.8 s.
+    gc.freeze()
     args.provenance = source.provenance()
     tokenizer = tokenizer or default_tokenizer(model, args.model)
     if prompt is not None:
