@@ -51,9 +51,8 @@ def chat_template(tokenizer: "Tokenizer") -> str | None:
     The template saved with the tokenizer (`tokenizer.chat_template`), else ChatML for a tokenizer that has
     both markers as special tokens (one imported without its template file).
     """
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        return template
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
     return CHAT_TEMPLATE if has_chat_tokens(tokenizer) else None
 
 
