@@ -250,6 +250,7 @@ def test_generation_runs_in_eval_mode_and_restores_the_callers_mode():
     steps = iter(engine)
     next(steps)
     assert not model.training  # during generation
+    assert not torch.is_inference_mode_enabled()  # but the caller's code between steps runs as usual
     steps.close()  # abandoned half-way (a client hung up): the mode still comes back
     assert model.training
 

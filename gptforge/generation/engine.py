@@ -96,11 +96,12 @@ class TokenGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
-                yield from self._steps()
+            yield from self._steps()
         finally:
-            self.model.train(was_training)
+            if was_training:  # (only then: a generator abandoned at interpreter exit must not touch torch)
+                self.model.train()
 
+    @torch.inference_mode()  # on a generator: active while it runs, not while the caller handles a step
     def _steps(self) -> Iterator[list[TokenEvent]]:
         logits = self._prefill([self.histories[i] for i in self.rows])
         while True:
