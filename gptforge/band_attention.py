@@ -114,23 +114,27 @@ def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     if head >= T:  # too short for even one block: the square is small
         return band_attention_reference(q, k, v, window, dropout_p, training, attn_mask=attn_mask, scale=scale)
     nb = (T - head) // b
+    # split, not two slices: its backward is one concatenation instead of two zero-filled full-size
+    # gradients and their sum
+    q_head, q_blocks = q.split([head, T - head], dim=2)
 
     if head <= window and attn_mask is None:
-        y_head = F.scaled_dot_product_attention(q[:, :, :head], k[:, :, :head], v[:, :, :head],
+        y_head = F.scaled_dot_product_attention(q_head, k[:, :, :head], v[:, :, :head],
                                                 dropout_p=p, is_causal=True, scale=scale)
     else:
-        y_head = band_attention_reference(q[:, :, :head], k[:, :, :head], v[:, :, :head], window, dropout_p,
+        y_head = band_attention_reference(q_head, k[:, :, :head], v[:, :, :head], window, dropout_p,
                                           training, scale=scale,
                                           attn_mask=None if attn_mask is None else attn_mask[..., :head, :head])
 
     # Blocks go into the batch dimension: (B, T, H, D) positions -> (B·nb, H, b, D). For B=1 and the
     # usual head-major strides this is a view; otherwise reshape copies q once.
-    qb = q[:, :, head:].transpose(1, 2).reshape(B * nb, b, H, D).transpose(1, 2)
+    qb = q_blocks.transpose(1, 2).reshape(B * nb, b, H, D).transpose(1, 2)
 
     def windows(x: torch.Tensor) -> torch.Tensor:
         # Key windows of L positions starting every b positions, from head - n·b on: (B, nb, H, D, L)
         # as an overlapping strided view (unfold), then (B·nb, H, L, D).
-        w = x[:, :, head - n * b:].transpose(1, 2).unfold(1, L, b)
+        start = head - n * b  # 0 when b divides T: then no slice (its backward is another full-size buffer)
+        w = (x if start == 0 else x[:, :, start:]).transpose(1, 2).unfold(1, L, b)
         return w.permute(0, 1, 2, 4, 3).reshape(B * nb, H, L, D)
 
     if torch.compiler.is_compiling():  # traced into the graph (dynamo would skip the cache anyway)
