@@ -132,19 +132,38 @@ def test_unrepresentable_models_are_refused(tmp_path, bpe_tokenizer):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.gguf"]
 
 
+def llama_cpp_gelu(exact):
+    """GELU as llama.cpp's CPU backend computes it: the input rounded to fp16 and looked up in a table of
+    fp16 tanh-GELU values (ggml's GGML_GELU_FP16), exact beyond |x| >= 10. No runtime switch turns the table
+    off, so the reference reproduces it instead."""
+    def gelu(x, approximate="none"):
+        table = exact(x.half().float(), approximate="tanh").half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, table))
+    return gelu
+
+
 @pytest.mark.slow
-def test_llama_cpp_logits_match(tmp_path, bpe_tokenizer):
+def test_llama_cpp_logits_match(tmp_path, bpe_tokenizer, monkeypatch):
+    """Our f32 GGUF export computes our logits in real llama.cpp. Two llama.cpp approximations are taken out
+    of the comparison (measured on this model, max |difference| of the logits): its default f16 KV cache
+    (1.5e-3 -> 1.0e-3 with an f32 cache, set below) and its fp16 GELU table (1.0e-3 -> 4e-5 with the table
+    reproduced in our reference)."""
     llama_cpp = pytest.importorskip("llama_cpp")
     model = random_model(vocab_size=bpe_tokenizer.vocab_size, n_embd=64)
     path = export_gguf(model, bpe_tokenizer, tmp_path / "m.gguf", dtype="f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, logits_all=True, verbose=False, n_threads=2)
+    f32 = getattr(llama_cpp, "GGML_TYPE_F32", 0)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=16, logits_all=True, verbose=False, n_threads=2,
+                          type_k=f32, type_v=f32, flash_attn=False)
     ids = bpe_tokenizer.encode("the quick brown fox jumps")[:12]
     assert llm.tokenize(b"the quick brown fox jumps", add_bos=False, special=False)[:12] == ids
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)])
     with torch.no_grad():
-        mine = model(torch.tensor([ids]))[0][0].numpy()
-    assert np.abs(theirs - mine).max() <= 1e-3
+        exact = model(torch.tensor([ids]))[0][0].numpy()
+        monkeypatch.setattr(torch.nn.functional, "gelu", llama_cpp_gelu(torch.nn.functional.gelu))
+        reference = model(torch.tensor([ids]))[0][0].numpy()
+    assert np.abs(theirs - reference).max() <= 2e-4
+    assert np.abs(theirs - exact).max() <= 3e-3  # the GELU table's own effect, bounded
 
 
 def test_missing_gguf_package_says_what_to_install(tmp_path, bpe_tokenizer, monkeypatch):

@@ -11,11 +11,22 @@ def _readme_commands() -> list[str]:
     return re.findall(r"```bash\n(python3 -m venv .venv && [^\n]+)\n```", (ROOT / "README.md").read_text())
 
 
-def test_readme_has_the_two_setup_commands():
+def test_readme_has_the_setup_test_and_slow_suite_commands():
     commands = _readme_commands()
-    assert len(commands) == 2
+    assert len(commands) == 3
     assert commands[0].endswith("gptforge train")
-    assert "pytest" in commands[1] and "torch==2.13.0" in commands[1]
+    assert "pytest" in commands[1] and "torch==2.13.0" in commands[1] and "-m slow" not in commands[1]
+    slow = commands[2]
+    assert slow.endswith("-m pytest -q -m slow") and '".[dev,eval,llama]"' in slow
+
+
+def test_the_slow_suite_command_installs_what_the_slow_tests_import():
+    """Every optional package a slow test imports comes with the extras the slow command installs."""
+    import tomllib
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = " ".join(extras["dev"] + extras["eval"] + extras["llama"])
+    for package in ("lm-eval", "llama-cpp-python", "transformers", "gguf", "pytest"):
+        assert package in installed, package
 
 
 def test_ci_runs_the_readme_test_command():
