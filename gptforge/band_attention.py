@@ -11,7 +11,7 @@ window=256 about 8× the band's work. `band_attention` does blockwise local atte
 Each query block of `b` positions attends to its own block and the `n` blocks before it (L = (n+1)·b keys),
 under one small (b, L) band mask that is the same for every block. All blocks go through one fused SDPA
 call as a batch, with the key windows an overlapping strided view of k (no T×T anything). The first
-`head` positions (fewer than window + b) are too early to have n full blocks before them; they go through
+`head` positions (fewer than window + 2·b) are too early to have n full blocks before them; they go through
 plain causal (or small band-masked) attention. Work per query: L ≈ window + b keys instead of T/2 (a
 causal flash kernel) or T (the masked square).
 
