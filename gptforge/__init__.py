@@ -36,6 +36,8 @@ _LAZY = {
     "run_tasks": "gptforge.evals.runner",
     "export_hf": "gptforge.interop.hf",
     "export_gguf": "gptforge.interop.gguf",
+    "sft": "gptforge.train.sft",
+    "render_chat": "gptforge.chat.template",
 }
 
 __all__ = ["__version__", "train", *_LAZY]

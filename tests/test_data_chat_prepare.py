@@ -4,8 +4,6 @@ written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -41,35 +39,39 @@ def test_writes_tokens_masks_and_lengths_and_reports_bad_lines(tmp_path, tok_dir
     assert np.load(out / "train_conversations.npy").tolist() == [[len(ids), int(np.argmax(mask))]] * 2
     chat = manifest["chat"]
     assert manifest["kind"] == "chat" and (chat["records"], chat["conversations"], chat["bad_records"]) == (4, 2, 2)
-    assert any("line 2: only a system message" in e for e in chat["bad_examples"])
-    assert any("line 3: not valid JSON" in e for e in chat["bad_examples"])
+    assert any(":2: only a system message" in e for e in chat["bad_examples"])
+    assert any(":3: " in e for e in chat["bad_examples"])
     assert chat["packing"]["rows"] == 1 and chat["packing"]["padding"] == pytest.approx(1 - 2 * len(ids) / 65)
     assert manifest["tokenizer"]["vocab_size"] == tok.vocab_size == load_tokenizer(tok_dir).vocab_size + 2
 
 
-def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "gptforge", "prepare", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=120)
+def _cli(*args, capsys):
+    """`gptforge prepare ARGS` in this process (as the CLI runs it): (exit code, stdout, stderr)."""
+    from gptforge.cli import main
+
+    capsys.readouterr()
+    code = main(["prepare", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.mark.parametrize("lines, message", [
     ([], "file is empty"),
-    (["not json", {"messages": "nope"}, {"prompt": 3, "completion": "x"}], "no usable conversation, 3 bad record"),
+    (["not json", {"messages": "nope"}, {"prompt": 3, "completion": "x"}], "no usable conversation (3 bad record"),
     ([{"messages": [{"role": "system", "content": "You are helpful."}]}], "only a system message"),
 ])
-def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tok_dir, lines, message):
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, tok_dir, lines, message, capsys):
     src = tmp_path / "c.jsonl"
     src.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
-    result = _cli(src, "--chat", "--tokenizer", tok_dir, "--out", tmp_path / "out", "--quiet", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr and str(src) in result.stderr
+    code, _, err = _cli(src, "--chat", "--tokenizer", tok_dir, "--out", tmp_path / "out", "--quiet", capsys=capsys)
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err and str(src) in err
     assert not (tmp_path / "out").exists()
 
 
-def test_format_forced_and_cli_summary(tmp_path, tok_dir):
+def test_format_forced_and_cli_summary(tmp_path, tok_dir, capsys):
     src = _write(tmp_path / "a.jsonl", [ALPACA, ALPACA, GOOD])
-    result = _cli(src, "--chat", "--chat-format", "alpaca", "--tokenizer", tok_dir, "--out", tmp_path / "out",
-                  "--val-fraction", "0", "--quiet", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "2 conversations (alpaca)" in result.stdout and "line 3: no 'instruction' field" in result.stdout
-    assert "padding" in result.stdout
+    code, out, err = _cli(src, "--chat", "--chat-format", "alpaca", "--tokenizer", tok_dir, "--out",
+                          tmp_path / "out", "--val-fraction", "0", "--quiet", "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert "2 conversations (alpaca)" in out and ":3: no 'instruction' field" in out and "padding" in out

@@ -14,7 +14,7 @@ def _readme_commands() -> list[str]:
 def test_readme_has_the_setup_test_and_slow_suite_commands():
     commands = _readme_commands()
     assert len(commands) == 3
-    assert commands[0].endswith("gptforge train")
+    assert commands[0].endswith("gptforge train && .venv/bin/gptforge sft")
     assert "pytest" in commands[1] and "torch==2.13.0" in commands[1] and "-m slow" not in commands[1]
     slow = commands[2]
     assert slow.endswith("-m pytest -q -m slow") and '".[dev,eval,llama]"' in slow

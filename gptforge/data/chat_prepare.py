@@ -18,13 +18,13 @@ base model's tokenizer plus the two chat markers.
 
 from __future__ import annotations
 
+import collections
 import json
 import multiprocessing
 import os
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +39,7 @@ from ..layout import (CHAT_DATA_KIND, MANIFEST_FILE, RUN_CONFIG_FILE, TOKENIZER_
                       chat_mask_prefix)
 from .chat_formats import FORMATS, BadRecord, Messages, detect_format, to_messages
 from .chat_packing import pack_report
+from .readers import ReadReport, is_record_file, read_records
 from .prepare import (DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS,
                       _check_out_dir, prepared_output, split_of)
 from .shards import ShardWriter, dtype_for_vocab
@@ -48,58 +49,28 @@ if TYPE_CHECKING:
     from .sources import Source
 
 DEFAULT_CONTEXT = 1024
-MAX_REPORTED = 10
+SAMPLE_PROMPTS = 3  # conversations whose first question training answers in samples.txt (val ones first)
 CHUNK = 256  # conversations per worker task
 
 
 @dataclass
 class RecordStats:
-    """What reading the records found: usable conversations, bad ones by reason, examples with locations."""
+    """Records read, usable conversations, formats by source; what was skipped is in `report` (where: why)."""
 
-    records: int = 0
+    report: ReadReport = field(default_factory=ReadReport)
     conversations: int = 0
-    bad: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
     formats: dict[str, str] = field(default_factory=dict)
 
-    def add_bad(self, where: str, why: str) -> None:
-        self.bad += 1
-        self.reasons[why.split(";")[0] if len(self.reasons) < 50 else "other"] += 1
-        if len(self.examples) < MAX_REPORTED:
-            self.examples.append(f"{where}: {why}")
+    @property
+    def bad(self) -> int:
+        return self.report.count
+
+    @property
+    def records(self) -> int:
+        return self.conversations + self.bad
 
 
 # ------------------------------------------------------------------------------------------- sources
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                yield f"{path} line {number}", json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                yield f"{path} line {number}", BadRecord(f"not valid JSON ({getattr(e, 'msg', e)})")
-
-
-def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError(f"{path}: reading .parquet files needs the 'pyarrow' package; "
-                        "pip install 'gptforge[data]'") from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several types for a non-Parquet file
-        raise UserError(f"{path}: not a readable Parquet file ({e}); check the file") from None
-    number = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for record in batch.to_pylist():
-            number += 1
-            yield f"{path} row {number}", record
 
 
 def check_chat_source(spec: str) -> "Source":
@@ -113,18 +84,17 @@ def check_chat_source(spec: str) -> "Source":
     source = resolve_source(spec)
     if source.kind == "hf":
         return source
-    files = tuple(p for p in source.files if p.suffix.lower() in (".jsonl", ".ndjson", ".parquet"))
+    files = tuple(p for p in source.files if is_record_file(p))
     if not files:
-        raise UserError(f"source {spec}: chat data must be .jsonl, .parquet, hf:NAME or {QA_SOURCE} "
+        raise UserError(f"source {spec}: chat data must be .jsonl, .json, .parquet, hf:NAME or {QA_SOURCE} "
                         "(one conversation per record)")
     return Source(spec, source.kind, files)
 
 
-def iter_records(spec: str) -> Iterator[tuple[str, Any]]:
-    """(location, record) of every record of one chat source; a record that cannot be parsed comes as a
-    BadRecord instance in its place (counted and skipped by the caller)."""
+def iter_records(spec: str, report: ReadReport) -> Iterator[tuple[str, Any]]:
+    """(where, record) of every record of one chat source, through `gptforge.data.readers` (malformed
+    lines are skipped and counted in `report` there)."""
     from .pystdlib_qa import qa_records
-    from .sources import load_hf_stream
 
     source = check_chat_source(spec)
     if source.kind == "chat-builtin":
@@ -132,45 +102,41 @@ def iter_records(spec: str) -> Iterator[tuple[str, Any]]:
             yield f"{spec} record {number}", record
         return
     if source.kind == "hf":
-        for number, record in enumerate(load_hf_stream(source.hf_name, source.hf_config)):
-            yield f"{spec} row {number}", record
+        yield from read_records(spec, report, what="chat source")
         return
     for path in source.files:
-        yield from (_parquet_records(path) if path.suffix.lower() == ".parquet" else _jsonl_records(path))
+        yield from read_records(path, report, what="chat source")
 
 
 def read_conversations(sources: list[str], fmt: str | None, stats: RecordStats) -> Iterator[Messages]:
-    """The usable conversations of `sources`, in order; bad records go to `stats`. `fmt` None: each source
-    takes the format of its first record that has one."""
+    """The usable conversations of `sources`, in order; bad records go to `stats.report`. `fmt` None: each
+    source takes the format of its first record that has one."""
     if fmt is not None and fmt not in FORMATS:
         raise UserError(f"--chat-format {fmt}: expected one of {', '.join(FORMATS)} (or leave it out to detect)")
+    report = stats.report
     for spec in sources:
         source_fmt = fmt
-        before = stats.conversations
-        for where, record in iter_records(spec):
-            stats.records += 1
-            if isinstance(record, BadRecord):
-                stats.add_bad(where, str(record))
-                continue
+        before, skipped = stats.conversations, report.count
+        for where, record in iter_records(spec, report):
             if source_fmt is None:
                 source_fmt = detect_format(record)
                 if source_fmt is None:
-                    keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                    stats.add_bad(where, f"no known conversation format (keys: {keys}); formats: "
-                                  + ", ".join(FORMATS))
+                    report.add(where, f"no known conversation format (keys: {', '.join(sorted(record))}); "
+                               f"expected one of {', '.join(FORMATS)}")
                     continue
                 stats.formats[spec] = source_fmt
             try:
                 messages = to_messages(record, source_fmt)
             except BadRecord as e:
-                stats.add_bad(where, str(e))
+                report.add(where, str(e))
                 continue
             stats.conversations += 1
             yield messages
         if stats.conversations == before:
-            first = f" (first: {stats.examples[0]})" if stats.examples else ""
-            what = f"{stats.bad} bad record(s) skipped{first}" if stats.bad else "it has no records"
-            raise UserError(f"source {spec}: no usable conversation, {what}; fix the records or force the "
+            first = report.examples[0].removesuffix("; skipped") if report.count > skipped and report.examples else None
+            what = (f"{report.count - skipped} bad record(s) skipped" + (f", first: {first}" if first else "")
+                    if report.count > skipped else "it has no records")
+            raise UserError(f"source {spec}: no usable conversation ({what}); fix the records or force the "
                             "format with --chat-format")
 
 
@@ -216,16 +182,18 @@ def _init_worker(tokenizer_dir: str) -> None:
 def encode_conversations(conversations: list[Messages], tokenizer: "Tokenizer | None" = None
                          ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids, mask) of each conversation (ids in the shard dtype)."""
-    from ..chat.tokens import encode_chat
+    from ..chat.tokens import encode_chats
 
     tokenizer = tokenizer or _worker_tokenizer
     assert tokenizer is not None, "worker not initialised"
     dtype = dtype_for_vocab(tokenizer.vocab_size)
-    out = []
-    for messages in conversations:
-        ids, mask = encode_chat(tokenizer, messages)
-        out.append((np.asarray(ids, dtype=dtype), mask))
-    return out
+    return [(np.asarray(ids, dtype=dtype), mask) for ids, mask in encode_chats(tokenizer, conversations)]
+
+
+def sample_prompt(messages: Messages) -> dict[str, Any]:
+    """The conversation up to its first reply (what a model is asked) and that reply (the reference)."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"messages": messages[:first], "reference": messages[first]["content"]}
 
 
 def _chunks(items: Iterable[Messages], size: int) -> Iterator[list[Messages]]:
@@ -239,18 +207,26 @@ def _chunks(items: Iterable[Messages], size: int) -> Iterator[list[Messages]]:
         yield chunk
 
 
-def _encoded(chunks: Iterator[list[Messages]], tokenizer: "Tokenizer", tokenizer_dir: Path,
-             workers: int) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-    """encode_conversations over the chunks, in order, in `workers` processes (1: this one)."""
+def _encoded(chunks: Iterator[list[Messages]], tokenizer: "Tokenizer", tokenizer_dir: Path, workers: int
+             ) -> Iterator[tuple[list[Messages], list[tuple[np.ndarray, np.ndarray]]]]:
+    """(chunk, encode_conversations(chunk)) in order, encoded in `workers` processes (1: this one)."""
     if workers <= 1:
         for chunk in chunks:
-            yield encode_conversations(chunk, tokenizer)
+            yield chunk, encode_conversations(chunk, tokenizer)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_dir),))
+    pending: collections.deque = collections.deque()
     try:
-        yield from pool.imap(encode_conversations, chunks, chunksize=1)
+        for chunk in chunks:  # at most two chunks per worker in flight: memory stays flat
+            pending.append((chunk, pool.apply_async(encode_conversations, (chunk,))))
+            if len(pending) >= 2 * workers:
+                done, result = pending.popleft()
+                yield done, result.get()
+        while pending:
+            done, result = pending.popleft()
+            yield done, result.get()
     finally:
         pool.terminate()
         pool.join()
@@ -316,9 +292,13 @@ def prepare_chat(sources: list[str], tokenizer_spec: str, out_dir: str | os.Path
         writers = {name: _SplitWriter(tmp, name, dtype, shard_tokens) for name in SPLITS}
         conversations = read_conversations(sources, fmt, stats)
         index = 0
-        for encoded in _encoded(_chunks(conversations, CHUNK), tokenizer, tokenizer_dir, workers):
-            for ids, mask in encoded:
-                writers[SPLITS[split_of(index, seed, val_fraction)]].add(ids, mask)
+        held_out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+        for chunk, encoded in _encoded(_chunks(conversations, CHUNK), tokenizer, tokenizer_dir, workers):
+            for messages, (ids, mask) in zip(chunk, encoded):
+                split = SPLITS[split_of(index, seed, val_fraction)]
+                writers[split].add(ids, mask)
+                if len(held_out[split]) < SAMPLE_PROMPTS:
+                    held_out[split].append(sample_prompt(messages))
                 index += 1
             if progress:
                 seconds = max(time.monotonic() - started, 1e-9)
@@ -341,7 +321,8 @@ def prepare_chat(sources: list[str], tokenizer_spec: str, out_dir: str | os.Path
                             "mask_shards": [{"file": f, "tokens": n} for f, n in mask_shards],
                             "index": chat_index_file(name)}
         train_index = writers["train"].index()
-        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, splits, stats, fmt, context,
+        samples = (held_out["val"] + held_out["train"])[:SAMPLE_PROMPTS]  # held-out first
+        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, splits, stats, fmt, context, samples,
                              pack_report(train_index[:, 0], train_index[:, 1], context + 1), val_fraction, seed,
                              shard_tokens,
                              time.monotonic() - started)
@@ -364,14 +345,18 @@ def tokenizer_fingerprint(tokenizer: "Tokenizer") -> str:
 
 
 def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", dtype: np.dtype,
-              splits: dict[str, Any], stats: RecordStats, fmt: str | None, context: int, packing: dict[str, Any],
+              splits: dict[str, Any], stats: RecordStats, fmt: str | None, context: int,
+              samples: list[dict[str, Any]], packing: dict[str, Any],
               val_fraction: float, seed: int, shard_tokens: int, seconds: float) -> dict[str, Any]:
     warnings = []
     if val_fraction > 0 and not splits["val"]["conversations"]:
         warnings.append(f"the val split is empty: no conversation was drawn at --val-fraction {val_fraction}")
     if stats.bad:
-        warnings.append(f"skipped {stats.bad} bad record(s) of {stats.records}: " + "; ".join(stats.examples[:3])
+        warnings.append(f"skipped {stats.bad} bad record(s): " + "; ".join(stats.report.examples[:3])
                         + (" ..." if stats.bad > 3 else ""))
+    if stats.report.invalid_utf8 or stats.report.lone_surrogates:
+        warnings.append(f"replaced {stats.report.invalid_utf8} invalid UTF-8 sequence(s) and "
+                        f"{stats.report.lone_surrogates} lone surrogate(s) with U+FFFD")
     if packing["truncated"] or packing["dropped"]:
         warnings.append(f"at context {context}: {packing['truncated']} conversation(s) longer than the context "
                         f"will be truncated, {packing['dropped']} dropped (nothing to train on within the context)")
@@ -388,8 +373,8 @@ def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", d
         "counts": {"tokens": sum(s["tokens"] for s in splits.values()), "documents": stats.conversations},
         "chat": {"format": fmt or "detect", "formats": stats.formats, "records": stats.records,
                  "conversations": stats.conversations, "bad_records": stats.bad,
-                 "bad_reasons": dict(stats.reasons.most_common(20)), "bad_examples": stats.examples,
-                 "context": context, "packing": packing},
+                 "bad_examples": stats.report.examples,
+                 "context": context, "packing": packing, "sample_prompts": samples},
         "sources": [str(s) for s in sources],
         "val_fraction": val_fraction,
         "seed": seed,
@@ -413,7 +398,7 @@ def chat_summary(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
              f"packing at context {chat['context']}: {pack['rows']:,} rows, padding {100 * pack['padding']:.1f}%, "
              f"{pack['truncated']} truncated, {pack['dropped']} dropped"]
     if chat["bad_records"]:
-        lines.append(f"skipped {chat['bad_records']} bad record(s) of {chat['records']}:")
+        lines.append(f"skipped {chat['bad_records']} bad record(s):")
         lines += [f"  {e}" for e in chat["bad_examples"]]
         if chat["bad_records"] > len(chat["bad_examples"]):
             lines.append(f"  ... and {chat['bad_records'] - len(chat['bad_examples'])} more")

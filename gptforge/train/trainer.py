@@ -161,7 +161,9 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, resume: str | None = None, fresh: bool = False,
-                 eval_callbacks: Iterable[EvalCallback] = (), log: Callable[[str], None] | None = None) -> None:
+                 eval_callbacks: Iterable[EvalCallback] = (), log: Callable[[str], None] | None = None,
+                 init_model: Callable[[GPT], None] | None = None, sampler: Callable[..., list[str]] | None = None
+                 ) -> None:
         self.config = config
         self.tc = config.train
         self.log = log or (lambda msg: print(msg, flush=True))
@@ -199,18 +201,27 @@ class Trainer:
         np.random.seed(self.tc.seed)
         torch.manual_seed(self.tc.seed)  # same initial weights on every rank
         # what the forward pass runs: DDP wrapper, or the model itself sharded by FSDP2 (compiled below)
+        # init_model (SFT: the base model's weights) applies to a new run only; a resumed one loads its checkpoint
+        init = init_model if self.resume_path is None else None
+
+        def build() -> GPT:
+            model = GPT(config.model)
+            if init is not None:
+                init(model)
+            return model
+
         if self.parallel == "fsdp":  # built directly as shards: never whole on one GPU
-            self.raw_model = D.build_fsdp_model(lambda: GPT(config.model), self.dist, self.precision,
-                                                self.tc.activation_checkpointing)
+            self.raw_model = D.build_fsdp_model(build, self.dist, self.precision, self.tc.activation_checkpointing)
             self.model: torch.nn.Module = self.raw_model
         else:
-            self.raw_model = GPT(config.model).to(self.device)
+            self.raw_model = build().to(self.device)
             self.model = D.wrap_model(self.raw_model, self.dist, self.parallel, self.precision,
                                       self.tc.activation_checkpointing)
         self.optimizer = build_optimizer(self.raw_model, self.tc, self.device)  # after FSDP2 has sharded
         if self.world_size > 1:  # own dropout stream per rank; the weights above are already identical
             torch.manual_seed(self.tc.seed + 1_000_003 * self.rank)
         self.train_loader = self._make_loader("train")
+        self.sampler = sampler
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
@@ -291,8 +302,10 @@ class Trainer:
         return self.resume_path
 
     def _make_loader(self, split: str):
+        from ..data.chat_loader import ChatLoader, is_chat_data
         from ..data.loader import SequenceLoader
-        return SequenceLoader(self.config.data.path, split, self.seq_len, self.tc.micro_batch_size,
+        cls = ChatLoader if is_chat_data(self.config.data.path) else SequenceLoader
+        return cls(self.config.data.path, split, self.seq_len, self.tc.micro_batch_size,
                               seed=self.config.data.seed, rank=self.rank, world_size=self.world_size)
 
     def _load_tokenizer(self):
@@ -472,14 +485,19 @@ class Trainer:
         return callback
 
     def write_samples(self) -> None:
-        if self.tokenizer is None or not self.tc.sample_prompts or self.tc.sample_tokens == 0:
+        if self.tokenizer is None or not (self.tc.sample_prompts or self.sampler) or self.tc.sample_tokens == 0:
             return
         # Under FSDP2 every rank generates in lockstep (same seed, same logits) and rank 0 writes; autocast
         # matches the KV cache (allocated in the fp32 dtype of the sharded weights) to FSDP2's bf16 compute.
         fsdp = self.parallel == "fsdp"
         with autocast(self.device, self.precision) if fsdp else contextlib.nullcontext():
-            texts = sample_texts(self.raw_model, self.tokenizer, list(self.tc.sample_prompts), self.tc.sample_tokens,
-                                 self.tc.sample_temperature, self.tc.sample_top_k, seed=self.tc.seed + self.step)
+            if self.sampler is not None:
+                texts = self.sampler(self.raw_model, self.tokenizer, self.tc.sample_tokens, self.tc.sample_temperature,
+                                     self.tc.sample_top_k, seed=self.tc.seed + self.step)
+            else:
+                texts = sample_texts(self.raw_model, self.tokenizer, list(self.tc.sample_prompts),
+                                     self.tc.sample_tokens, self.tc.sample_temperature, self.tc.sample_top_k,
+                                     seed=self.tc.seed + self.step)
         if self.is_main:
             append_samples(self.run_dir, self.step, self.tokens, texts)
         self.last_samples = texts
@@ -607,6 +625,8 @@ class Trainer:
                        "skipped_steps": self.skipped_steps, "batch_tokens": step_tokens}
                 if mfu is not None:
                     row["mfu"] = mfu
+                if hasattr(self.train_loader, "padding_fraction"):  # packed data: share of each batch wasted
+                    row["padding"] = self.train_loader.padding_fraction
                 logger.log(row)
                 step_time = window["time"] / max(1, window["all_steps"])
                 total = f"/{tc.max_steps}" if tc.max_steps else ""
