@@ -19,6 +19,7 @@ target. The table gives medians and their ratio.
     python benchmarks/time_to_loss.py --data PATH/tinyshakespeare.txt              # 3 pairs, ~10 min
     python benchmarks/time_to_loss.py --data PATH --quick                          # 1 pair, 400 iters
     python benchmarks/time_to_loss.py --data PATH --arms reference,same,small-cpu  # before and after
+    python benchmarks/time_to_loss.py --data PATH --profile    # step times in one process + where time goes
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ class Snapshots:
                             {k: v.detach().clone() for k, v in model.state_dict().items()}))
         self.excluded += time.perf_counter() - t
 
-    def time_to(self, score, target: float | None) -> dict:
-        """{"final": loss, "target": target, "time": s, "step": n, "scored": {step: loss}}; no target: its own
-        final loss is the target."""
+    def time_to(self, score, target=None) -> dict:
+        """{"final": loss, "target": target, "time": s, "step": n, "scored": {step: loss}}. `target`: a loss, a
+        function returning it (asked once the final loss is known), or None: the run's own final loss."""
         scored: dict[int, float] = {}
 
         def loss(i: int) -> float:
@@ -106,7 +107,7 @@ class Snapshots:
 
         last = len(self.points) - 1
         final = loss(last)
-        target = final if target is None else target
+        target = final if target is None else float(target() if callable(target) else target)
         out = {"final": final, "target": target, "time": math.inf, "step": None, "total": self.points[last][0],
                "steps": self.points[last][1]}
         if final > target:
@@ -125,13 +126,12 @@ class Snapshots:
 # ---- (a) the reference: a plain eager fp32 loop, written for this benchmark ---------------------------
 
 
-def run_reference(data: str, iters: int, target: float | None) -> dict:
-    import torch
+def reference_model(vocab_size: int):
+    """nanoGPT's model shape, written plainly: pre-LN blocks without biases, tanh GELU, tied head."""
     import torch.nn as nn
     import torch.nn.functional as F
 
-    chars, train, val = load_splits(data)
-    V, C, T, H, L = len(chars), REF["n_embd"], REF["block_size"], REF["n_head"], REF["n_layer"]
+    V, C, T, H, L = vocab_size, REF["n_embd"], REF["block_size"], REF["n_head"], REF["n_layer"]
 
     class Block(nn.Module):
         def __init__(self) -> None:
@@ -164,12 +164,45 @@ def run_reference(data: str, iters: int, target: float | None) -> dict:
                 x = b(x)
             return self.ln(x) @ self.tok.weight.T  # tied output head
 
-    torch.manual_seed(1337)
-    net = Net()
+    return Net()
+
+
+def reference_step(net, opt, train, lr: float) -> None:
+    """One iteration of the reference loop: a batch at random offsets, forward, backward, clip, AdamW."""
+    import torch
+    import torch.nn.functional as F
+
+    T, B = REF["block_size"], REF["batch_size"]
+    for g in opt.param_groups:
+        g["lr"] = lr
+    offsets = torch.randint(len(train) - T - 1, (B,))
+    x = torch.stack([train[o:o + T] for o in offsets])
+    y = torch.stack([train[o + 1:o + T + 1] for o in offsets])
+    logits = net(x)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), REF["grad_clip"])
+    opt.step()
+
+
+def reference_optimizer(net):
+    import torch
+
     decay = [p for p in net.parameters() if p.dim() >= 2]
     rest = [p for p in net.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": REF["weight_decay"]},
-                             {"params": rest, "weight_decay": 0.0}], lr=REF["lr"], betas=(0.9, REF["beta2"]))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": REF["weight_decay"]},
+                              {"params": rest, "weight_decay": 0.0}], lr=REF["lr"], betas=(0.9, REF["beta2"]))
+
+
+def run_reference(data: str, iters: int) -> dict:
+    import torch
+
+    chars, train, val = load_splits(data)
+    T = REF["block_size"]
+    torch.manual_seed(1337)
+    net = reference_model(len(chars))
+    opt = reference_optimizer(net)
 
     def lr_at(it: int) -> float:
         if it < REF["warmup"]:
@@ -178,19 +211,9 @@ def run_reference(data: str, iters: int, target: float | None) -> dict:
         return REF["min_lr"] + 0.5 * (REF["lr"] - REF["min_lr"]) * (1 + math.cos(math.pi * min(1.0, progress)))
 
     every = max(1, iters // N_SNAPSHOTS)
-    B = REF["batch_size"]
     snaps = Snapshots()
     for it in range(iters):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it)
-        offsets = torch.randint(len(train) - T - 1, (B,))
-        x = torch.stack([train[o:o + T] for o in offsets])
-        y = torch.stack([train[o + 1:o + T + 1] for o in offsets])
-        loss = F.cross_entropy(net(x).view(-1, V), y.view(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), REF["grad_clip"])
-        opt.step()
+        reference_step(net, opt, train, lr_at(it))
         if (it + 1) % every == 0 or it + 1 == iters:
             snaps.take(it + 1, net)
 
@@ -199,7 +222,7 @@ def run_reference(data: str, iters: int, target: float | None) -> dict:
         net.eval()
         return heldout_loss(net, val, T)
 
-    return snaps.time_to(score, target)
+    return snaps.time_to(score)
 
 
 # ---- (b) gptforge through its trainer ----------------------------------------------------------------
@@ -232,7 +255,8 @@ def write_data_dir(data: str, out: Path) -> int:
 
 # gptforge recipes: TrainConfig fields over the reference's (iterations scale with --iters)
 RECIPES = {
-    "same": lambda iters: {},
+    "same": lambda iters: {},  # the reference's recipe with gptforge's defaults (bf16 autocast where native)
+    "small-cpu": lambda iters: {"lr": 3e-3, "max_steps": iters * 7 // 10, "warmup_steps": 50},
 }
 
 
@@ -257,7 +281,7 @@ def gptforge_config(recipe: str, data_dir: Path, out_dir: Path, vocab: int, iter
     return config
 
 
-def run_gptforge(data: str, iters: int, recipe: str, target: float | None) -> dict:
+def run_gptforge(data: str, iters: int, recipe: str, target) -> dict:
     import torch
 
     from gptforge.model import GPT
@@ -296,19 +320,121 @@ def run_gptforge(data: str, iters: int, recipe: str, target: float | None) -> di
         return snaps[0].time_to(score, target)
 
 
+# ---- where a step's time goes ----------------------------------------------------------------------------
+
+OP_GROUPS = (  # profiler op name fragments -> group (first match wins)
+    ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+    ("GELU", ("gelu",)),
+    ("LayerNorm", ("layer_norm",)),
+    ("AdamW + grad-norm clip", ("adam", "vector_norm", "_foreach", "clamp")),
+    ("dtype casts, copies", ("copy_", "_to_copy")),
+)
+
+
+def profile(data: str, steps: int = 20) -> None:
+    """Step time of the reference and of gptforge's trainer step (fp32 and its bf16 policy), interleaved in this
+    process, then a torch.profiler breakdown of gptforge's bf16 step by phase and by kind of op."""
+    import statistics
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    from gptforge.data.loader import SequenceLoader
+    from gptforge.model import GPT
+    from gptforge.train.optim import build_optimizer
+    from gptforge.train.precision import resolve_precision
+    try:  # the trainer's step pieces (train/step.py after the trainer's split)
+        from gptforge.train.step import clip_and_step, forward_backward
+    except ImportError:
+        from gptforge.train.trainer import clip_and_step, forward_backward
+
+    chars, train, _ = load_splits(data)
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "data"
+        data_dir.mkdir()
+        vocab = write_data_dir(data, data_dir)
+        config = gptforge_config("same", data_dir, Path(tmp) / "run", vocab, REF["iters"])
+        loader = SequenceLoader(data_dir, "train", config.seq_len, REF["batch_size"])
+        torch.manual_seed(0)
+        net = reference_model(len(chars))
+        ref_opt = reference_optimizer(net)
+        model = GPT(config.model)
+        opt = build_optimizer(model, config.train, cpu)
+        bf16 = resolve_precision("auto", cpu)
+
+        def gptforge_step(precision: str) -> None:
+            with record_function("data"):
+                x, y = loader.next_batch()
+            with record_function("forward + backward"):
+                loss = forward_backward(model, [(x, y)], 1, cpu, precision)
+            with record_function("clip + AdamW"):
+                clip_and_step(model, opt, loss, REF["grad_clip"])
+
+        arms = {"reference (eager fp32)": lambda: reference_step(net, ref_opt, train, REF["lr"]),
+                "gptforge step, fp32": lambda: gptforge_step("fp32"),
+                f"gptforge step, {bf16} (its default here)": lambda: gptforge_step(bf16)}
+        times: dict[str, list[float]] = {k: [] for k in arms}
+        for rnd in range(6):
+            for name, step in arms.items():
+                step()
+                t0 = time.perf_counter()
+                for _ in range(steps // 2):
+                    step()
+                if rnd:  # the first round warms up
+                    times[name].append((time.perf_counter() - t0) / (steps // 2))
+        ref = statistics.median(times["reference (eager fp32)"])
+        print(f"{'step (in-process, interleaved, median)':44} {'ms/step':>8} {'vs reference':>12}")
+        for name, ts in times.items():
+            print(f"{name:44} {1e3 * statistics.median(ts):8.1f} {ref / statistics.median(ts):11.2f}x")
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                gptforge_step(bf16)
+            wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    phases = {e.key: e.cpu_time_total for e in events if e.key in ("data", "forward + backward", "clip + AdamW")}
+    groups = {name: 0.0 for name, _ in OP_GROUPS}
+    other = 0.0
+    for e in events:
+        if not e.key.startswith("aten::"):
+            continue
+        for name, fragments in OP_GROUPS:
+            if any(f in e.key for f in fragments):
+                groups[name] += e.self_cpu_time_total
+                break
+        else:
+            other += e.self_cpu_time_total
+    per_step = 1e3 * wall / steps
+    print(f"\ngptforge {bf16} step under torch.profiler: {per_step:.1f} ms/step (profiling adds overhead)")
+    print("by phase: " + ", ".join(f"{k} {v / 1e3 / steps:.1f} ms" for k, v in phases.items()))
+    in_ops = sum(groups.values()) + other
+    for name, us in list(groups.items()) + [("other aten ops", other)]:
+        print(f"  {name:28} {us / 1e3 / steps:7.2f} ms {100 * us / 1e3 / steps / per_step:5.1f}%")
+    python = per_step - in_ops / 1e3 / steps
+    print(f"  {'Python, dispatcher, autograd':28} {python:7.2f} ms {100 * python / per_step:5.1f}%  (wall minus op time)")
+
+
 # ---- driver ------------------------------------------------------------------------------------------
 
 
-def child(arm: str, data: str, iters: int, threads: int, target: float | None) -> dict:
+def start(arm: str, data: str, iters: int, threads: int) -> subprocess.Popen:
+    """A fresh process training `arm`; a recipe arm then reads its target loss from stdin (the reference's
+    final loss, which a concurrent reference may not have yet) and prints its result."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, __file__, "--child", arm, "--data", data, "--iters", str(iters), "--threads", str(threads)]
-    if target is not None:
-        cmd += ["--target", repr(target)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def finish(proc: subprocess.Popen, arm: str, target: float | None) -> dict:
+    out, err = proc.communicate("" if target is None else f"{target!r}\n")
     if proc.returncode != 0:
-        raise SystemExit(f"{arm} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"{arm} failed:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -320,21 +446,30 @@ def main() -> None:
     p.add_argument("--arms", default="reference,small-cpu",
                    help="comma list after `reference`: gptforge recipes (" + ", ".join(RECIPES) + "), each "
                         "optionally RECIPE:train.key=value;train.key=value")
+    p.add_argument("--concurrent", action="store_true",
+                   help="run each round's arms at the same time (they then share whatever load the machine has; "
+                        "on a busy shared machine steadier than one after the other)")
     p.add_argument("--quick", action="store_true", help="1 round of 400 reference iterations (development)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: per-step times (in-process A/B) and where gptforge's step spends its time")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--target", type=float, help=argparse.SUPPRESS)
     a = p.parse_args()
     if not a.data:
         p.error("--data PATH is required: the tinyshakespeare text file (nanoGPT's data/shakespeare_char/input.txt)")
     if not Path(a.data).is_file():
         p.error(f"--data {a.data}: no such file")
+    if a.profile:
+        import torch
+        torch.set_num_threads(a.threads)
+        profile(a.data)
+        return
     if a.child:
         import torch
         torch.set_num_threads(a.threads)
         if a.child == "reference":
-            out = run_reference(a.data, a.iters, a.target)
+            out = run_reference(a.data, a.iters)
         else:
-            out = run_gptforge(a.data, a.iters, a.child, a.target)
+            out = run_gptforge(a.data, a.iters, a.child, lambda: float(sys.stdin.readline()))
         print(json.dumps(out))
         return
     if a.quick:
@@ -343,13 +478,20 @@ def main() -> None:
     if arms[0] != "reference":
         arms.insert(0, "reference")
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
-    print(f"{a.pairs} round(s) of {', '.join(arms)}; reference {a.iters} iterations; OMP_NUM_THREADS={a.threads}; "
-          "each round's target: its reference run's final held-out loss", flush=True)
+    print(f"{a.pairs} round(s) of {', '.join(arms)} ({'concurrent' if a.concurrent else 'one after the other'}); "
+          f"reference {a.iters} iterations; OMP_NUM_THREADS={a.threads}; each round's target: its reference run's "
+          "final held-out loss", flush=True)
     for i in range(a.pairs):
-        target = None
-        for arm in arms:
-            r = child(arm, a.data, a.iters, a.threads, target)
-            target = r["target"] if target is None else target
+        if a.concurrent:
+            procs = [start(arm, a.data, a.iters, a.threads) for arm in arms]
+            results = [finish(procs[0], arms[0], None)]
+            results += [finish(proc, arm, results[0]["target"]) for proc, arm in zip(procs[1:], arms[1:])]
+        else:
+            results = []
+            for arm in arms:
+                target = results[0]["target"] if results else None
+                results.append(finish(start(arm, a.data, a.iters, a.threads), arm, target))
+        for arm, r in zip(arms, results):
             runs[arm].append(r)
             reached = f"reached {r['target']:.4f} at step {r['step']}, {r['time']:6.1f} s" if r["step"] else \
                 f"did not reach {r['target']:.4f}"
