@@ -253,10 +253,16 @@ def write_data_dir(data: str, out: Path) -> int:
     return tok.vocab_size
 
 
+def _preset_train(name: str) -> dict:
+    from gptforge.config import PRESET_TRAIN
+    return dict(PRESET_TRAIN[name])
+
+
 # gptforge recipes: TrainConfig fields over the reference's (iterations scale with --iters)
 RECIPES = {
     "same": lambda iters: {},  # the reference's recipe with gptforge's defaults (bf16 autocast where native)
-    "small-cpu": lambda iters: {"lr": 3e-3, "max_steps": iters * 7 // 10, "warmup_steps": 50},
+    # the char-small preset's training settings (gptforge.config.PRESET_TRAIN), steps scaled with --iters
+    "small-cpu": lambda iters: {**_preset_train("char-small"), "max_steps": iters * 7 // 10},
 }
 
 

@@ -10,7 +10,8 @@ model everywhere. Order, later wins:
       < --data / --out / --init
       < --set key=value (dotted keys: model.n_layer, train.lr, data.path)
 
-A preset sets the model's shape and, for GPT-3 sizes, Table 2.1's peak learning rate. The model's
+A preset sets the model's shape and, for GPT-3 sizes, Table 2.1's peak learning rate (char-small: its
+training recipe, config.PRESET_TRAIN). The model's
 vocab_size follows the data's tokenizer unless set explicitly, since a model cannot use ids its tokenizer
 never produces (nor read ids beyond its embedding).
 
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import GPT3_PEAK_LR, RunConfig, apply_overrides, get_preset, load_toml
+from .config import GPT3_PEAK_LR, PRESET_TRAIN, RunConfig, apply_overrides, get_preset, load_toml
 from .errors import UserError
 from .layout import MANIFEST_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR
 
@@ -41,8 +42,10 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def apply_preset(config: RunConfig, name: str) -> RunConfig:
-    """`config` with preset `name`'s model shape, and its GPT-3 Table 2.1 peak LR when it has one."""
-    train = dataclasses.replace(config.train, lr=GPT3_PEAK_LR.get(name, config.train.lr))
+    """`config` with preset `name`'s model shape, its GPT-3 Table 2.1 peak LR when it has one, and the training
+    settings it brings (PRESET_TRAIN: char-small's time-to-loss recipe)."""
+    settings = {"lr": GPT3_PEAK_LR.get(name, config.train.lr), **PRESET_TRAIN.get(name, {})}
+    train = dataclasses.replace(config.train, **settings)
     return dataclasses.replace(config, model=get_preset(name), train=train)
 
 
