@@ -97,7 +97,7 @@ def main() -> None:
             prompt = session.prompt_ids(question)
             reply = session.ask(question)
             s = session.last
-            n = max(s.reply_tokens, 1)
+            n = s.generated_tokens  # the same work: reply tokens and the end marker
             first, total = bare_loop(model, prompt, n)
             hf_total = hf_generate(hf, prompt, n)
             row = rows.setdefault(turn, {"prompt": len(prompt), "reply": s.reply_tokens, "text": reply,
@@ -120,7 +120,8 @@ def main() -> None:
               f"{med(r['loop_ttft']) * 1e3:>12.1f} | {med(r['chat_tps']):>10.1f} {med(r['loop_tps']):>10.1f} "
               f"{med(r['chat_tps']) / med(r['loop_tps']):>9.2f} | {med(r['chat_all']):>14.1f} "
               f"{med(r['hf_tps']):>12.1f} {med(r['chat_all']) / med(r['hf_tps']):>7.2f}")
-    print("('all' rates count the prefill too: new tokens / time from the call to the last token)")
+    print("(reply: text tokens, plus the end marker in every rate; 'all' rates count the prefill too: new tokens / "
+          "time from the call to the last token)")
 
     print("\ngreedy replies, transformers (apply_chat_template + generate on the HF export) vs gptforge:")
     for question in QUESTIONS:

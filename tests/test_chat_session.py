@@ -69,6 +69,7 @@ def test_stops_at_end_of_turn_or_end_of_text_without_printing_them(end):
     session = ChatSession(model, tok, GREEDY)
     assert list(session.send("hi")) == ["o", "k"]
     assert session.last.finish_reason == "stop" and session.last.reply_tokens == 2
+    assert session.last.generated_tokens == 3  # the end marker was generated too
 
 
 def test_a_character_split_across_tokens_is_never_printed_in_halves():

@@ -76,17 +76,19 @@ class ReplyStats:
     """How the last reply went: sizes, finish reason ("stop", "length", "interrupted") and timing."""
 
     prompt_tokens: int = 0
-    reply_tokens: int = 0
+    reply_tokens: int = 0  # tokens of the reply's text
+    generated_tokens: int = 0  # tokens the model produced: the reply's and the end marker that stopped it
     finish_reason: str | None = None
     first_token_s: float | None = None  # from the call to the first token (prefill included)
     total_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float | None:
-        """Decode speed after the first token (the prefill is in first_token_s)."""
-        if self.first_token_s is None or self.reply_tokens < 2 or self.total_s <= self.first_token_s:
+        """Decode speed after the first token (the prefill is in first_token_s), the end marker counted: it
+        costs a step like any other token."""
+        if self.first_token_s is None or self.generated_tokens < 2 or self.total_s <= self.first_token_s:
             return None
-        return (self.reply_tokens - 1) / (self.total_s - self.first_token_s)
+        return (self.generated_tokens - 1) / (self.total_s - self.first_token_s)
 
 
 class ChatSession:
@@ -254,6 +256,7 @@ class ChatSession:
                 for e in events:
                     if stats.first_token_s is None:
                         stats.first_token_s = time.perf_counter() - start
+                    stats.generated_tokens += 1
                     reason = e.finish_reason
                     if e.token in (self.im_end_id, self.tokenizer.eot_id):
                         reason = "stop"
