@@ -453,8 +453,8 @@ def main() -> None:
                    help="comma list after `reference`: gptforge recipes (" + ", ".join(RECIPES) + "), each "
                         "optionally RECIPE:train.key=value;train.key=value")
     p.add_argument("--concurrent", action="store_true",
-                   help="run each round's arms at the same time (they then share whatever load the machine has; "
-                        "on a busy shared machine steadier than one after the other)")
+                   help="run each round's arms at the same time (they share whatever load the machine has, but an "
+                        "arm that finishes first leaves the CPU to the others: this favours the longest run)")
     p.add_argument("--quick", action="store_true", help="1 round of 400 reference iterations (development)")
     p.add_argument("--profile", action="store_true",
                    help="instead: per-step times (in-process A/B) and where gptforge's step spends its time")
