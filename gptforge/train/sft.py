@@ -103,15 +103,15 @@ def check_chat_data(data: str, base: Base) -> dict[str, Any]:
 # ---- the run config -------------------------------------------------------------------------------------
 
 
-def steps_per_epoch(data: str, seq_len: int, train: TrainConfig, world_size: int) -> tuple[int, Any]:
-    """(optimizer steps in one epoch of packed rows, the train loader) for these batch settings."""
+def steps_per_epoch(data: str, seq_len: int, train: TrainConfig, world_size: int) -> int:
+    """Optimizer steps in one epoch of packed rows with these batch settings."""
     from ..data.chat_loader import ChatLoader
     from .schedule import accumulation_steps
 
     loader = ChatLoader(data, "train", seq_len, train.micro_batch_size, world_size=world_size)
     micro = train.micro_batch_size * world_size
     accumulation = accumulation_steps(train.tokens_per_step, micro, seq_len)
-    return max(1, loader.sequences_per_epoch // (micro * accumulation)), loader
+    return max(1, loader.sequences_per_epoch // (micro * accumulation))
 
 
 def sft_config(base: Base, data: str, out: str, epochs: float | None = None, overrides: Iterable[str] = (),
@@ -133,7 +133,7 @@ def sft_config(base: Base, data: str, out: str, epochs: float | None = None, ove
         sample_prompts=[], sample_tokens=SAMPLE_TOKENS, sample_temperature=0.0, keep_checkpoints=2, max_time=0.0)
     config = RunConfig(model=model, train=train, data=dataclasses.replace(RunConfig().data, path=str(data)))
     config = apply_overrides(config, pairs)  # batch settings first: the epoch length depends on them
-    per_epoch, loader = steps_per_epoch(data, config.seq_len, config.train, world_size)
+    per_epoch = steps_per_epoch(data, config.seq_len, config.train, world_size)
     if "train.max_steps" in pairs and epochs is not None:
         raise UserError("--epochs and --set train.max_steps both set the run's length; pass one of them")
     steps = config.train.max_steps if "train.max_steps" in pairs else max(1, round(per_epoch * (epochs or DEFAULT_EPOCHS)))
@@ -143,7 +143,6 @@ def sft_config(base: Base, data: str, out: str, epochs: float | None = None, ove
                 "train.sample_every": max(1, min(per_epoch, steps)), "train.log_every": max(1, steps // 30),
                 "train.eval_batches": _val_batches(data, config, world_size)}
     defaults = {k: v for k, v in defaults.items() if k not in pairs}
-    del loader
     return apply_overrides(config, defaults)
 
 
