@@ -8,6 +8,11 @@ goals are prepare/(single x workers) >= 0.8 and peak memory < 1 GB.
 
     .venv/bin/python benchmarks/prepare_speed.py --size-mb 20      # quick
     .venv/bin/python benchmarks/prepare_speed.py                   # full size, 200 MB
+    .venv/bin/python benchmarks/prepare_speed.py --bpe-memory 5    # only: --tokenizer bpe peak memory
+
+`--bpe-memory MB` measures `prepare --tokenizer bpe:4096 --workers 1` on MB of text without whitespace
+(random letters: every run distinct, the trainer's worst case) against the same amount of ordinary text
+(the reference, measured in the same run, interleaved, median of --repeats), and prints both peaks.
 """
 
 from __future__ import annotations
@@ -95,10 +100,10 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_prepare(folder: Path, out: Path, workers: int) -> tuple[dict, float, int, int]:
+def run_prepare(folder: Path, out: Path, workers: int, tokenizer: str = "gpt2") -> tuple[dict, float, int, int]:
     """Run the CLI, sampling the tree's memory every 50 ms: (manifest, wall s, peak RSS kB, peak PSS kB)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "gptforge", "prepare", str(folder), "--tokenizer", "gpt2", "--out", str(out),
+    command = [sys.executable, "-m", "gptforge", "prepare", str(folder), "--tokenizer", tokenizer, "--out", str(out),
                "--workers", str(workers), "--quiet", "--val-fraction", "0.01"]
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env)
@@ -120,6 +125,33 @@ def run_prepare(folder: Path, out: Path, workers: int) -> tuple[dict, float, int
     return json.loads((out / "manifest.json").read_text()), wall, peaks[0], peaks[1]
 
 
+def bpe_memory(source: Path, size_mb: float, repeats: int) -> None:
+    """Peak memory of bpe training + prepare on whitespace-free text vs ordinary text of the same size."""
+    with tempfile.TemporaryDirectory(prefix="gptforge-bench-") as tmp:
+        size = int(size_mb * 1e6)
+        letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
+        blob = Path(tmp) / "blob.txt"
+        blob.write_bytes(letters[np.random.default_rng(0).integers(0, 26, size)].tobytes())
+        text = source.read_text(encoding="utf-8")
+        ordinary = Path(tmp) / "ordinary.txt"
+        ordinary.write_text((text * (size // len(text) + 1))[:size], encoding="utf-8")
+        peaks: dict[str, list[tuple[int, float]]] = {"ordinary": [], "blob": []}
+        for i in range(repeats):
+            for name, path in (("ordinary", ordinary), ("blob", blob)):  # interleaved A/B
+                _, wall, _, pss = run_prepare(path, Path(tmp) / f"out-{name}-{i}", 1, "bpe:4096")
+                peaks[name].append((pss, wall))
+    median = {name: (float(np.median([p for p, _ in v])) / 1024, float(np.median([w for _, w in v])))
+              for name, v in peaks.items()}
+    rows = [("case (prepare --tokenizer bpe:4096 --workers 1)", "peak PSS MB (median)  wall s"),
+            (f"ordinary text, {size_mb:g} MB (reference)", f"{median['ordinary'][0]:,.0f}  {median['ordinary'][1]:.1f}"),
+            (f"no whitespace, {size_mb:g} MB", f"{median['blob'][0]:,.0f}  {median['blob'][1]:.1f}"),
+            ("ratio no-whitespace / ordinary", f"{median['blob'][0] / median['ordinary'][0]:.2f}"),
+            ("repeats", str(repeats))]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=200.0, help="corpus size (default 200)")
@@ -127,9 +159,15 @@ def main() -> None:
     parser.add_argument("--sample-mb", type=float, default=None,
                         help="text for the single-process reference (default: min(size, 20) MB)")
     parser.add_argument("--source", type=Path, default=DEFAULT_TEXT, help="text to build the corpus from")
+    parser.add_argument("--bpe-memory", type=float, default=None, metavar="MB",
+                        help="only measure bpe-tokenizer memory on MB of whitespace-free text (see above)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the --bpe-memory case (default 3)")
     args = parser.parse_args()
     if not args.source.is_file():
         raise SystemExit(f"--source {args.source} not found; pass a text file")
+    if args.bpe_memory:
+        bpe_memory(args.source, args.bpe_memory, args.repeats)
+        return
     sample_mb = args.sample_mb or min(args.size_mb, 20.0)
 
     with tempfile.TemporaryDirectory(prefix="gptforge-bench-") as tmp:

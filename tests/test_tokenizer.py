@@ -355,3 +355,27 @@ def test_encode_ordinary_array_equals_encode(any_tok):
     assert array.dtype == np.uint32
     assert array.tolist() == any_tok.encode(VARIED_TEXT)
     assert any_tok.encode_ordinary_array("").tolist() == []
+
+
+def test_bpe_training_sees_long_runs_cut_and_capped():
+    """Text without whitespace must not grow the trainer's memory with its size (issue 10 #12): runs of
+    64+ letters, digits or symbols reach the trainer cut into 64-character pieces, and only up to a budget."""
+    from gptforge.tokenizer.bpe import _LongRunLimiter
+
+    limiter = _LongRunLimiter(budget=100, size=64)
+    assert list(limiter("plain words stay whole, even long ones: antidisestablishmentarianism")) == \
+        ["plain words stay whole, even long ones: antidisestablishmentarianism"]
+    assert list(limiter("short words " + "x" * 150 + " tail")) == ["short words ", "x" * 64, "x" * 36, " tail"]
+    assert limiter.dropped == 50 and limiter.budget == 0
+    assert list(limiter("7" * 70 + "=" * 80)) == []  # budget spent: digits and symbols runs are left out
+    assert limiter.dropped == 200
+
+
+def test_bpe_trained_on_a_whitespace_free_blob_still_round_trips():
+    from gptforge.tokenizer import train_bpe
+
+    rng = __import__("numpy").random.default_rng(0)
+    blob = "".join(rng.choice(list("abcdefgh"), size=20_000))
+    tokenizer = train_bpe(["some ordinary text here " * 20, blob], vocab_size=300)
+    assert tokenizer.decode(tokenizer.encode(blob)) == blob
+    assert len(tokenizer.encode(blob)) < 0.8 * len(blob)  # merges were learned from the (capped) blob too

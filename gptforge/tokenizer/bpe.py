@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,53 @@ def _build_untrained(special_tokens: Sequence[str]) -> Any:
     return hf
 
 
+#: A pre-token (a run of letters, of digits, or of other non-space characters) this long or longer is cut
+#: into pieces of this length before the trainer sees it. Natural words are far shorter.
+LONG_RUN_CHARS = 64
+#: At most this many characters of such long runs are used for training, in all. The HF trainer keeps every
+#: distinct pre-token, at ~70 bytes per character, so text without whitespace (minified code, base64, DNA,
+#: a dump) would otherwise cost memory in proportion to its size (5 MB of it: 355 MB); with the cap the
+#: memory is that of the ordinary text plus ~40 MB. Long runs still tokenize: bytes are always in the
+#: vocabulary, and the first LONG_RUN_BUDGET characters teach the merges such text needs.
+LONG_RUN_BUDGET = 1 << 19
+_LONG_RUN = re.compile(r"[^\W\d_]{%d,}|\d{%d,}|[^\w\s]{%d,}" % ((LONG_RUN_CHARS,) * 3))
+
+
+class _LongRunLimiter:
+    """Re-cut each text so no pre-token the trainer sees is longer than LONG_RUN_CHARS, and stop feeding
+    long runs after LONG_RUN_BUDGET characters (`dropped` counts what was left out)."""
+
+    def __init__(self, budget: int = LONG_RUN_BUDGET, size: int = LONG_RUN_CHARS) -> None:
+        self.budget = budget
+        self.size = size
+        self.dropped = 0
+
+    def __call__(self, text: str) -> Iterator[str]:
+        if not _LONG_RUN.search(text):  # the common case: one C-level scan, text passed on whole
+            yield text
+            return
+        position = 0
+        for match in _LONG_RUN.finditer(text):
+            if match.start() > position:
+                yield text[position:match.start()]
+            run = match.group()
+            used = run[:max(0, self.budget)]
+            self.budget -= len(used)
+            self.dropped += len(run) - len(used)
+            for start in range(0, len(used), self.size):
+                yield used[start:start + self.size]
+            position = match.end()
+        if position < len(text):
+            yield text[position:]
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = (EOT,),
               min_frequency: int = 2, show_progress: bool = False) -> "BPETokenizer":
     """Train a byte-level BPE on a stream of documents; `vocab_size` counts the 256 bytes and the specials.
 
     The corpus is streamed to the trainer (documents are not kept). A small corpus may stop short of
     `vocab_size` when no pair occurs `min_frequency` times; check `.vocab_size` for the size you got.
+    Memory is bounded for text without whitespace too: see LONG_RUN_BUDGET.
     """
     from tokenizers import trainers, pre_tokenizers
 
@@ -75,12 +117,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
                         f"(256 bytes + {len(special_tokens)} special tokens); 8192-50257 is typical")
     counter = {"docs": 0, "chars": 0}
 
+    limit_long_runs = _LongRunLimiter()
+
     def counted(stream: Iterable[str]) -> Iterator[str]:
         for text in stream:
             if text:
                 counter["docs"] += 1
                 counter["chars"] += len(text)
-                yield text
+                yield from limit_long_runs(text)
 
     hf = _build_untrained(special_tokens)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
