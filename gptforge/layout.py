@@ -61,6 +61,11 @@ MANIFEST_FILE = "manifest.json"
 CHAT_DATA_KIND = "chat"
 
 
+def shard_file(prefix: str, index: int) -> str:
+    """The name of a prepared-data shard: `{prefix}_{index:06d}.bin` (prefix = split, or a chat mask prefix)."""
+    return f"{prefix}_{index:06d}.bin"
+
+
 def chat_mask_prefix(split: str) -> str:
     return f"{split}_mask"
 

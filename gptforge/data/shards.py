@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import atomic_file
 from ..errors import UserError
+from ..layout import shard_file
 
 MAGIC = b"GPTFSHRD"
 FORMAT_VERSION = 2
@@ -91,7 +92,7 @@ class ShardWriter:
         self._max = 0
 
     def _open(self) -> None:
-        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        name = shard_file(self.prefix, len(self.shards))
         self._file = open(self.directory / name, "wb")
         self._file.write(encode_header(0, self.dtype))
         self.shards.append((name, 0))
