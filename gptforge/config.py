@@ -2,7 +2,9 @@
 
 Configs are plain dataclasses so that a resolved config can be written to `config.json`, compared field by
 field (to refuse resuming into a different shape), and overridden from the command line with types
-checked. Other sections (training, data) live beside their code and reuse `apply_overrides`.
+checked. The run config's sections (ModelConfig, TrainConfig, DataConfig, RunConfig) are all here, so that
+commands that only describe a run (`gptforge info`) read them without importing the trainer;
+`gptforge.resolve` turns presets, TOML files and `--set` into a RunConfig for every command.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class ModelConfig:
         def bad(option: str, why: str) -> UserError:
             return UserError(f"model option {option}: {why}")
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, f"must be a finite number, got {value}")
+
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
@@ -103,9 +110,11 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int) -> ModelConfig:
 
 
 def _gpt3(n_layer: int, n_embd: int, n_head: int) -> ModelConfig:
-    # GPT-3 Table 2.1: context 2048, d_ff = 4 * d_model, alternating dense / locally banded layers.
+    # GPT-3 Table 2.1: context 2048, d_ff = 4 * d_model, alternating dense / locally banded layers. No q/k/v
+    # biases: the paper does not say, and GPT-Neo (the Hugging Face layout for banded models) has none, so a
+    # model trained from these presets exports exactly to transformers and GGUF.
     return ModelConfig(block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                       attention="alternating", window=256)
+                       attention="alternating", window=256, qkv_bias=False)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -334,6 +343,7 @@ class TrainConfig:
     clip 1.0, warmup then cosine to 10% of peak); sizes default to something a laptop can run."""
 
     out_dir: str = "runs/default"
+    init_from: str | None = None  # start a new run from these weights (anything --model accepts); None: random
     seed: int = 1337
     device: str = "auto"  # auto: cuda when available, else cpu
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has it
@@ -389,6 +399,11 @@ class TrainConfig:
     def validate(self) -> None:
         def bad(option: str, why: str) -> UserError:
             return UserError(f"train option {option}: {why}")
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, f"must be a finite number, got {value}")
 
         for name in ("micro_batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "max_bad_steps", "eval_batches"):

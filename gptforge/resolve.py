@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import GPT3_PEAK_LR, PRESET_TRAIN, RunConfig, apply_overrides, get_preset, load_toml
+from .config import GPT3_PEAK_LR, PRESET_TRAIN, ModelConfig, RunConfig, apply_overrides, get_preset, load_toml
 from .errors import UserError
 from .layout import MANIFEST_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR
 
@@ -137,8 +137,17 @@ def resolve_run_config(config_file: str | None = None, preset: str | None = None
     if init:
         explicit["train.init_from"] = init
     explicit.update(parse_set(overrides or []))
+    init_from = explicit.get("train.init_from")
+    if init_from and resume is None:  # a new run from pretrained weights takes their shape
+        config = dataclasses.replace(config, model=init_model_config(str(init_from)))
     config = apply_overrides(config, explicit)
-    return fit_vocab_to_data(config, explicit_vocab="model.vocab_size" in explicit)
+    return fit_vocab_to_data(config, explicit_vocab="model.vocab_size" in explicit or bool(init_from))
+
+
+def init_model_config(spec: str) -> ModelConfig:
+    """The model shape of `spec` (anything --model accepts), for `train --init`."""
+    from .loading import load_model  # torch: only when a run starts from pretrained weights
+    return load_model(spec, device="cpu")[0].config
 
 
 def data_vocab_size(data_dir: str | os.PathLike) -> int:

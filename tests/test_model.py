@@ -15,7 +15,7 @@ def test_parameter_counts_match_published_sizes():
 
 def test_gpt3_small_count_by_hand():
     d, L, V, T = 768, 12, 50257, 2048
-    per_layer = 12 * d * d + 13 * d  # 4d^2 attention + 8d^2 MLP; biases 3d+d+4d+d; two LayerNorms 4d
+    per_layer = 12 * d * d + 10 * d  # 4d^2 attention + 8d^2 MLP; biases d+4d+d (no q/k/v bias); LayerNorms 4d
     expected = V * d + T * d + L * per_layer + 2 * d
     assert GPT(get_preset("gpt3-small")).num_parameters() == expected
 

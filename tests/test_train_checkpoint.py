@@ -14,7 +14,8 @@ from gptforge.errors import UserError
 from gptforge.model import GPT
 from gptforge.train import checkpoint as ckpt
 from gptforge.train.optim import build_optimizer
-from gptforge.train.trainer import capture_rng, clip_and_step, forward_backward, restore_rng
+from gptforge.train.rng import capture_rng, restore_rng
+from gptforge.train.step import clip_and_step, forward_backward
 
 
 def _trained(config: ModelConfig, seed: int = 0):

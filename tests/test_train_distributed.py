@@ -244,12 +244,14 @@ WORKER = textwrap.dedent('''
     from safetensors.torch import save_file
     from gptforge.train import distributed as D
     from gptforge.resolve import resolve_run_config
+    from gptforge.train.batches import open_batch_source
     from gptforge.train.trainer import Trainer
 
     data, out, report = sys.argv[1], sys.argv[2], sys.argv[3]
     config = resolve_run_config(data=data, out=out, overrides=sys.argv[4:])
     trainer = Trainer(config)
-    loader = trainer._make_loader("train")  # built exactly as the trainer builds its own
+    loader = open_batch_source(data, "train", trainer.seq_len, config.train.micro_batch_size,  # as the trainer's
+                               seed=config.data.seed, rank=trainer.rank, world_size=trainer.world_size)
     seen = [loader._next_index() for _ in range(loader.sequences_per_rank)]  # this rank's whole epoch
     assert loader.epoch == 0
     everyone = D.all_gather_object(seen)

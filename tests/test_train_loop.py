@@ -148,7 +148,7 @@ def test_nan_steps_are_skipped_then_stop_with_checkpoint_untouched(code_data, tm
     with pytest.raises(UserError, match="3 steps in a row with non-finite loss") as err:
         trainer.fit()
     assert "step_2" in str(err.value)
-    assert trainer.skipped_steps == 3 and trainer.step == 5
+    assert trainer.counters.skipped_steps == 3 and trainer.counters.step == 5
     assert (good / "model.safetensors").read_bytes() == before
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
 
@@ -167,7 +167,7 @@ def test_existing_run_needs_resume_or_fresh(code_data, tmp_path):
     with pytest.raises(UserError, match="--resume"):
         Trainer(_tiny(code_data, out, steps=4), log=lambda m: None)
     fresh = Trainer(_tiny(code_data, out, steps=4), fresh=True, log=lambda m: None)
-    assert fresh.step == 0 and not ckpt.list_checkpoints(out)
+    assert fresh.counters.step == 0 and not ckpt.list_checkpoints(out)
 
 
 def test_gradient_accumulation_and_ramp_in_the_loop(code_data, tmp_path):
@@ -243,3 +243,46 @@ def test_a_new_run_takes_its_datas_tokenizer_not_one_left_in_the_directory(code_
     fresh = load_tokenizer(out / "tokenizer")
     assert fresh.vocab_size == load_tokenizer(other_data / "tokenizer").vocab_size != stale.vocab_size
     assert fresh.encode("zzzz") == load_tokenizer(other_data / "tokenizer").encode("zzzz")
+
+
+def test_ctrl_c_during_the_first_validation_saves_step_0_and_resumes(code_data, tmp_path):
+    import os
+    import signal
+
+    def interrupt_once(model, step):
+        if step == 0 and not calls:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first validation pass runs
+        calls.append(step)
+        return {}
+
+    calls = []
+    out = tmp_path / "r"
+    logs = []
+    first = train(_tiny(code_data, out, steps=4, eval_every=2), eval_callbacks=[interrupt_once], log=logs.append)
+    assert first.stopped == "interrupted" and first.step == 0
+    assert first.checkpoint == ckpt.checkpoint_dir(out, 0) and ckpt.verify_checkpoint(first.checkpoint) is None
+    assert any("checkpoint " + str(first.checkpoint) in line for line in logs)
+    again = train(_tiny(code_data, out, steps=4, eval_every=2), resume="auto", eval_callbacks=[interrupt_once],
+                  log=lambda m: None)
+    assert again.stopped == "max_steps" and again.resumed_from == 0
+    assert calls == [0, 2, 4]  # the resumed run does not validate step 0 a second time
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r] == [0, 2, 4]
+
+
+def test_demo_says_when_its_time_cap_ended_it_and_that_few_steps_mean_little(code_data, tmp_path):
+    logs = []
+    config = _tiny(code_data, tmp_path / "demo", steps=100_000, max_time=0.3, eval_every=100_000,
+                   checkpoint_every=100_000)
+    run_demo(config=config, log=logs.append, calibrate=False)
+    assert any("time cap" in line and "ended the run" in line for line in logs), logs
+    assert any(line.startswith("warning: only") for line in logs), logs
+
+
+def test_demo_calibration_takes_the_median_of_several_steps(monkeypatch):
+    from gptforge.train import demo
+    durations = [1.0, 0.1, 0.1, 9.0, 0.1, 0.2]  # a warm-up step, then five timed ones, one of them very slow
+    clock = iter([t for i, d in enumerate(durations) for t in (10.0 * i, 10.0 * i + d)])
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    steps, per_step = demo.calibrate_steps(demo.demo_config(), seconds=60.0, timed_steps=5)
+    assert per_step == pytest.approx(0.1 * 1.15)  # the median: one slow step does not set the plan
+    assert steps == int(60.0 / per_step)

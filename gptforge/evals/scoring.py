@@ -81,7 +81,9 @@ def _fit_window(request: Request, block_size: int) -> tuple[list[int], int]:
     return whole[:-1], n_cont
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: the trainer validates through this under FSDP2, whose all-gathered weights
+# made inside inference mode could not be used by the next training step
+@torch.no_grad()
 def score_requests(model: "GPT", requests: Sequence[Request], batch_size: int = 16,
                    progress: Callable[[int], None] | None = None) -> list[Score]:
     """Scores of `requests`, in their order, computed in right-padded batches of `batch_size`.

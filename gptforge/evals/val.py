@@ -10,20 +10,29 @@ too. The first window scores `block_size` tokens; each following window scores t
 the `block_size - stride` tokens before them as context, so every token is scored exactly once and (after
 the first window) with at least `block_size - stride` tokens of context. The default stride is half the
 context for text files (the Hugging Face perplexity recipe) and the whole context for prepared splits
-(non-overlapping sequences, exactly the trainer's validation loss).
+(non-overlapping windows).
+
+The trainer's validation loss is this same computation (`score_windows` over the first windows of the val
+split, `gptforge.train.validator`), with the context set to the run's seq_len: for a run with seq_len equal to
+the model's context, `gptforge eval --task val --limit N --batch-size B` on a checkpoint gives the val_loss the
+trainer logged at that step when N and B are its `eval_batches x micro_batch_size` and `micro_batch_size`,
+and both ran in the same precision (the trainer evaluates under its training autocast, bf16 where the
+hardware has it; `eval` in the loaded dtype). tests/test_train_validator.py checks the two agree to 1e-6.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import UserError
+from ..layout import MANIFEST_FILE as MANIFEST, TOKENIZER_DIR
 from .result import TaskResult
 from .scoring import Request, score_requests
 
@@ -31,7 +40,6 @@ if TYPE_CHECKING:
     from ..model import GPT
     from ..tokenizer import Tokenizer
 
-MANIFEST = "manifest.json"
 WINDOWS_PER_CALL = 64  # windows handed to the scorer at a time: bounds memory on long splits
 
 
@@ -67,7 +75,7 @@ def resolve_val_source(data: str | None, split: str = "val") -> ValSource:
 def _prepared_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
     from ..data.shards import open_shard
 
-    manifest_tokenizer = source.path / "tokenizer" / "tokenizer_config.json"
+    manifest_tokenizer = source.path / TOKENIZER_DIR / "tokenizer_config.json"
     if manifest_tokenizer.is_file():
         kind = json.loads(manifest_tokenizer.read_text()).get("kind")
         if kind and kind != tokenizer.kind:
@@ -113,14 +121,18 @@ def count_windows(n_tokens: int, block_size: int, stride: int) -> int:
     return 1 + math.ceil((n_tokens - first) / stride)
 
 
-def evaluate_val(model: "GPT", tokenizer: "Tokenizer", tokens: Sequence[int] | np.ndarray, stride: int | None = None,
-                 batch_size: int = 16, limit: int | None = None, prepared: bool = False,
-                 progress: Callable[[int], None] | None = None) -> TaskResult:
-    """loss (mean nats per token), ppl and bpb of `tokens`; `limit` caps the number of windows scored."""
-    block_size = model.config.block_size
-    stride = stride or (block_size if prepared else max(1, block_size // 2))
-    stream = np.concatenate([[tokenizer.eot_id], np.asarray(tokens, dtype=np.int64)])
-    special = set(tokenizer.special_tokens.values())
+def with_eot(tokens: Sequence[int] | np.ndarray, eot_id: int) -> np.ndarray:
+    """The stream `windows` indexes: a leading end-of-text token, so the first real token is scored too."""
+    return np.concatenate([[eot_id], np.asarray(tokens, dtype=np.int64)])
+
+
+def score_windows(model: "GPT", stream: np.ndarray, spans: Iterable[tuple[int, int, int]], batch_size: int,
+                  progress: Callable[[int], None] | None = None,
+                  count_bytes: Callable[[list[int]], int] | None = None) -> tuple[float, int, int]:
+    """(total nats, tokens scored, bytes) of the (context_start, score_start, score_end) `spans` of `stream`.
+
+    The one implementation of held-out loss: `evaluate_val` and the trainer's validator both call it.
+    Windows go to the scorer `WINDOWS_PER_CALL` at a time, which bounds memory on long splits."""
     total_nats = 0.0
     n_tokens = n_bytes = 0
     pending: list[tuple[int, int, int]] = []
@@ -131,17 +143,33 @@ def evaluate_val(model: "GPT", tokenizer: "Tokenizer", tokens: Sequence[int] | n
         for request, score in zip(requests, score_requests(model, requests, batch_size, progress)):
             total_nats -= score.logprob
             n_tokens += score.n_tokens
-            n_bytes += len(tokenizer.decode_bytes([t for t in request.continuation if t not in special]))
+            if count_bytes is not None:
+                n_bytes += count_bytes(request.continuation)
         pending.clear()
 
-    for n, window in enumerate(windows(len(stream) - 1, block_size, stride)):
-        if limit is not None and n >= limit:
-            break
-        pending.append(window)
+    for span in spans:
+        pending.append(span)
         if len(pending) >= WINDOWS_PER_CALL:
             flush()
     if pending:
         flush()
+    return total_nats, n_tokens, n_bytes
+
+
+def evaluate_val(model: "GPT", tokenizer: "Tokenizer", tokens: Sequence[int] | np.ndarray, stride: int | None = None,
+                 batch_size: int = 16, limit: int | None = None, prepared: bool = False,
+                 progress: Callable[[int], None] | None = None) -> TaskResult:
+    """loss (mean nats per token), ppl and bpb of `tokens`; `limit` caps the number of windows scored."""
+    block_size = model.config.block_size
+    stride = stride or (block_size if prepared else max(1, block_size // 2))
+    stream = with_eot(tokens, tokenizer.eot_id)
+    spans = windows(len(stream) - 1, block_size, stride)
+    if limit is not None:
+        spans = itertools.islice(spans, limit)
+    special = set(tokenizer.special_tokens.values())
+    total_nats, n_tokens, n_bytes = score_windows(
+        model, stream, spans, batch_size, progress,
+        count_bytes=lambda ids: len(tokenizer.decode_bytes([t for t in ids if t not in special])))
     loss = total_nats / n_tokens
     metrics = {"loss": loss, "ppl": math.exp(loss)}
     if n_bytes:

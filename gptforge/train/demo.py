@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -26,10 +27,15 @@ DEMO_TOKENIZER = "bpe:4096"
 DEMO_VOCAB = 4096
 DEMO_PROMPTS = ["def ", "import os\n\nclass ", "    for i in range("]
 DEMO_SECONDS = 240.0
+MIN_DEMO_STEPS = 60  # calibration never plans fewer
+MEANINGFUL_STEPS = 150  # below this the demo's samples are mostly noise: say so
+CALIBRATION_STEPS = 8  # timed steps (after one warm-up step): the median survives a busy moment
 
 
-def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS) -> tuple[int, float]:
-    """(steps that fit in `seconds`, seconds per step) from three timed steps of the demo model here."""
+def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS,
+                    timed_steps: int = CALIBRATION_STEPS) -> tuple[int, float]:
+    """(steps that fit in `seconds`, seconds per step) from the median of `timed_steps` timed steps of the demo
+    model here, after one warm-up step (a single slow step on a busy machine does not set the plan)."""
     import time
 
     import torch
@@ -37,7 +43,7 @@ def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS) -> tuple[i
     from ..model import GPT
     from .optim import build_optimizer
     from .precision import resolve_device, resolve_precision
-    from .trainer import clip_and_step, forward_backward
+    from .step import clip_and_step, forward_backward
 
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
@@ -46,13 +52,13 @@ def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS) -> tuple[i
         opt = build_optimizer(model, config.train, device)
         x = torch.randint(0, config.model.vocab_size, (config.train.micro_batch_size, config.seq_len + 1))
         times = []
-        for _ in range(3):
+        for _ in range(timed_steps + 1):
             t0 = time.perf_counter()
             loss = forward_backward(model, [(x[:, :-1], x[:, 1:])], 1, device, precision)
             clip_and_step(model, opt, loss, 1.0)
             times.append(time.perf_counter() - t0)
-    per_step = min(times[1:]) * 1.15  # + evaluation, logging and checkpoint overhead
-    return int(min(3000, max(60, seconds / per_step))), per_step
+    per_step = statistics.median(times[1:]) * 1.15  # + evaluation, logging and checkpoint overhead
+    return int(min(3000, max(MIN_DEMO_STEPS, seconds / per_step))), per_step
 
 
 def with_steps(config: RunConfig, steps: int) -> RunConfig:
@@ -162,12 +168,20 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
             f"{steps * per_step / 60:.0f} min)")
     trainer = Trainer(config, resume=resume, fresh=fresh, log=log)
     result = trainer.fit()
-    samples = getattr(trainer, "last_samples", None)
+    samples = trainer.samples.last
     if samples:
         log("\n==== samples from the trained model ====")
         for text in samples:
             log(text.rstrip() + "\n----")
-    log(f"done: {result.step} steps, {result.tokens:,} tokens; "
+    planned = config.train.max_steps
+    if result.stopped == "max_time":
+        log(f"the demo's time cap ({config.train.max_time:.0f} s) ended the run at step {result.step} of {planned}: "
+            "this machine ran slower than its calibration (busy?)")
+    if result.stopped != "interrupted" and result.step < MEANINGFUL_STEPS:
+        log(f"warning: only {result.step} steps were trained (the demo needs about {MEANINGFUL_STEPS} for samples "
+            "that look like Python): run it again on a less busy machine, or raise the step count with "
+            f"`gptforge train --out {run_dir} --resume --set train.max_steps=N`")
+    log(f"{'stopped' if result.stopped == 'interrupted' else 'done'}: {result.step} steps, {result.tokens:,} tokens; "
         + (f"val loss {result.val_loss:.3f}; " if result.val_loss is not None else "")
         + f"curve in {run_dir / PLOT_FILE}, samples in {run_dir / SAMPLES_FILE}; "
         f"try: gptforge sample --model {run_dir} \"def \"")

@@ -231,7 +231,8 @@ def wrap_model(model: nn.Module, ctx: DistContext, parallel: Parallel, precision
 
 
 def build_fsdp_model(build: Callable[[], nn.Module], ctx: DistContext, precision: str = "fp32",
-                     activation_checkpointing: bool = False) -> nn.Module:
+                     activation_checkpointing: bool = False,
+                     initial_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Build a model straight into FSDP2 shards, never materialising it whole on a GPU.
 
     The model is created on the meta device (no memory), sharded, and allocated shard by shard on this
@@ -239,6 +240,8 @@ def build_fsdp_model(build: Callable[[], nn.Module], ctx: DistContext, precision
     `set_model_state_dict(..., broadcast_from_rank0=True)` sends each rank its shards. So a model that only
     fits sharded can be trained, and the initial weights are exactly those of a single process with the same
     seed (rank 0 draws them from the same CPU generator). Call with the seed already set on every rank.
+    `initial_state` (a full state dict, e.g. pretrained weights for `train.init_from`) replaces rank 0's
+    initialisation.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -246,7 +249,12 @@ def build_fsdp_model(build: Callable[[], nn.Module], ctx: DistContext, precision
         model = build()
     wrap_model(model, ctx, "fsdp", precision, activation_checkpointing)
     model.to_empty(device=ctx.device)
-    full = build().state_dict() if ctx.is_main else {}
+    full = {}
+    if ctx.is_main:
+        full_model = build()
+        if initial_state is not None:
+            full_model.load_state_dict(initial_state)
+        full = full_model.state_dict()
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -312,6 +320,15 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch
     """
     norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """The sum of `value` over ranks (a copy; the identity in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

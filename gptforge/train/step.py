@@ -1,0 +1,122 @@
+"""One optimizer step, and the arithmetic around it: tokens per step, accumulation, learning rate.
+
+Kept apart from the loop so the hot path is a few plain functions a profiler (or the "speed" work) can
+read and change alone: `forward_backward` accumulates gradients over micro-batches, `clip_and_step` clips
+and steps unless something is non-finite. `StepPlan` turns the config into numbers once; the learning rate
+and the batch size of any step are pure functions of the step and token counters (train/schedule.py), so a
+resumed run recomputes exactly what an uninterrupted one used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import UserError
+from . import distributed as D
+from .precision import autocast
+from .schedule import accumulation_steps, lr_at, tokens_per_step_at
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Batch geometry and schedule horizon of a run (the same on every rank)."""
+
+    config: TrainConfig
+    seq_len: int
+    world_size: int
+    micro_tokens: int  # one micro-batch on every rank together
+    full_tokens: int  # one optimizer step after any batch ramp
+    total_steps: int  # the LR schedule's horizon (0: time-limited, hold the peak after warmup)
+
+    @classmethod
+    def of(cls, tc: TrainConfig, seq_len: int, world_size: int) -> "StepPlan":
+        micro = tc.micro_batch_size * seq_len * world_size
+        full = accumulation_steps(tc.tokens_per_step, tc.micro_batch_size * world_size, seq_len) * micro
+        if tc.max_steps:
+            total = tc.max_steps
+        elif tc.max_tokens:
+            total = math.ceil(tc.max_tokens / full)
+        else:
+            total = 0
+        return cls(tc, seq_len, world_size, micro, full, total)
+
+    def step_tokens(self, tokens_seen: int) -> int:
+        """Tokens in the next step (smaller during a batch-size ramp), a whole number of micro-batches."""
+        return tokens_per_step_at(tokens_seen, self.config, self.full_tokens, self.micro_tokens)
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.config, self.total_steps)
+
+    def describe(self, parallel: str) -> str:
+        """"4 x 2 ranks (ddp) x 8 x 1024": accumulation x ranks x micro-batch x sequence length."""
+        ranks = f"{self.world_size} ranks ({parallel}) x " if self.world_size > 1 else ""
+        return f"{self.full_tokens // self.micro_tokens} x {ranks}{self.config.micro_batch_size} x {self.seq_len}"
+
+
+def fit_warmup(tc: TrainConfig, total_steps: int) -> tuple[TrainConfig, str | None]:
+    """Scale a warmup that would eat the whole run (warmup_steps >= the schedule's steps) to a tenth of it.
+
+    Returns the config to train with and a line saying what changed (None when nothing did)."""
+    if not total_steps or tc.warmup_steps < total_steps:
+        return tc, None
+    import dataclasses
+    scaled = max(1, total_steps // 10)
+    return (dataclasses.replace(tc, warmup_steps=scaled),
+            f"warning: train.warmup_steps={tc.warmup_steps} is not shorter than the run ({total_steps} steps): "
+            f"warming up over {scaled} steps instead (set train.warmup_steps to choose)")
+
+
+def forward_backward(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     n_batches: int, device: torch.device, precision: str) -> torch.Tensor:
+    """Accumulate gradients over `n_batches` micro-batches; returns the mean loss (a detached tensor).
+
+    Each micro-batch loss is divided by `n_batches`, so k micro-batches of size b give the gradient of one
+    batch of size k·b (with masked targets, -100, each micro-batch's loss is its own mean over scored tokens).
+
+    Under DDP / FSDP2 gradients are communicated only on the last micro-batch (`distributed.grad_sync`).
+    """
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(batches):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        with D.grad_sync(model, sync=i == n_batches - 1):
+            with autocast(device, precision):
+                _, loss = model(x, y, return_logits=False)  # fused loss: no full logits
+            (loss / n_batches).backward()
+        total += loss.detach().float()
+    return total / n_batches
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                  grad_clip: float) -> tuple[bool, float, float]:
+    """Clip the global grad norm, then step unless loss or gradient is non-finite.
+
+    Returns (stepped, loss, grad_norm) with one host sync for both numbers.
+    """
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    norm = D.clip_grad_norm(model.parameters(), max_norm)  # global norm, FSDP2's sharded grads included
+    numbers = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
+    ok = all(math.isfinite(v) for v in numbers)
+    if ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ok, numbers[0], numbers[1]
+
+
+def is_oom(error: BaseException) -> bool:
+    oom_type = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    if isinstance(error, oom_type):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def oom_error(tc: TrainConfig, seq_len: int) -> UserError:
+    return UserError(f"out of memory at train.micro_batch_size={tc.micro_batch_size}, seq_len={seq_len}; lower "
+                     "train.micro_batch_size (train.tokens_per_step keeps the batch size through gradient "
+                     "accumulation)")

@@ -1,0 +1,58 @@
+"""One resolver: a TOML file means the same model to every command, whichever way it names its preset."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _train_helpers import make_corpus
+
+from gptforge.cli import main
+from gptforge.config import get_preset
+from gptforge.errors import UserError
+from gptforge.resolve import resolve_run_config
+
+
+@pytest.mark.parametrize("toml", [
+    'preset = "gpt3-small"\n[model]\nn_layer = 8\n',
+    '[model]\npreset = "gpt3-small"\nn_layer = 8\n',
+])
+def test_preset_at_top_level_or_in_model_table_means_the_same(tmp_path, toml):
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    config = resolve_run_config(str(path))
+    expected = get_preset("gpt3-small")
+    expected.n_layer = 8
+    assert config.model == expected  # 2048-token context, alternating band layers, no q/k/v bias
+    assert config.train.lr == 6e-4  # Table 2.1's peak LR comes with the preset
+
+
+def test_train_prints_the_model_the_resolver_gives(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\npreset = "gpt3-small"\nn_layer = 8\n[train]\nmax_steps = 7\n')
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r"), "--print-config"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == resolve_run_config(str(path), out=str(tmp_path / "r")).to_dict()
+    assert printed["model"]["block_size"] == 2048 and printed["model"]["n_layer"] == 8
+
+
+def test_two_different_presets_in_one_file_are_refused(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('preset = "gpt2"\n[model]\npreset = "gpt3-small"\n')
+    with pytest.raises(UserError, match="two presets"):
+        resolve_run_config(str(path))
+
+
+def test_precedence_preset_toml_data_set(tmp_path):
+    data = make_corpus(tmp_path)
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nlr = 1e-3\nmax_steps = 5\n[model]\nn_layer = 3\n')
+    config = resolve_run_config(str(path), preset="gpt2", data=str(data), overrides=["train.lr=2e-4"])
+    assert (config.model.n_layer, config.model.n_embd, config.train.lr, config.train.max_steps) == (3, 768, 2e-4, 5)
+    assert config.model.vocab_size < 200 and config.data.path == str(data)  # the char tokenizer's size
+
+
+def test_gpt3_presets_export_exactly():
+    from gptforge.config import PRESETS
+    assert all(not c.qkv_bias for name, c in PRESETS.items() if name.startswith("gpt3-"))
+    assert all(c.qkv_bias for name, c in PRESETS.items() if name.startswith("gpt2"))
