@@ -75,7 +75,7 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise bad(f.name, f"must be a finite number, got {value}")
+                raise UserError(f"model.{f.name}={value}: must be a finite number")
 
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -403,7 +403,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise bad(f.name, f"must be a finite number, got {value}")
+                raise UserError(f"train.{f.name}={value}: must be a finite number")
 
         for name in ("micro_batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
                      "keep_checkpoints", "max_bad_steps", "eval_batches"):

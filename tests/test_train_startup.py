@@ -20,10 +20,10 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ("train.lr=nan", "train option lr: must be a finite number"),
-    ("train.lr=inf", "train option lr: must be a finite number"),
-    ("train.max_time=inf", "train option max_time: must be a finite number"),
-    ("model.dropout=nan", "model option dropout: must be a finite number"),
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),
+    ("train.lr=inf", "train.lr=inf: must be a finite number"),
+    ("train.max_time=inf", "train.max_time=inf: must be a finite number"),
+    ("model.dropout=nan", "model.dropout=nan: must be a finite number"),
     ("model.block_size=1000000000", "model too large for this machine"),
 ])
 def test_impossible_settings_are_one_line_before_anything_is_written(data, tmp_path, capsys, setting, message):

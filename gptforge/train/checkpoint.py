@@ -130,6 +130,33 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
 
+# what a resume cannot do without, with the JSON types it must have
+RESUME_STATE_KEYS = {"step": int, "tokens": int, "elapsed": (int, float), "skipped_steps": int, "bad_in_row": int,
+                     "loader": dict, "log_window": dict}
+
+
+def check_resume_state(path: str | os.PathLike) -> dict[str, Any]:
+    """state.json of checkpoint `path`, or a UserError naming it when a resume could not use it (a file edited
+    by hand with its checksum recomputed passes verification but may still lack what training needs)."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{file} is unreadable ({e}); resume from an earlier checkpoint or start over with "
+                        "--fresh") from None
+    problems = [] if isinstance(state, dict) else ["not a JSON object"]
+    if not problems:
+        problems = [f"{key} missing" if key not in state else f"{key} is not {getattr(kind, '__name__', 'a number')}"
+                    for key, kind in RESUME_STATE_KEYS.items()
+                    if key not in state or not isinstance(state[key], kind) or isinstance(state[key], bool)]
+        if not isinstance(state.get("rng"), dict) and not isinstance(state.get("rng_per_rank"), list):
+            problems.append("rng missing")
+    if problems:
+        raise UserError(f"{file} cannot be resumed from ({', '.join(problems)}); resume from an earlier checkpoint "
+                        "(--resume RUN/checkpoints/step_N) or start over with --fresh")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state) from checkpoint `path` into `model`; return its state.json.

@@ -30,7 +30,7 @@ from ..layout import (CHECKPOINTS_DIR, METRICS_FILE, PLOT_FILE, RUN_CONFIG_FILE,
                       TOKENIZER_DIR, latest_valid_checkpoint, list_checkpoints)
 from ..resolve import read_run_config
 from ..runlock import DirectoryLock
-from .checkpoint import model_config_differences, remove_partial_saves
+from .checkpoint import check_resume_state, model_config_differences, remove_partial_saves
 from .metrics import truncate_metrics
 from .samples import truncate_samples
 
@@ -84,6 +84,7 @@ class RunDirectory:
             if not (path / STATE_FILE).is_file():
                 raise UserError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE}); pass "
                                 "checkpoints/step_N of a run or --resume auto")
+        check_resume_state(path)  # before anything is written: a state.json that cannot resume is one line
         self._check_same_model(config)
         return path
 
