@@ -34,7 +34,9 @@ def test_gpt3_adamw_defaults(tiny_config):
 def _update(batches, n_batches):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32))
-    opt = build_optimizer(model, TrainConfig(lr=1e-2), "cpu")
+    # eps 1e-3, not 1e-8: Adam's first update is lr·g/(|g|+eps), whose slope at g≈0 is lr/eps, so with a tiny
+    # eps a gradient entry near zero turns float rounding (~1e-10) into a visible update difference
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, eps=1e-3), "cpu")
     loss = forward_backward(model, batches, n_batches, torch.device("cpu"), "fp32")
     ok, _, norm = clip_and_step(model, opt, loss, grad_clip=1.0)
     assert ok
