@@ -80,7 +80,7 @@ class ProgressLog:
         return step % self.tc.log_every == 0 or step == 1 or stopping
 
     def report(self, step: int, tokens: int, elapsed: float, lr: float, grad_norm: float, skipped: int,
-               step_tokens: int) -> None:
+               step_tokens: int, extra: dict[str, float] | None = None) -> None:
         w = self.window
         tok_s = w["tokens"] / max(w["time"], 1e-9)
         mfu = tok_s * self.flops_per_token / self.peak_flops if self.peak_flops else None
@@ -90,6 +90,7 @@ class ProgressLog:
                                "batch_tokens": step_tokens}
         if mfu is not None:
             row["mfu"] = mfu
+        row.update(extra or {})
         if self.metrics:
             self.metrics.log(row)
         total = f"/{self.tc.max_steps}" if self.tc.max_steps else ""

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -59,24 +60,29 @@ def truncate_samples(run_dir: str | os.PathLike, step: int) -> None:
             return
 
 
+# (model, tokenizer, max_new_tokens, temperature, top_k, seed=...) -> texts; SFT's replies to held-out questions
+Sampler = Callable[..., list[str]]
+
+
 class SampleWriter:
     """Text samples at chosen steps into samples.txt (rank 0 writes; under FSDP2 every rank generates, in
     lockstep, since each forward gathers weights collectively)."""
 
     def __init__(self, run_dir: str | os.PathLike, tokenizer, prompts: list[str], max_new_tokens: int,
                  temperature: float, top_k: int, seed: int, device: torch.device, precision: str, fsdp: bool,
-                 is_main: bool) -> None:
+                 is_main: bool, sampler: Sampler | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.tokenizer = tokenizer
         self.prompts, self.max_new_tokens = list(prompts), max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.device, self.precision, self.fsdp, self.is_main = device, precision, fsdp, is_main
+        self.sampler = sampler
         self.last: list[str] | None = None
 
     @property
     def enabled(self) -> bool:
         """Whether this rank takes part (a tokenizer and prompts exist, and it writes or must generate)."""
-        return (self.tokenizer is not None and bool(self.prompts) and self.max_new_tokens > 0
+        return (self.tokenizer is not None and bool(self.prompts or self.sampler) and self.max_new_tokens > 0
                 and (self.is_main or self.fsdp))
 
     def __call__(self, model: torch.nn.Module, step: int, tokens: int) -> None:
@@ -85,8 +91,12 @@ class SampleWriter:
         from .precision import autocast
         # under FSDP2, autocast matches the KV cache (fp32, as the sharded weights) to FSDP2's bf16 compute
         with autocast(self.device, self.precision) if self.fsdp else contextlib.nullcontext():
-            texts = sample_texts(model, self.tokenizer, self.prompts, self.max_new_tokens, self.temperature,
-                                 self.top_k, seed=self.seed + step)
+            if self.sampler is not None:
+                texts = self.sampler(model, self.tokenizer, self.max_new_tokens, self.temperature, self.top_k,
+                                     seed=self.seed + step)
+            else:
+                texts = sample_texts(model, self.tokenizer, self.prompts, self.max_new_tokens, self.temperature,
+                                     self.top_k, seed=self.seed + step)
         if self.is_main:
             append_samples(self.run_dir, step, tokens, texts)
         self.last = texts

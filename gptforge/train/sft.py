@@ -232,14 +232,14 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
     trainer = Trainer(config, resume=resume if continuing else None, fresh=fresh, log=log, init_model=init,
                       sampler=chat_sampler(prompts) if prompts else None)
     if base is not None:
-        log(f"fine-tuning {model} on {data}: {trainer.train_loader.describe()}")
+        log(f"fine-tuning {model} on {data}: {trainer.batches.describe()}")
     try:
         result = trainer.fit()
     finally:
         if trainer._owns_group:
             from . import distributed as D
             D.teardown()
-    result.last_samples = getattr(trainer, "last_samples", None)  # type: ignore[attr-defined]
+    result.last_samples = trainer.samples.last  # type: ignore[attr-defined]
     return result
 
 

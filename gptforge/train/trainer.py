@@ -47,7 +47,7 @@ from .precision import resolve_device, resolve_precision
 from .progress import ProgressLog, console_log
 from .rng import capture_rng, restore_rng, seed_all
 from .run_dir import RunDirectory
-from .samples import SampleWriter
+from .samples import Sampler, SampleWriter
 from .startup import check_fits_memory, load_init_weights, load_tokenizer_or_none
 from .step import StepPlan, clip_and_step, fit_warmup, forward_backward, is_oom, oom_error
 from .stopping import StopRules
@@ -89,7 +89,10 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, resume: str | None = None, fresh: bool = False,
-                 eval_callbacks: Iterable[EvalCallback] = (), log: Callable[[str], None] | None = None) -> None:
+                 eval_callbacks: Iterable[EvalCallback] = (), log: Callable[[str], None] | None = None,
+                 init_model: Callable[[GPT], None] | None = None, sampler: Sampler | None = None) -> None:
+        """`init_model(model)` sets a new run's initial weights in place (SFT: the base model's plus the chat
+        markers' new rows); `sampler` writes samples.txt's texts instead of `train.sample_prompts`."""
         tc = config.train
         self.log = log or console_log()
         # Under torchrun: join the process group; a single process is rank 0 of 1 with no group.
@@ -133,7 +136,7 @@ class Trainer:
         try:
             if resume_path is not None:
                 init_state = None  # the checkpoint's weights win
-            self._build(config, init_state)
+            self._build(config, init_state, init_model if resume_path is None else None)
             self.counters = Counters()
             self.resumed_from: int | None = None
             if resume_path is not None:
@@ -154,24 +157,33 @@ class Trainer:
                 self.log(f"warning: no validation loss: {self.validator.problem}")
             self.samples = SampleWriter(self.run_dir.path, self.tokenizer, tc.sample_prompts, tc.sample_tokens,
                                         tc.sample_temperature, tc.sample_top_k, tc.seed, self.device,
-                                        self.precision, self.parallel == "fsdp", self.is_main)
+                                        self.precision, self.parallel == "fsdp", self.is_main, sampler)
         except BaseException:
             self.run_dir.close()
             raise
 
-    def _build(self, config: RunConfig, init_state: dict[str, torch.Tensor] | None) -> None:
+    def _build(self, config: RunConfig, init_state: dict[str, torch.Tensor] | None,
+               init_model: Callable[[GPT], None] | None) -> None:
         """Model (same initial weights on every rank), its DDP/FSDP2 form, optimizer, checkpointer, progress."""
         tc = config.train
         seed_all(tc.seed)
+
+        def initialised() -> GPT:
+            model = GPT(config.model)
+            if init_state is not None:
+                model.load_state_dict(init_state)
+            if init_model is not None:
+                init_model(model)
+            return model
+
         if self.parallel == "fsdp":  # built directly as shards: never whole on one GPU
             self.raw_model = D.build_fsdp_model(lambda: GPT(config.model), self.dist, self.precision,
-                                                tc.activation_checkpointing, initial_state=init_state)
+                                                tc.activation_checkpointing,
+                                                initial_state=initialised().state_dict()
+                                                if (init_state is not None or init_model) and self.is_main else None)
             self.model: torch.nn.Module = self.raw_model
         else:
-            self.raw_model = GPT(config.model)
-            if init_state is not None:
-                self.raw_model.load_state_dict(init_state)
-            self.raw_model.to(self.device)
+            self.raw_model = initialised().to(self.device)
             self.model = D.wrap_model(self.raw_model, self.dist, self.parallel, self.precision,
                                       tc.activation_checkpointing)
         self.optimizer = build_optimizer(self.raw_model, tc, self.device)  # after FSDP2 has sharded
@@ -296,7 +308,8 @@ class Trainer:
             self.progress.record(step_tokens, dt, loss if ok else None)
             reason = self.stop.reason(c.step, c.tokens, c.elapsed)
             if self.is_main and self.progress.due(c.step, reason is not None):
-                self.progress.report(c.step, c.tokens, c.elapsed, lr, grad_norm, c.skipped_steps, step_tokens)
+                self.progress.report(c.step, c.tokens, c.elapsed, lr, grad_norm, c.skipped_steps, step_tokens,
+                                     self._data_numbers())
             finishing = reason is not None and reason != "interrupted"
             if c.step % tc.eval_every == 0 or finishing:
                 val_loss = self._eval_and_log() or val_loss
@@ -326,6 +339,11 @@ class Trainer:
             if is_oom(e):
                 raise oom_error(self.tc, self.seq_len) from None
             raise
+
+    def _data_numbers(self) -> dict[str, float]:
+        """What the batch source reports for the metrics row (packed data: the padding fraction)."""
+        padding = getattr(self.batches, "padding_fraction", None)
+        return {"padding": padding} if padding is not None else {}
 
     def _count_bad_steps(self, ok: bool, loss: float, grad_norm: float) -> None:
         """A non-finite step is skipped; `max_bad_steps` of them in a row stop the run."""
