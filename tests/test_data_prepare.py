@@ -142,6 +142,40 @@ def test_one_long_document_still_gets_a_val_split(tmp_path, gpt2):
     assert manifest["counts"]["documents"] == 1
 
 
+def test_a_short_single_file_gets_its_last_tenth_as_val_with_exact_tokens(tmp_path, gpt2):
+    """Too few pieces for a random draw (issue 10 #24): the last val_fraction of the text is val, cut where
+    GPT-2's tokenization does not change, so train + val is exactly the file's tokens (as nanoGPT splits)."""
+    text = fixture_text()[:40_000]  # 3 pieces
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    manifest = prepare([str(tmp_path / "a.txt")], "gpt2", tmp_path / "out", val_fraction=0.1, workers=2)
+    got = split_tokens(tmp_path / "out")
+    assert got["train"].tolist() + got["val"].tolist() == gpt2.encode(text) + [gpt2.eot_id]
+    split = manifest["split"]
+    assert split["method"] == "tail" and abs(split["val_chars"] - 4000) < 300
+    assert gpt2.decode(got["val"].tolist()[:-1]) == text[-split["val_chars"]:]
+    assert "only 3 document piece(s)" in split["detail"] and manifest["warnings"] == []
+
+
+def test_many_documents_are_drawn_by_hash_and_the_manifest_says_so(tmp_path):
+    docs = [f"document number {i}" for i in range(100)]
+    manifest = prepare([str(write_jsonl(tmp_path / "d.jsonl", docs))], "char", tmp_path / "out", val_fraction=0.05,
+                       workers=1, seed=3)
+    assert manifest["split"]["method"] == "hash" and manifest["split"]["seed"] == 3
+    assert manifest["splits"]["val"]["tokens"] == sum(len(d) + 1 for i, d in enumerate(docs) if split_of(i, 3, 0.05))
+
+
+def test_cli_one_small_file_with_default_split_has_val_tokens(tmp_path):
+    (tmp_path / "notes.txt").write_text("a few lines of text\n" * 50, encoding="utf-8")
+    result = run_cli("notes.txt", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["split"]["method"] == "tail"
+    val_chars = manifest["split"]["val_chars"]  # about 5% of 1,000 characters, cut before a space
+    assert 45 <= val_chars <= 55 and manifest["splits"]["val"]["tokens"] == val_chars + 1  # + end-of-text
+    assert manifest["splits"]["train"]["tokens"] == 1000 - val_chars
+    assert "val split: only 1 document piece(s)" in result.stdout
+
+
 def test_char_tokenizer_is_trained_saved_and_ids_fit(tmp_path):
     from gptforge.tokenizer import load_tokenizer
 

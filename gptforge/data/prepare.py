@@ -1,7 +1,8 @@
 """Tokenize sources into train/val token shards with many processes, in flat memory, all or nothing.
 
-The main process streams document pieces (gptforge.data.sources), assigns each to train or val by a seeded
-hash, groups them into tasks of about half a million characters and keeps only a small window of tasks in
+The main process streams document pieces (gptforge.data.sources), assigns each to train or val
+(gptforge.data.split: a seeded hash per piece, or the last fraction of the text for a corpus of few
+documents), groups them into tasks of about half a million characters and keeps only a small window of tasks in
 flight; worker processes tokenize them; results come back in order and are appended to shards of at most
 `shard_tokens` tokens. Memory therefore depends on the window, not on the corpus.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
@@ -35,7 +35,8 @@ from ..errors import UserError
 from ..layout import MANIFEST_FILE, TOKENIZER_DIR, data_lock_file
 from ..runlock import DirectoryLock
 from .shards import ShardWriter, dtype_for_vocab
-from .sources import DocumentReader, Piece, Source, SourceStats, resolve_sources
+from .sources import DocumentReader, Source, SourceStats, resolve_sources
+from .split import SplitPlan, split_of  # noqa: F401  (split_of: chat_prepare draws conversations with it)
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -47,21 +48,6 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_VAL_FRACTION = 0.05
 TASK_CHARS = 1 << 19
 TOKENIZER_FORMS = "gpt2, char, bpe:VOCAB_SIZE or a saved tokenizer directory"
-
-
-# ------------------------------------------------------------------------------------------- split
-
-
-def split_of(unit: int, seed: int, val_fraction: float) -> int:
-    """0 (train) or 1 (val) for the unit-th document piece: a seeded hash, so the split is reproducible.
-
-    The unit is a document, or one of the ~16 Ki-character pieces of a longer one, so that a corpus that is
-    a single book still gets a validation split.
-    """
-    if val_fraction <= 0:
-        return 0
-    digest = hashlib.blake2b(f"{seed}:{unit}".encode(), digest_size=8).digest()
-    return int(int.from_bytes(digest, "little") < val_fraction * 2.0 ** 64)
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
@@ -127,13 +113,12 @@ def encode_task(task: Task, tokenizer: "Tokenizer | None" = None) -> tuple[np.nd
     return tuple(np.concatenate(p) if p else np.zeros(0, dtype) for p in parts)  # type: ignore[return-value]
 
 
-def _tasks(pieces: Iterable[Piece], seed: int, val_fraction: float,
-           task_chars: int = TASK_CHARS) -> Iterator[Task]:
+def _tasks(units: Iterable[tuple[str, int, bool]], task_chars: int = TASK_CHARS) -> Iterator[Task]:
     task: Task = []
     size = 0
-    for unit, piece in enumerate(pieces):
-        task.append((piece.text, split_of(unit, seed, val_fraction), piece.last))
-        size += len(piece.text)
+    for text, split, last in units:
+        task.append((text, split, last))
+        size += len(text)
         if size >= task_chars:
             yield task
             task, size = [], 0
@@ -307,7 +292,8 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
         writers = _SplitWriters(ShardWriter(tmp, "train", dtype, shard_tokens),
                                 ShardWriter(tmp, "val", dtype, shard_tokens))
         reader = DocumentReader(resolved, glob, text_field)
-        tasks = _tasks(reader.pieces(), seed, val_fraction, TASK_CHARS)
+        plan = SplitPlan(seed, val_fraction)
+        tasks = _tasks(plan.assign(reader.pieces()), TASK_CHARS)
         with EncoderPool(workers, tokenizer, tokenizer_dir) as pool:
             bar = Progress(_total_bytes(resolved), progress)
             try:
@@ -322,16 +308,17 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
         if not shards["train"]:
             raise UserError(f"sources {' '.join(sources)}: every document went to the val split; "
                             "lower --val-fraction or add documents")
-        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, shards, max_ids, reader.stats,
-                             val_fraction, seed, shard_tokens, glob, text_field, time.monotonic() - started)
+        manifest = _manifest(sources, tokenizer_spec, tokenizer, dtype, shards, max_ids, reader.stats, plan,
+                             shard_tokens, glob, text_field, time.monotonic() - started)
         write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", dtype: np.dtype,
               shards: dict[str, list[tuple[str, int]]], max_ids: dict[str, int], stats: SourceStats,
-              val_fraction: float, seed: int, shard_tokens: int, glob: str | None, text_field: str,
+              plan: SplitPlan, shard_tokens: int, glob: str | None, text_field: str,
               seconds: float) -> dict[str, Any]:
+    val_fraction, seed = plan.val_fraction, plan.seed
     splits = {name: {"tokens": sum(n for _, n in files),
                      "shards": [{"file": f, "tokens": n, "max_id": max_ids[f]} for f, n in files]}
               for name, files in shards.items()}
@@ -364,6 +351,7 @@ def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", d
         "text_field": text_field,
         "val_fraction": val_fraction,
         "seed": seed,
+        "split": plan.describe(),
         "shard_tokens": shard_tokens,
         "seconds": round(seconds, 3),
         "warnings": warnings,
@@ -393,5 +381,7 @@ def summary(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
     lines = [f"prepared {out_dir}: {counts['documents']:,} documents, {counts['bytes']:,} bytes -> "
              f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens "
              f"({tok['kind']} tokenizer, vocab {tok['vocab_size']:,}, {manifest['dtype']}) in {manifest['seconds']:.1f} s"]
+    if manifest.get("split", {}).get("method") == "tail":
+        lines.append(f"val split: {manifest['split']['detail']}")
     lines += [f"warning: {w}" for w in manifest["warnings"]]
     return "\n".join(lines)

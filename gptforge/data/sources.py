@@ -227,6 +227,21 @@ def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
     return pieces, text[start:]
 
 
+def safe_cut_near(text: str, position: int) -> int:
+    """The safe cut (see _SAFE_CUT) of `text` closest to `position`; `position` itself when there is none
+    (a run without whitespace is cut hard). Encoding text[:cut] and text[cut:] apart gives the tokens of
+    the whole at a safe cut."""
+    position = max(0, min(len(text), position))
+    for radius in (256, 4096, len(text)):
+        lo, hi = max(0, position - radius), min(len(text), position + radius)
+        cuts = [m.start() for m in _SAFE_CUT.finditer(text, lo, hi)]
+        if cuts:
+            return min(cuts, key=lambda c: (abs(c - position), c))
+        if lo == 0 and hi == len(text):
+            break
+    return position
+
+
 def _pieces_of(chunks: Iterable[str], limit: int = PIECE_CHARS) -> Iterator[Piece]:
     """Re-cut a document given as successive text chunks into bounded Pieces, marking first and last."""
     pending: str | None = None
