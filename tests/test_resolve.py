@@ -56,3 +56,22 @@ def test_gpt3_presets_export_exactly():
     from gptforge.config import PRESETS
     assert all(not c.qkv_bias for name, c in PRESETS.items() if name.startswith("gpt3-"))
     assert all(c.qkv_bias for name, c in PRESETS.items() if name.startswith("gpt2"))
+
+
+@pytest.mark.parametrize("toml", [
+    'preset = "gpt3-small"\n[model]\nn_layer = 8\n',
+    '[model]\npreset = "gpt3-small"\nn_layer = 8\n',
+])
+def test_info_and_train_read_one_file_as_one_model(tmp_path, capsys, toml):
+    from gptforge.config import ModelConfig
+    from gptforge.info import parameter_counts
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r"), "--print-config"]) == 0
+    trained = ModelConfig.from_dict(json.loads(capsys.readouterr().out)["model"])
+    assert main(["info", "--config", str(path), "--set", "dropout=0.1"]) == 0
+    described = capsys.readouterr().out
+    header = (f"{trained.n_layer} layers, d_model {trained.n_embd}, {trained.n_head} heads x {trained.head_dim}, "
+              f"d_ff {trained.ffn_dim}, context {trained.block_size}, vocab {trained.vocab_size}")
+    assert header in described.splitlines()[0] and "alternating dense / band (window 256)" in described
+    assert f"{parameter_counts(trained)['total']:,}" in described
