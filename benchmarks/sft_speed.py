@@ -56,7 +56,7 @@ def main() -> None:
     from gptforge.data.prepare import prepare
     from gptforge.model import GPT
     from gptforge.train.optim import build_optimizer
-    from gptforge.train.trainer import clip_and_step, forward_backward
+    from gptforge.train.step import clip_and_step, forward_backward
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     records = _records(args.records)

@@ -67,7 +67,7 @@ def chat_data(base_run, tmp_path_factory) -> Path:
 
 def test_sft_loss_is_the_hand_masked_cross_entropy(chat_data):
     from gptforge.model import GPT
-    from gptforge.train.trainer import forward_backward
+    from gptforge.train.step import forward_backward
 
     torch.manual_seed(0)
     loader = ChatLoader(chat_data, "train", seq_len=63, batch_size=4, seed=0)

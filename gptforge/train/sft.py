@@ -222,7 +222,7 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
             raise UserError("--model BASE_RUN and --data CHAT_DATA are needed to start a fine-tuning run "
                             "(or --resume to continue one in --out)")
         base = load_base(model)
-        manifest = check_chat_data(data, base)
+        check_chat_data(data, base)
         config = sft_config(base, data, out, epochs, overrides, world_size)
         if list_checkpoints(run_dir) and not fresh and resume is None:
             raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue that run, --fresh to "
