@@ -67,3 +67,16 @@ def test_init_from_a_differently_shaped_model_names_the_fields(data, tmp_path):
     other = tiny_config(data, tmp_path / "x", **{"model.n_layer": 3}).model
     with pytest.raises(UserError, match="n_layer: 2 .* vs 3"):
         load_init_weights(str(base), other)
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_writes_nothing(data, tmp_path, capsys, monkeypatch):
+    import gptforge.resolve
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gptforge.resolve, "resolve_run_config", interrupted)
+    assert main(cli_args(data, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "gptforge train: interrupted during start-up; nothing was written"
+    assert not (tmp_path / "run").exists()
