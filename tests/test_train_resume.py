@@ -159,3 +159,56 @@ def test_sigterm_saves_a_checkpoint_and_exits_130(data_dir, tmp_path):
     steps = [s for s, _ in list_checkpoints(out)]
     assert steps and steps[-1] >= 4 and steps[-1] < MAX_STEPS
     assert b"--resume auto" in stdout
+
+
+STORM_STEPS = 60
+STORM_KILLS = 12
+
+
+def _storm_cmd(data_dir: Path, out: Path, resume: bool) -> list[str]:
+    return _cmd(data_dir, out, resume) + ["--set", f"train.max_steps={STORM_STEPS}"]
+
+
+@pytest.mark.slow
+def test_sigkill_storm_then_resume_is_bitwise_identical(data_dir, tmp_path):
+    """Twelve SIGKILLs at random moments (start-up, mid-step, mid-checkpoint, by time or by step), each
+    followed by `--resume auto`; the run that finally completes equals one that never stopped, bit for bit."""
+    reference = tmp_path / "reference"
+    subprocess.run(_storm_cmd(data_dir, reference, resume=False), env=_env(), check=True, capture_output=True,
+                   timeout=600)
+    rng = random.Random(int(os.environ.get("GPTFORGE_TEST_STORM_SEED") or random.randrange(10**6)))
+    out, kills, attempts = tmp_path / "run", [], 0
+    while len(kills) < STORM_KILLS and attempts < 4 * STORM_KILLS:
+        attempts += 1
+        start_step = _logged_step(out)
+        if start_step >= STORM_STEPS - 2:
+            break
+        proc = subprocess.Popen(_storm_cmd(data_dir, out, resume=True), env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if rng.random() < 0.5:  # by time: lands anywhere, start-up and checkpoint writes included
+            deadline = time.monotonic() + rng.uniform(0.3, 4.0)
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:  # by step: a few steps past where this attempt resumed
+            target = min(STORM_STEPS - 2, start_step + rng.randint(1, 6))
+            _wait_for(lambda: _logged_step(out) >= target, proc, timeout=300)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills.append(_logged_step(out))
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    context = f"(kills after logged steps {kills})"
+    print(context)
+    assert len(kills) >= 10, f"too few kills landed {context}"
+    final = subprocess.run(_storm_cmd(data_dir, out, resume=True), env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert final.returncode == 0, f"{context}\n{final.stderr}"
+    wa = load_file(str(reference / "checkpoints" / f"step_{STORM_STEPS}" / "model.safetensors"))
+    wb = load_file(str(out / "checkpoints" / f"step_{STORM_STEPS}" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs {context}"
+    rows = lambda run: [{k: v for k, v in json.loads(l).items() if k not in ("tokens_per_s", "elapsed", "mfu")}
+                        for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows(reference) == rows(out), f"metrics differ {context}"
