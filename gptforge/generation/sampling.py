@@ -81,12 +81,15 @@ class Sampler:
     """Chooses each row's next token; keeps the per-row history the penalties need."""
 
     def __init__(self, configs: Sequence[SamplingConfig], seeds: Sequence[int | None], prompts: Sequence[Sequence[int]],
-                 vocab_size: int, device: torch.device) -> None:
+                 vocab_size: int, device: torch.device,
+                 generators: Sequence[torch.Generator | None] | None = None) -> None:
+        """`generators`: the rows' random generators as they are (a server's rows joining a new batch keep
+        their random state); otherwise one is made per seed (None: torch's global generator)."""
         self.configs = list(configs)
         self.device = device
         self.vocab_size = vocab_size
-        self.generators: list[torch.Generator | None] = []
-        for seed in seeds:
+        self.generators: list[torch.Generator | None] = [] if generators is None else list(generators)
+        for seed in seeds if generators is None else ():
             g = None
             if seed is not None:
                 g = torch.Generator(device=device)

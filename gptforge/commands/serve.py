@@ -1,0 +1,71 @@
+"""`gptforge serve`: an OpenAI-compatible HTTP server and a web chat page (a thin layer over
+`gptforge.serve.create_app` and uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError
+from ._options import add_device_options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over the OpenAI API, with a web chat page",
+        description="Serve a model over HTTP: POST /v1/chat/completions (chat models), POST /v1/completions, "
+                    "GET /v1/models, GET /health, and a chat page at /. Requests are generated together "
+                    "(continuous batching). Needs the serve extra: pip install 'gptforge[serve]'.")
+    p.add_argument("--model", required=True, help="run directory, checkpoint, hf:DIR or preset name")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1/* (strongly advised beyond 127.0.0.1)")
+    p.add_argument("--name", default=None, help="model id clients use (default: the --model argument's last part)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="ROWS",
+                   help="most sequences generated together (default 16; 1 = one request at a time)")
+    p.add_argument("--max-queued", type=int, default=64, help="requests that may wait; more get 429 (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    add_device_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import ServeSettings, create_app
+    except ImportError as e:
+        raise UserError(f"gptforge serve needs FastAPI and uvicorn ({e.name} is missing): "
+                        "pip install 'gptforge[serve]'") from None
+    from pathlib import Path
+
+    from ..devices import resolve_device, resolve_dtype
+    from ..generation import prepare_for_decoding
+    from ..loading import default_tokenizer, load_model
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port: must be in 0..65535, got {args.port}")
+    if args.max_batch < 1 or args.max_queued < 1:
+        raise UserError("--max-batch and --max-queued must be at least 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the "
+              "model", file=sys.stderr, flush=True)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+
+    def load():
+        model, tokenizer = load_model(args.model, device, dtype, seed=args.seed)
+        if tokenizer is None:
+            tokenizer = default_tokenizer(model, args.model)
+        prepare_for_decoding(model)
+        return model, tokenizer
+
+    name = args.name or Path(str(args.model).rstrip("/")).name or str(args.model)
+    settings = ServeSettings(max_rows=args.max_batch, max_queued=args.max_queued, api_key=args.api_key)
+    app = create_app(name=name, settings=settings, loader=load)
+    print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

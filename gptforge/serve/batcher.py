@@ -1,0 +1,389 @@
+"""The generation loop of the server: one thread owns the model and runs every request in one batch.
+
+Continuous batching: between two decode steps the loop takes finished and cancelled rows out of the batch
+and lets queued requests in (each one prefilled alone, then its rows appended), so a short request never
+waits for a long one and sixteen clients share each decode step instead of taking turns.
+
+Every row sits at its own position, so the cache here (`RowsCache`) is not the left-padded one of
+`gptforge.generation`: each row writes its key at its own length and attends under its own mask. A request
+with n choices is prefilled once and its cache rows copied n times. Sampling is `gptforge.generation`'s
+`Sampler` (per-row settings, one random generator per row, so a seeded row draws the same tokens whatever
+else is in the batch); it is rebuilt whenever the rows change, handing over each row's generator as it is.
+
+Nothing slides past the context here: a request's max_tokens is capped so that prompt + reply fit (the
+HTTP layer refuses a prompt that leaves no room), which keeps served text identical to a request run alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generation.sampling import Sampler, SamplingConfig
+from ..generation.text import TextStream
+from ..model import GPT
+
+
+@dataclass
+class TokenInfo:
+    """Log-probabilities of one token: its own and the `top` most likely alternatives (id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Event:
+    """What one row produced in one step: newly printable text (may be ""), the token and, on the row's last
+    event, its finish_reason ("stop" / "length"). `info`: log-probabilities, when the request asked."""
+
+    choice: int
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    info: TokenInfo | None = None
+    completion_tokens: int = 0
+
+
+@dataclass
+class PromptScores:
+    """Log-probabilities of the prompt's tokens after the first (echo), delivered once before any Event."""
+
+    infos: list[TokenInfo]
+
+
+@dataclass
+class Job:
+    """One prompt and its n choices, as the HTTP layer submits it; events come back through `deliver`."""
+
+    prompt: list[int]
+    configs: list[SamplingConfig]  # one per choice; max_new_tokens already fits the context
+    seeds: list[int | None]
+    deliver: Callable[[Event | PromptScores | BaseException], None]
+    end_ids: frozenset[int] = frozenset()  # tokens that end a reply and are not part of it
+    logprobs: int | None = None  # None: off; k: the chosen token's logprob and the top k
+    echo_logprobs: bool = False  # log-probabilities of the prompt's own tokens (first = None)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    choice_offset: int = 0  # the index of this job's first choice in the response
+    generate: bool = True  # False: only score the prompt (echo with max_tokens 0)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop this job's rows (a client that went away); they leave the batch at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class Row:
+    job: Job
+    choice: int
+    history: list[int]
+    generator: torch.Generator | None
+    stream: TextStream
+    generated: int = 0
+    counts: collections.Counter = field(default_factory=collections.Counter)  # for the OpenAI penalties
+
+    @property
+    def config(self) -> SamplingConfig:
+        return self.job.configs[self.choice]
+
+
+class PrefillCache:
+    """The model's cache protocol for a whole prompt from position 0: keeps each layer's keys and values and
+    lets attention run its own causal (or band) pattern over them, as without a cache."""
+
+    def __init__(self, n_layer: int, device: torch.device) -> None:
+        self.keys: list[torch.Tensor] = [None] * n_layer  # type: ignore[list-item]
+        self.values: list[torch.Tensor] = [None] * n_layer  # type: ignore[list-item]
+        self.device = device
+
+    def start_step(self, T: int) -> torch.Tensor:
+        return torch.arange(T, device=self.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer], self.values[layer] = k, v
+        return k, v, None
+
+    def advance(self, T: int) -> None:
+        pass
+
+
+class RowsCache:
+    """Keys and values of the rows of a continuous batch, (B, nh, capacity, hd) per layer; row b holds
+    `lengths[b]` slots, slot = position. A decode step writes each row's key at its own length and attends
+    over the slots up to the longest row under a per-row mask (banded layers: also only the last `window`)."""
+
+    def __init__(self, model: GPT) -> None:
+        config = model.config
+        self.windows = [config.window if config.is_band_layer(i) else None for i in range(config.n_layer)]
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.device = model.transformer.wte.weight.device
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.capacity = 0
+        self._masks: dict[int | None, torch.Tensor] = {}
+        self._n = 0
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.numel()
+
+    def add(self, prefill: PrefillCache, copies: int, capacity: int) -> None:
+        """Append `copies` rows holding the prompt `prefill` computed; the cache grows to hold `capacity`."""
+        length = prefill.keys[0].size(2)
+        capacity = max(capacity, self.capacity, length)
+        new_keys, new_values = [], []
+        for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values)):
+            k, v = _pad_slots(k, capacity).expand(copies, -1, -1, -1), _pad_slots(v, capacity).expand(copies, -1, -1, -1)
+            if self.batch:
+                k = torch.cat([_pad_slots(self.keys[layer], capacity), k.to(self.keys[layer].dtype)])
+                v = torch.cat([_pad_slots(self.values[layer], capacity), v.to(self.values[layer].dtype)])
+            new_keys.append(k.contiguous())
+            new_values.append(v.contiguous())
+        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+        self.lengths = torch.cat([self.lengths, torch.full((copies,), length, dtype=torch.long, device=self.device)])
+
+    def select(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.lengths = self.lengths.index_select(0, index)
+
+    # the model's three calls (see gptforge.generation.kv_cache)
+
+    def start_step(self, T: int) -> torch.Tensor:
+        if T != 1:
+            raise ValueError("a continuous batch takes one token per row per step")
+        n = int(self.lengths.max()) + 1
+        if n > self.capacity:
+            raise ValueError("a row outgrew the cache (its max_tokens was not capped to the context)")
+        slots = torch.arange(n, device=self.device)[None, :]  # (1, n)
+        now = self.lengths[:, None]  # (B, 1): the slot (= position) each row writes this step
+        self._masks = {}
+        for window in set(self.windows):
+            allowed = slots <= now
+            if window is not None:
+                allowed = allowed & (slots > now - window)
+            self._masks[window] = allowed[:, None, None, :]  # (B, 1, 1, n)
+        self._n = n
+        return now
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        rows = torch.arange(self.batch, device=self.device)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[rows, :, self.lengths] = k[:, :, 0].to(keys.dtype)  # (B, nh, hd) at each row's own slot
+        values[rows, :, self.lengths] = v[:, :, 0].to(values.dtype)
+        return keys[:, :, :self._n], values[:, :, :self._n], self._masks[self.windows[layer]]
+
+    def advance(self, T: int) -> None:
+        self.lengths += T
+
+
+def _pad_slots(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(B, nh, S, hd) -> (B, nh, capacity, hd), zeros after S (never attended: the masks stop at each length)."""
+    if t.size(2) >= capacity:
+        return t
+    return torch.nn.functional.pad(t, (0, 0, 0, capacity - t.size(2)))
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts (HTTP 429)."""
+
+
+class Batcher:
+    """The generation loop (a daemon thread). `submit(job)` queues a request; `generated_tokens` counts every
+    token the loop has produced (a client that went away stops adding to it)."""
+
+    def __init__(self, model: GPT, decode_bytes: Callable[[Sequence[int]], bytes], vocab_size: int,
+                 max_rows: int = 16, max_queued: int = 64) -> None:
+        self.model = model.eval()
+        self.decode_bytes = decode_bytes
+        self.vocab_size = min(vocab_size, model.config.vocab_size)
+        self.max_rows = max_rows
+        self.max_queued = max_queued
+        self.device = model.transformer.wte.weight.device
+        self.generated_tokens = 0
+        self.steps = 0
+        self._pending: collections.deque[Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._rows: list[Row] = []
+        self._cache = RowsCache(model)
+        self._logits: torch.Tensor | None = None  # (B, V): next-token logits of each row
+        self._sampler: Sampler | None = None
+        self._thread = threading.Thread(target=self._run, name="gptforge-serve-batcher", daemon=True)
+        self._thread.start()
+
+    # ---- the HTTP side ----------------------------------------------------------------------------------
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue `jobs` (all or none); QueueFull when the queue is full."""
+        with self._wake:
+            if len(self._pending) + len(jobs) > self.max_queued:
+                raise QueueFull(f"{len(self._pending)} requests are already waiting (at most {self.max_queued})")
+            self._pending.extend(jobs)
+            self._wake.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    @property
+    def rows(self) -> int:
+        return len(self._rows)
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._pending and not self._rows:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                admitted = []
+                while self._pending and (not self._rows and not admitted or
+                                         self.rows + sum(len(j.configs) for j in admitted)
+                                         + len(self._pending[0].configs) <= self.max_rows):
+                    admitted.append(self._pending.popleft())
+            try:
+                with torch.inference_mode():
+                    self._step(admitted)
+            except BaseException as e:  # a bug or out of memory: fail the requests in flight, keep serving
+                jobs = {id(r.job): r.job for r in self._rows} | {id(j): j for j in admitted}
+                for job in jobs.values():
+                    job.deliver(e)
+                self._rows, self._logits, self._sampler = [], None, None
+                self._cache = RowsCache(self.model)
+        for job in [r.job for r in self._rows] + list(self._pending):
+            job.deliver(RuntimeError("the server is shutting down"))
+
+    def _step(self, admitted: list[Job]) -> None:
+        changed = self._drop([r for r, row in enumerate(self._rows) if not row.job.cancelled])
+        for job in admitted:
+            if not job.cancelled:
+                self._admit(job)
+                changed = True
+        if not self._rows:
+            return
+        if changed:
+            self._sampler = Sampler([r.config for r in self._rows], [None] * len(self._rows),
+                                    [r.history for r in self._rows], self.vocab_size, self.device,
+                                    generators=[r.generator for r in self._rows])
+        logits = self._logits[:, : self.vocab_size].float()
+        chosen = self._sampler.choose(self._penalised(logits))
+        token_list = chosen.tolist()
+        self._sampler.observe(chosen, token_list)
+        logprobs = None
+        if any(r.job.logprobs is not None for r in self._rows):
+            logprobs = torch.log_softmax(logits, dim=-1)
+        keep = []
+        for r, (row, token) in enumerate(zip(self._rows, token_list)):
+            info = None
+            if logprobs is not None and row.job.logprobs is not None:
+                info = _token_info(logprobs[r], token, row.job.logprobs)
+            if self._emit(row, token, info) is None:
+                keep.append(r)
+        self.generated_tokens += len(token_list)
+        self.steps += 1
+        if len(keep) < len(self._rows):
+            self._drop(keep)
+            chosen = chosen[torch.tensor(keep, dtype=torch.long, device=self.device)]
+            self._sampler.select(keep)
+        if self._rows:
+            x = self.model.hidden_states(chosen.view(-1, 1), kv_cache=self._cache)  # (B, 1, C)
+            self._logits = self.model.head(x[:, -1])
+
+    def _drop(self, keep: list[int]) -> bool:
+        """Keep only rows `keep`; whether anything left."""
+        if len(keep) == len(self._rows):
+            return False
+        self._rows = [self._rows[r] for r in keep]
+        if keep:
+            self._cache.select(keep)
+            self._logits = self._logits[torch.tensor(keep, dtype=torch.long, device=self.device)]
+        else:
+            self._cache = RowsCache(self.model)
+            self._logits = None
+        return True
+
+    def _admit(self, job: Job) -> None:
+        """Prefill the job's prompt once and add one row per choice."""
+        prefill = PrefillCache(self.model.config.n_layer, self.device)
+        idx = torch.tensor([job.prompt], dtype=torch.long, device=self.device)
+        x = self.model.hidden_states(idx, kv_cache=prefill)  # (1, T, C)
+        if job.echo_logprobs:
+            prompt_logits = self.model.head(x[0, :-1])[:, : self.vocab_size].float()  # (T-1, V)
+            prompt_logprobs = torch.log_softmax(prompt_logits, dim=-1)
+            infos = [_token_info(prompt_logprobs[i], job.prompt[i + 1], job.logprobs or 0)
+                     for i in range(len(job.prompt) - 1)]
+            job.deliver(PromptScores(infos))
+        logits = self.model.head(x[:, -1])  # (1, V)
+        n = len(job.configs)
+        if not job.generate:  # echo only: the prompt scored, nothing generated
+            for c in range(n):
+                job.deliver(Event(job.choice_offset + c, "", None, "length"))
+            return
+        capacity = len(job.prompt) + max(c.max_new_tokens for c in job.configs)
+        self._cache.add(prefill, n, capacity)
+        self._logits = logits.expand(n, -1) if self._logits is None else torch.cat([self._logits, logits.expand(n, -1)])
+        for c in range(n):
+            generator = None
+            if job.seeds[c] is not None:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(job.seeds[c])
+            stream = TextStream(self.decode_bytes, job.configs[c].stop)
+            self._rows.append(Row(job, c, list(job.prompt), generator, stream))
+
+    def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
+        """OpenAI's presence and frequency penalties: minus presence for every token the reply already has,
+        minus frequency times its count (the prompt does not count)."""
+        rows = [r for r, row in enumerate(self._rows) if row.job.presence_penalty or row.job.frequency_penalty]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for r in rows:
+            row = self._rows[r]
+            if not row.counts:
+                continue
+            ids = torch.tensor(list(row.counts), dtype=torch.long, device=logits.device)
+            counts = torch.tensor(list(row.counts.values()), dtype=logits.dtype, device=logits.device)
+            logits[r, ids] -= row.job.frequency_penalty * counts + row.job.presence_penalty
+        return logits
+
+    def _emit(self, row: Row, token: int, info: TokenInfo | None) -> str | None:
+        """Record the row's new token and deliver its event; the finish reason if the row is done."""
+        row.generated += 1
+        row.history.append(token)
+        row.counts[token] += 1
+        reason = None
+        if token in row.job.end_ids:
+            reason, text, info = "stop", "", None  # the end marker is not part of the reply
+        else:
+            text = row.stream.push(token)
+            if row.stream.stopped:
+                reason = "stop"
+            elif row.generated >= row.config.max_new_tokens:
+                reason = "length"
+        if reason:
+            text += row.stream.close()
+        row.job.deliver(Event(row.job.choice_offset + row.choice, text, token, reason, info, row.generated))
+        return reason
+
+
+def _token_info(logprobs: torch.Tensor, token: int, top: int) -> TokenInfo:
+    """(V,) log-probabilities -> the token's and the `top` best."""
+    best = []
+    if top:
+        values, ids = torch.topk(logprobs, min(top, logprobs.numel()))
+        best = list(zip(ids.tolist(), values.tolist()))
+    return TokenInfo(token, float(logprobs[token]), best)
+

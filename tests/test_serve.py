@@ -1,0 +1,434 @@
+"""`gptforge serve` through the official openai client (max_retries=0) against a live server on 127.0.0.1:
+the protocol's shapes, text equal to ChatSession / generate on the same tiny model, seeds, n, stop,
+logprobs, auth, error bodies, continuous batching under 16 concurrent streams, and a client that leaves."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve tests need fastapi: pip install -e '.[dev]'")
+openai = pytest.importorskip("openai", reason="the serve tests need the openai client: pip install -e '.[dev]'")
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx: pip install -e '.[dev]'")
+
+import torch  # noqa: E402
+from chat_models import chat_tokenizer, random_chat_model  # noqa: E402
+from serve_helpers import serving  # noqa: E402
+
+from gptforge.chat import ChatSession  # noqa: E402
+from gptforge.chat.tokens import encode_chat_prompt  # noqa: E402
+from gptforge.config import ModelConfig  # noqa: E402
+from gptforge.generation import SamplingConfig, generate_text  # noqa: E402
+from gptforge.model import GPT  # noqa: E402
+from gptforge.serve import create_app  # noqa: E402
+from gptforge.serve.app import ServeSettings  # noqa: E402
+
+NAME = "tiny-chat"
+USER = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return chat_tokenizer("bpe")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    # replies end (greedily) at one of these positions: some requests stop, longer ones hit max_tokens
+    return random_chat_model(tok, end_at=list(range(70, 256, 37)), block_size=256)
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    app = create_app(model, tok, name=NAME, settings=ServeSettings(max_rows=8, max_body_bytes=200_000))
+    with serving(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy_session(model, tok, max_tokens, system=None):
+    return ChatSession(model, tok, SamplingConfig(temperature=0, max_new_tokens=max_tokens), system=system)
+
+
+# ---- chat --------------------------------------------------------------------------------------------------
+
+def test_greedy_chat_is_chat_sessions_reply(client, model, tok):
+    session = greedy_session(model, tok, 200, system="Be brief.")
+    expected = session.ask("hello there")
+    r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200,
+                                       messages=[{"role": "system", "content": "Be brief."}, *USER])
+    choice = r.choices[0]
+    assert choice.message.content == expected and choice.message.role == "assistant"
+    assert choice.finish_reason == session.last.finish_reason == "stop"
+    prompt = encode_chat_prompt(tok, [{"role": "system", "content": "Be brief."}, *USER])
+    # the end-of-turn token is generated (and counted) but not part of the text
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == session.last.generated_tokens
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "chat.completion" and r.model == NAME and r.id.startswith("chatcmpl-")
+    # a second turn: the whole conversation is the prompt, as in the session
+    second = session.ask("and the fox?")
+    r2 = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=session.messages[:-1])
+    assert r2.choices[0].message.content == second
+
+
+def test_max_tokens_and_max_completion_tokens_end_with_length(client, model, tok):
+    expected = greedy_session(model, tok, 5).ask("hello there")
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = client.chat.completions.create(model=NAME, temperature=0, messages=USER, **{field: 5})
+        assert r.choices[0].message.content == expected and r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == 5
+
+
+def test_streamed_chat_has_role_first_finish_last_usage_and_done(server, client, model, tok):
+    whole = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER)
+    chunks = list(client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-2])
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    # on the wire: data: lines, ending with [DONE]; no usage chunk unless asked
+    with httpx.stream("POST", server[0] + "/v1/chat/completions", timeout=30,
+                      json={"messages": USER, "temperature": 0, "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert all("usage" not in json.loads(line[6:]) for line in lines[:-1])
+
+
+def test_stop_strings_cut_the_reply_and_are_not_included(client, model, tok):
+    full = greedy_session(model, tok, 200).ask("hello there")
+    stop = full[3:5]
+    assert stop and stop in full
+    for value in (stop, [stop, "never-appears"]):
+        r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER, stop=value)
+        assert r.choices[0].message.content == full[: full.index(stop)]
+        assert r.choices[0].finish_reason == "stop"
+
+
+def test_n_choices_with_a_seed_replay_and_differ_between_seeds(client):
+    def ask(seed, n=3):
+        r = client.chat.completions.create(model=NAME, temperature=1.0, max_tokens=20, messages=USER, n=n, seed=seed)
+        assert [c.index for c in r.choices] == list(range(n))
+        return [c.message.content for c in r.choices]
+
+    first = ask(7)
+    assert ask(7) == first
+    assert len(set(first)) > 1  # three draws, not one copied three times
+    assert ask(8) != first
+    assert ask(7, n=1) == first[:1]  # choice 0 draws from the same seed whatever n is
+
+
+def test_n_greedy_choices_are_all_the_greedy_reply(client, model, tok):
+    expected = greedy_session(model, tok, 200).ask("hello there")
+    r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER, n=3)
+    assert [c.message.content for c in r.choices] == [expected] * 3
+    single = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER)
+    assert r.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt once, not once per choice
+    assert r.usage.completion_tokens == 3 * single.usage.completion_tokens
+
+
+def test_chat_logprobs_are_the_models_log_softmax(client, model, tok):
+    r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=4, messages=USER, logprobs=True,
+                                       top_logprobs=3)
+    prompt = encode_chat_prompt(tok, USER)
+    content = r.choices[0].logprobs.content
+    ids = list(prompt)
+    with torch.no_grad():
+        for entry in content:
+            logprobs = torch.log_softmax(model(torch.tensor([ids]))[0][0, -1].float(), -1)
+            best = int(logprobs.argmax())
+            assert entry.token == tok.decode([best]) and entry.logprob == pytest.approx(float(logprobs[best]), abs=1e-4)
+            assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+            assert bytes(entry.bytes) == tok.decode_bytes([best])
+            ids.append(best)
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+
+
+def test_frequency_penalty_is_openais_rule(client, model, tok):
+    """Greedy with frequency_penalty f: each step's logits minus f x the count of each token in the reply."""
+    ids = encode_chat_prompt(tok, USER)
+    reply = []
+    with torch.no_grad():
+        for _ in range(12):
+            logits = model(torch.tensor([ids + reply]))[0][0, -1, : tok.vocab_size].float()
+            for t in set(reply):
+                logits[t] -= 1.5 * reply.count(t) + 0.5
+            reply.append(int(logits.argmax()))
+    expected = tok.decode(reply[: reply.index(tok.special_tokens["<|im_end|>"])] if tok.special_tokens["<|im_end|>"]
+                          in reply else reply)
+    r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=12, messages=USER,
+                                       frequency_penalty=1.5, presence_penalty=0.5)
+    assert r.choices[0].message.content == expected
+    plain = client.chat.completions.create(model=NAME, temperature=0, max_tokens=12, messages=USER)
+    assert plain.choices[0].message.content != expected  # the penalty changed something
+
+
+# ---- completions -----------------------------------------------------------------------------------------
+
+def test_completions_greedy_equal_generate_text(client, model, tok):
+    expected = generate_text(model, tok, "the quick", SamplingConfig(temperature=0, max_new_tokens=12))[0]
+    r = client.completions.create(model=NAME, prompt="the quick", temperature=0, max_tokens=12)
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "length"
+    assert r.object == "text_completion" and r.usage.prompt_tokens == len(tok.encode("the quick"))
+    chunks = list(client.completions.create(model=NAME, prompt="the quick", temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_completions_of_several_prompts_and_token_ids(client, model, tok):
+    prompts = ["the quick", "lazy dog"]
+    expected = generate_text(model, tok, prompts, SamplingConfig(temperature=0, max_new_tokens=6))
+    r = client.completions.create(model=NAME, prompt=prompts, temperature=0, max_tokens=6)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == expected
+    r = client.completions.create(model=NAME, prompt=[tok.encode(p) for p in prompts], temperature=0, max_tokens=6)
+    assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == expected
+
+
+def test_echo_logprobs_score_the_prompt_as_the_model_does(client, model, tok):
+    """What lm-evaluation-harness's local-completions reads: prompt-token log-probs with echo."""
+    ids = tok.encode("the quick brown fox")
+    r = client.completions.create(model=NAME, prompt=ids, temperature=0, max_tokens=1, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids]))[0][0, :, : tok.vocab_size].float(), -1)
+    expected = [float(logprobs[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert r.choices[0].text.startswith("the quick brown fox")
+    # max_tokens 0 with echo: only the prompt, scored
+    r0 = client.completions.create(model=NAME, prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert r0.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert r0.choices[0].text == "the quick brown fox" and r0.usage.completion_tokens == 0
+
+
+# ---- models, health, auth --------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).owned_by == "gptforge"
+    assert httpx.get(server[0] + "/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_api_key_is_required_on_v1_but_not_on_health(model, tok):
+    app = create_app(model, tok, name=NAME, settings=ServeSettings(api_key="s3cret"))
+    with serving(app) as url:
+        for key in ("wrong", "s3cre"):
+            bad = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+            with pytest.raises(openai.AuthenticationError) as e:
+                bad.models.list()
+            assert e.value.body["code"] == "invalid_api_key"
+        assert httpx.post(url + "/v1/chat/completions", json={"messages": USER}, timeout=10).status_code == 401
+        good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
+        assert good.chat.completions.create(model=NAME, messages=USER, max_tokens=2).usage.completion_tokens <= 2
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_health_is_503_while_the_model_loads(model, tok):
+    go = threading.Event()
+
+    def loader():
+        assert go.wait(30)
+        return model, tok
+
+    app = create_app(name=NAME, loader=loader)
+    with serving(app) as url:
+        assert httpx.get(url + "/health", timeout=10).status_code == 503
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": USER}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        go.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.get(url + "/health", timeout=10).json() == {"status": "ok"}
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+def _error(excinfo, status):
+    assert excinfo.value.status_code == status
+    body = excinfo.value.body
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    return body
+
+
+def test_unknown_model_is_404_model_not_found(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=USER)
+    assert _error(e, 404)["code"] == "model_not_found"
+
+
+def test_prompt_past_the_context_says_by_how_much(client, tok):
+    text = "hello world " * 200
+    prompt = encode_chat_prompt(tok, [{"role": "user", "content": text}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": text}])
+    body = _error(e, 400)
+    assert body["code"] == "context_length_exceeded" and f"by {len(prompt) - 256 + 1} tokens" in body["message"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 10 ** 9}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"n": 10 ** 6}, "n"), ({"n": 0}, "n"),
+    ({"temperature": -1}, "temperature"), ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"stop": ""}, "stop"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"presence_penalty": 5}, "presence_penalty"),
+    ({"top_logprobs": 3}, "top_logprobs"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+])
+def test_bad_fields_are_400_naming_the_field(client, fields, param):
+    body = {"model": NAME, "messages": USER, **fields}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**body)
+    assert _error(e, 400)["param"].startswith(param)
+
+
+def test_chat_on_a_base_model_says_to_run_sft():
+    from gptforge.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train(["hello world, the quick brown fox"])
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=1, n_embd=16)).eval()
+    app = create_app(model, tok, name="base")
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="base", messages=USER)
+        assert "gptforge sft" in _error(e, 400)["message"]
+        expected = generate_text(model, tok, "hello", SamplingConfig(temperature=0, max_new_tokens=5))[0]
+        assert client.completions.create(model="base", prompt="hello", temperature=0, max_tokens=5).choices[0].text == expected
+
+
+def test_unknown_fields_are_ignored(server):
+    r = httpx.post(server[0] + "/v1/chat/completions", timeout=30,
+                   json={"messages": USER, "max_tokens": 2, "user": "me", "tools_whatever": {"a": 1}, "logit_bias": {}})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_a_full_queue_is_429(model, tok):
+    from gptforge.serve.batcher import Job
+
+    app = create_app(model, tok, name=NAME, settings=ServeSettings(max_rows=1, max_queued=1))
+    gate, busy = threading.Event(), threading.Event()
+
+    def hold(event):  # runs in the generation loop: holds it (and the one row) until the gate opens
+        busy.set()
+        gate.wait(30)
+
+    config = SamplingConfig(max_new_tokens=3)
+    held = Job([1, 2, 3], [config], [None], hold)
+    queued = Job([1, 2, 3], [config], [None], lambda event: None)
+    with serving(app) as url:
+        try:
+            app.state.batcher.submit([held])
+            assert busy.wait(30)
+            app.state.batcher.submit([queued])  # waits: the queue (1) is now full
+            r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 1}, timeout=30)
+            assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            held.cancel(), queued.cancel()
+            gate.set()
+
+
+# ---- continuous batching ---------------------------------------------------------------------------------
+
+def test_a_client_that_disconnects_stops_its_row(model, tok):
+    slow = random_chat_model(tok, end_at=[1023], block_size=1024, n_embd=256)  # ~1 ms a token: 1000 take a while
+    app = create_app(slow, tok, name=NAME)
+    batcher = None
+    with serving(app) as url:
+        batcher = app.state.batcher
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                          json={"messages": USER, "max_tokens": 1000, "stream": True}) as r:
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+        # the response is closed: within a step or so the row leaves and the count stops growing
+        deadline = time.monotonic() + 10
+        while batcher.rows:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        stopped_at = batcher.generated_tokens
+        time.sleep(0.3)
+        assert batcher.generated_tokens == stopped_at < 500
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_reply(server, client, model, tok):
+    """Greedy and seeded requests of different lengths, interleaved in one batch (8 rows, so some wait and
+    join mid-way): each reply is exactly what the same request gets alone."""
+    requests = []
+    for i in range(16):
+        messages = [{"role": "user", "content": f"hello {i} " + "fox " * (i % 5)}]
+        if i % 2:
+            requests.append(dict(messages=messages, temperature=0.9, top_p=0.9, seed=i, max_tokens=10 + i))
+        else:
+            requests.append(dict(messages=messages, temperature=0, max_tokens=10 + 3 * i))
+    alone = [client.chat.completions.create(model=NAME, **r).choices[0].message.content for r in requests]
+    results: list = [None] * 16
+    steps_before = server[1].state.batcher.steps
+
+    def stream(i):
+        chunks = client.chat.completions.create(model=NAME, stream=True, **requests[i])
+        results[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == alone
+    tokens = sum(min(r["max_tokens"], 200) for r in requests)
+    # batched: far fewer decode steps than tokens (one request at a time would take one step per token)
+    assert server[1].state.batcher.steps - steps_before < tokens / 3
+
+
+# ---- the command -----------------------------------------------------------------------------------------
+
+def test_the_serve_command_serves_a_checkpoint(tmp_path, model, tok):
+    import os
+    import subprocess
+    import sys
+
+    from chat_models import save_chat_checkpoint
+    from serve_helpers import free_port
+
+    checkpoint = save_chat_checkpoint(tmp_path / "ckpt", model, tok)
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # 127.0.0.2 is this machine too, but not the default address: the warning about --api-key must show
+    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", "--model", checkpoint, "--host", "127.0.0.2",
+                             "--port", str(port)], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.2:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        assert client.models.list().data[0].id == "ckpt"
+        r = client.chat.completions.create(model="ckpt", messages=USER, temperature=0, max_tokens=200)
+        assert r.choices[0].message.content == greedy_session(model, tok, 200).ask("hello there")
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert "without --api-key" in err

@@ -1,0 +1,162 @@
+"""Hostile and malformed requests: every one gets a 4xx with OpenAI's error body, none a 5xx, and the server
+keeps answering correctly afterwards (bad JSON, wrong types, huge bodies, huge numbers, unknown roles,
+invalid UTF-8, prompts past the context, deep nesting, slow and vanishing clients)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve tests need fastapi: pip install -e '.[dev]'")
+httpx = pytest.importorskip("httpx", reason="the serve tests need httpx: pip install -e '.[dev]'")
+
+from chat_models import chat_tokenizer, random_chat_model  # noqa: E402
+from serve_helpers import serving  # noqa: E402
+
+from gptforge.chat import ChatSession  # noqa: E402
+from gptforge.generation import SamplingConfig  # noqa: E402
+from gptforge.serve import create_app  # noqa: E402
+from gptforge.serve.app import ServeSettings  # noqa: E402
+
+USER = [{"role": "user", "content": "hello"}]
+BODY_LIMIT = 100_000
+CHAT_FIELDS = ["model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
+               "seed", "stream", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty"]
+COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream",
+                     "logprobs", "echo", "presence_penalty", "frequency_penalty"]
+WRONG_VALUES = ["text", [1, "a"], {"a": 1}, 1.5, -(10 ** 30)]
+VALID = {(f, repr(v)) for f, v in [("stop", "text"), ("prompt", "text"), ("seed", -(10 ** 30)), ("temperature", 1.5),
+                                    ("presence_penalty", 1.5), ("frequency_penalty", 1.5),
+                                    ("stream_options", {"a": 1})]}  # these pairs are fine requests
+
+
+def hostile_requests():
+    """(name, path, raw body bytes) for every case; the caller sends each and expects a 4xx."""
+    chat, comp = "/v1/chat/completions", "/v1/completions"
+    cases = []
+
+    def add(name, path, body):
+        cases.append((name, path, body if isinstance(body, bytes) else json.dumps(body).encode()))
+
+    for i, raw in enumerate([b"", b"{", b"}", b"[]", b"null", b"1", b'"text"', b"true", b'{"messages": [}',
+                             b"{'messages': []}", b'{"messages": [{"role": "user", "content": "hi"}]} trailing',
+                             b"\x00\x01\x02", b'{"messages": NaN}', b'{"a":' * 50, b"[" * 50_000 + b"]" * 50_000,
+                             b'{"x":' * 20_000 + b"1" + b"}" * 20_000]):
+        add(f"bad json {i}", chat, raw)
+        add(f"bad json {i}", comp, raw)
+    for field in CHAT_FIELDS:
+        for value in WRONG_VALUES:
+            if (field, repr(value)) in VALID:
+                continue
+            add(f"chat {field}={value!r}", chat, {"messages": USER, field: value})
+    for field in COMPLETION_FIELDS:
+        for value in WRONG_VALUES:
+            if (field, repr(value)) in VALID:
+                continue
+            add(f"completion {field}={value!r}", comp, {"prompt": "hi", field: value})
+    for value in [0, -1, -(10 ** 9), 10 ** 6, 10 ** 30, True]:
+        add(f"max_tokens {value}", chat, {"messages": USER, "max_tokens": value})
+        add(f"max_tokens {value}", comp, {"prompt": "hi", "max_tokens": value} if value != 0 else
+            {"prompt": "hi", "max_tokens": -3})
+        add(f"n {value}", chat, {"messages": USER, "n": value if value != 10 ** 30 else 10 ** 6})
+    for role in ["robot", "", None, 5, "SYSTEM", "tool", "function"]:
+        add(f"role {role!r}", chat, {"messages": [{"role": role, "content": "hi"}]})
+    for content in [5, {"text": "hi"}, [{"type": "image_url", "image_url": {"url": "x"}}], [{"type": "text"}], [1]]:
+        add(f"content {content!r}", chat, {"messages": [{"role": "user", "content": content}]})
+    for messages in [[], "hi", [[]], [None], [{"content": "hi"}], [{"role": "user", "content": "x"}] * 600]:
+        add(f"messages {str(messages)[:20]}", chat, {"messages": messages})
+    for prompt in [[], [[]], [-1], [10 ** 30], [[1, 2], "a"], [1.5], [None], {"a": 1}]:
+        add(f"prompt {str(prompt)[:20]}", comp, {"prompt": prompt})
+    long_text = "hello world " * 100
+    add("chat past the context", chat, {"messages": [{"role": "user", "content": long_text}]})
+    add("completion past the context", comp, {"prompt": long_text})
+    add("completion ids past the context", comp, {"prompt": [1] * 300})
+    add("model unknown", chat, {"model": "gpt-4", "messages": USER})
+    add("model unknown", comp, {"model": "gpt-4", "prompt": "hi"})
+    for raw in [b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', b'{"prompt": "\xc3\x28"}',
+                b'\xef\xbb\xbf\xff{"prompt": "a"}', b'{"prompt": "\xed\xa0\x80"}']:
+        add("invalid utf-8", chat, raw)
+        add("invalid utf-8", comp, raw)
+    add("lone surrogate", chat, b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
+    add("lone surrogate", comp, b'{"prompt": "\\udfff abc"}')
+    add("huge body", chat, json.dumps({"messages": [{"role": "user", "content": "a" * (2 * BODY_LIMIT)}]}).encode())
+    add("huge body", comp, b'{"prompt": "' + b"a" * (5 * BODY_LIMIT) + b'"}')
+    for extra in [{"top_logprobs": 30, "logprobs": True}, {"top_logprobs": 2}, {"logprobs": 50}, {"stop": [""]},
+                  {"stop": ["a"] * 5}, {"temperature": 1e308}, {"stream_options": {"include_usage": "yes"}}]:
+        add(f"chat {extra}", chat, {"messages": USER, **extra})
+    add("echo with max_tokens 0 without logprobs is fine, -1 is not", comp, {"prompt": "hi", "echo": True, "max_tokens": -1})
+    add("n x prompts over the limit", comp, {"prompt": ["a"] * 40, "n": 4})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def served():
+    tok = chat_tokenizer("bpe")
+    model = random_chat_model(tok, end_at=list(range(40, 128, 11)), block_size=128)
+    app = create_app(model, tok, name="tiny", settings=ServeSettings(max_body_bytes=BODY_LIMIT, body_timeout_s=1.0,
+                                                                     max_messages=500))
+    with serving(app) as url:
+        yield url, model, tok
+
+
+def test_two_hundred_hostile_requests_get_4xx_and_the_server_keeps_answering(served):
+    url, model, tok = served
+    cases = hostile_requests()
+    assert len(cases) >= 200
+    statuses = {}
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for name, path, body in cases:
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+            statuses[(name, path)] = r.status_code
+            assert 400 <= r.status_code < 500, (name, path, r.status_code, r.text[:300])
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], (name, error)
+        for method, path in [("GET", "/v1/chat/completions"), ("DELETE", "/v1/models"), ("GET", "/v1/nothing"),
+                             ("PUT", "/health"), ("GET", "/v1/models/other")]:
+            r = http.request(method, path)
+            assert 400 <= r.status_code < 500 and "error" in r.json(), (method, path, r.status_code)
+        # still answering, and answering right
+        r = http.post("/v1/chat/completions", json={"messages": USER, "temperature": 0, "max_tokens": 50})
+        expected = ChatSession(model, tok, SamplingConfig(temperature=0, max_new_tokens=50)).ask("hello")
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == expected
+    assert sum(1 for s in statuses.values() if s >= 500) == 0
+
+
+def _raw(url, data: bytes, read: bool = True) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        if not read:
+            return b""
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+
+
+def test_slow_and_vanishing_clients_do_not_stall_the_server(served):
+    url, _, _ = served
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    answers = []
+    # three clients that promise 500 bytes and send 10: each gets 408 after the body timeout (1 s here)
+    threads = [threading.Thread(target=lambda: answers.append(_raw(url, head + b"Content-Length: 500\r\n\r\n"
+                                                                   + b'{"messages"')))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    # meanwhile: clients that send half a request and vanish, and one lying about its length
+    for _ in range(3):
+        _raw(url, head + b"Content-Length: 50\r\n\r\n{", read=False)
+    lie = _raw(url, head + b"Content-Length: 999999999\r\n\r\n{}")
+    assert b" 413 " in lie.split(b"\r\n")[0]
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 3}, timeout=30)
+    assert r.status_code == 200  # answered while the slow ones are still waiting
+    for t in threads:
+        t.join(20)
+    assert len(answers) == 3 and all(b" 408 " in a.split(b"\r\n")[0] for a in answers), answers
