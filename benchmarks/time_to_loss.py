@@ -288,7 +288,6 @@ def gptforge_config(recipe: str, data_dir: Path, out_dir: Path, vocab: int, iter
 
 
 def run_gptforge(data: str, iters: int, recipe: str, target) -> dict:
-    import torch
 
     from gptforge.model import GPT
     from gptforge.train.trainer import Trainer
@@ -305,7 +304,6 @@ def run_gptforge(data: str, iters: int, recipe: str, target) -> dict:
         config.train.eval_batches = 1
         trainer = Trainer(config, log=lambda msg: None)
         snaps: list[Snapshots] = []
-        evaluate = trainer.evaluate
 
         def snapshot_instead_of_evaluating() -> dict:
             if not snaps:  # called once before the first step: the clock starts now

@@ -218,7 +218,7 @@ def test_block_mask_is_cached_per_shape():
 
 # ---------------------------------------------------------------------------------- the model's band layers
 
-def band_gpt(block_size: int = 64, window: int = 5, dropout: float = 0.0) -> "GPT":
+def band_gpt(block_size: int = 64, window: int = 5, dropout: float = 0.0) -> torch.nn.Module:
     from gptforge.config import ModelConfig
     from gptforge.model import GPT
 

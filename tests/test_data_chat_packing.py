@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from gptforge.chat.tokens import add_chat_tokens, encode_chat
+from gptforge.chat.tokens import add_chat_tokens
 from gptforge.data.chat_loader import ChatLoader
 from gptforge.data.chat_packing import best_fit, fit_to_rows, pack_report
 from gptforge.data.chat_prepare import prepare_chat

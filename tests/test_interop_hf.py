@@ -152,7 +152,7 @@ def tokenizer_parity(tokenizer, tmp_path: Path, texts: list[str]) -> None:
         assert hf(text)["input_ids"] == ids, text
         assert hf.decode(ids) == tokenizer.decode(ids)
     # Special tokens: transformers recognises them in text, as ours does when allowed.
-    text = f"one<|endoftext|>two"
+    text = "one<|endoftext|>two"
     assert hf(text)["input_ids"] == tokenizer.encode(text, allowed_special=True)
 
 

@@ -9,14 +9,13 @@ import json
 
 import pytest
 import torch
-from _train_helpers import cli_args, make_corpus, tiny_config
+from _train_helpers import cli_args, make_corpus
 
 from gptforge.cli import main
 from gptforge.layout import CHECKSUMS_FILE, STATE_FILE, checkpoint_dir, latest_valid_checkpoint, list_checkpoints
 from gptforge.train import checkpoint as ckpt
 from gptforge.train.checkpointer import Checkpointer
 from gptforge.train.optim import build_optimizer
-from gptforge.train.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from ._options import add_device_options, add_sampling_options, sampling_config
 
 if TYPE_CHECKING:
     from ..chat.session import ChatSession
-    from ..generation import SamplingConfig
 
 HELP = """commands:
   /reset          start a new conversation (the system message stays)

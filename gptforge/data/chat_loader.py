@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..layout import CHAT_DATA_KIND
 from ..model import IGNORE_INDEX
 from .chat_packing import best_fit, fit_to_rows
-from .prepare import SPLITS, read_manifest
+from .loader import check_loader_args
+from .prepare import read_manifest
 from .shards import open_shard
 
 STATE_VERSION = 1
@@ -57,12 +58,7 @@ class ChatLoader:
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
-        if split not in SPLITS:
-            raise UserError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
-        if seq_len < 1 or batch_size < 1:
-            raise UserError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise UserError(f"rank {rank} / world size {world_size}: need 0 <= rank < world_size")
+        check_loader_args(split, seq_len, batch_size, rank, world_size)
         self.data_dir = Path(data_dir)
         manifest = read_manifest(self.data_dir)
         if manifest.get("kind") != CHAT_DATA_KIND:

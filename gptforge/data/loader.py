@@ -41,6 +41,16 @@ def vocab_limit(manifest: dict[str, Any], model_vocab: int | None = None) -> tup
     return min(limits) if limits else None
 
 
+def check_loader_args(split: str, seq_len: int, batch_size: int, rank: int, world_size: int) -> None:
+    """The arguments every batch source (plain token shards or packed chat rows) takes, checked alike."""
+    if split not in SPLITS:
+        raise UserError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
+    if seq_len < 1 or batch_size < 1:
+        raise UserError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} / world size {world_size}: need 0 <= rank < world_size")
+
+
 class SequenceLoader:
     """Batches of `batch_size` sequences of `seq_len` tokens from split `split` of a prepared directory."""
 
@@ -48,12 +58,7 @@ class SequenceLoader:
                  rank: int = 0, world_size: int = 1, vocab_size: int | None = None) -> None:
         """`vocab_size`: the model's real (unpadded) vocabulary; every shard's largest id is checked against
         it and against the data's own tokenizer (from the shard headers: no data is read) before any batch."""
-        if split not in SPLITS:
-            raise UserError(f"split {split!r}: must be one of {', '.join(SPLITS)}")
-        if seq_len < 1 or batch_size < 1:
-            raise UserError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be at least 1")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise UserError(f"rank {rank} / world size {world_size}: need 0 <= rank < world_size")
+        check_loader_args(split, seq_len, batch_size, rank, world_size)
         self.data_dir = Path(data_dir)
         self.split = split
         self.seq_len = seq_len

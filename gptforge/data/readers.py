@@ -117,8 +117,9 @@ class ReadReport:
 # ------------------------------------------------------------------------------------------- text repair
 
 
-class _CountingReplace:
-    """A codec error handler: U+FFFD for each invalid sequence, as errors="replace", counted."""
+class CountingReplace:
+    """A codec error handler: U+FFFD for each invalid sequence, as errors="replace", counted (the readers
+    here and the plain-text source reader share it)."""
 
     name = "gptforge-readers-replace"
     count = 0
@@ -129,7 +130,7 @@ class _CountingReplace:
         return _REPLACEMENT, error.end
 
 
-codecs.register_error(_CountingReplace.name, _CountingReplace.handle)
+codecs.register_error(CountingReplace.name, CountingReplace.handle)
 
 
 def decode_counting(raw: bytes) -> tuple[str, int]:
@@ -137,9 +138,9 @@ def decode_counting(raw: bytes) -> tuple[str, int]:
     try:
         return raw.decode("utf-8"), 0
     except UnicodeDecodeError:
-        before = _CountingReplace.count
-        text = raw.decode("utf-8", errors=_CountingReplace.name)
-        return text, _CountingReplace.count - before
+        before = CountingReplace.count
+        text = raw.decode("utf-8", errors=CountingReplace.name)
+        return text, CountingReplace.count - before
 
 
 def replace_surrogates(value: Any) -> tuple[Any, int]:

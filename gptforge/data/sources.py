@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
-from .readers import HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, ReadReport, load_hf, parse_hf_spec, read_records
+from .readers import (HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, CountingReplace, ReadReport, load_hf, parse_hf_spec,
+                      read_records)
 
 #: Longest piece of a document handed out at once (characters). Small enough that a worker's task
 #: and a split unit stay small, large enough that cutting costs nothing measurable.
@@ -181,21 +182,6 @@ def resolve_sources(specs: Iterable[str], glob: str | None = None) -> list[Sourc
 # --------------------------------------------------------------------------------------------- reading
 
 
-class _ReplacementCounter:
-    """A codec error handler that substitutes U+FFFD like errors="replace" and counts each use."""
-
-    name = "gptforge-count-replace"
-    count = 0
-
-    @classmethod
-    def handle(cls, error: UnicodeDecodeError) -> tuple[str, int]:
-        cls.count += 1
-        return "\ufffd", error.end
-
-
-codecs.register_error(_ReplacementCounter.name, _ReplacementCounter.handle)
-
-
 def _has_nul(path: Path) -> bool:
     with open(path, "rb") as f:
         while block := f.read(READ_BYTES):
@@ -294,7 +280,7 @@ class DocumentReader:
         yield self._decoded_chunks(path)
 
     def _note_replacements(self, path: Path, before: int) -> None:
-        replaced = _ReplacementCounter.count - before
+        replaced = CountingReplace.count - before
         if replaced:
             self.stats.invalid_utf8_files += 1
             self.stats.invalid_utf8_replacements += replaced
@@ -302,8 +288,8 @@ class DocumentReader:
                 self.stats.invalid_utf8_examples.append(str(path))
 
     def _decoded_chunks(self, path: Path) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors=_ReplacementCounter.name)
-        before = _ReplacementCounter.count
+        decoder = codecs.getincrementaldecoder("utf-8")(errors=CountingReplace.name)
+        before = CountingReplace.count
         with open(path, "rb") as f:
             while block := f.read(READ_BYTES):
                 self.stats.bytes += len(block)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from ..data.readers import HF_PREFIX, ReadReport, parse_hf_spec, read_records
-from ..errors import UserError
 
 log = logging.getLogger("gptforge.evals")
 
