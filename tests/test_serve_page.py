@@ -1,0 +1,141 @@
+"""The chat page at / in a real browser (Playwright driving Debian's chromium-headless-shell): a streamed
+reply, Stop mid-reply, New chat, Regenerate, model output shown as text (never run as HTML), phone width.
+Screenshots go to the test's tmp dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve tests need fastapi: pip install -e '.[dev]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the page tests need playwright: pip install -e '.[dev]'")
+
+from chat_models import chat_tokenizer, random_chat_model, scripted_model  # noqa: E402
+from serve_helpers import serving  # noqa: E402
+
+from gptforge.chat.tokens import encode_chat_prompt  # noqa: E402
+from gptforge.serve import create_app  # noqa: E402
+
+CANDIDATES = [os.environ.get("GPTFORGE_CHROMIUM", ""), shutil.which("chromium-headless-shell") or "",
+              "/usr/lib/chromium/chromium-headless-shell", shutil.which("chromium") or ""]
+BROWSER = next((path for path in CANDIDATES if path and os.path.exists(path)), None)
+pytestmark = pytest.mark.skipif(BROWSER is None, reason="no headless Chromium: apt-get install -y "
+                                "--no-install-recommends chromium-headless-shell (or set GPTFORGE_CHROMIUM)")
+
+XSS = '<img src=x onerror="window.__xss=1"><b>bold</b>'
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=BROWSER, args=["--no-sandbox"], timeout=30_000)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    """A model whose greedy reply to a first message "hi" (no system prompt) is the XSS text, then end."""
+    tok = chat_tokenizer("char")
+    start = len(encode_chat_prompt(tok, [{"role": "user", "content": "hi"}]))
+    reply = tok.encode(XSS) + [tok.special_tokens["<|im_end|>"]]
+    model = scripted_model(tok.vocab_size, {start - 1 + i: t for i, t in enumerate(reply)}, block_size=512,
+                           default=tok.special_tokens["<|im_end|>"])
+    app = create_app(model, tok, name="scripted")
+    with serving(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def slow():
+    """A model that writes until max_tokens (1000), slowly enough to stop mid-reply."""
+    tok = chat_tokenizer("char")
+    model = random_chat_model(tok, end_at=[1023], block_size=1024, n_embd=384)
+    app = create_app(model, tok, name="slow")
+    with serving(app) as url:
+        yield url, app
+
+
+def _open(browser, url, width=1000, height=800):
+    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function needs
+    page = browser.new_page(viewport={"width": width, "height": height}, bypass_csp=True)
+    page.set_default_timeout(20_000)
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.length > 0")
+    page.click("summary")  # open the settings
+    return page
+
+
+def _send(page, text):
+    page.fill("#input", text)
+    page.click("#send")
+
+
+def _settle(page):
+    page.wait_for_function("document.getElementById('stop').disabled && !document.getElementById('send').disabled")
+
+
+def test_reply_is_shown_as_text_and_never_run(browser, scripted, tmp_path):
+    page = _open(browser, scripted)
+    page.fill("#temperature", "0")
+    _send(page, "hi")
+    _settle(page)
+    page.screenshot(path=str(tmp_path / "reply.png"))
+    assert page.locator(".msg").all_text_contents()[0] == "hi", page.locator(".msg").all_text_contents()
+    assert page.locator(".msg.assistant").all_text_contents() == [XSS], page.locator(".msg").all_text_contents()
+    assert page.locator("#log img, #log b").count() == 0  # text, not elements
+    assert page.evaluate("window.__xss") is None
+    # Regenerate: the last reply is replaced by a new one (greedy: the same), not added
+    page.click("#regen")
+    _settle(page)
+    assert page.locator(".msg").all_text_contents() == ["hi", XSS]
+    # New chat: the conversation is gone, so "hi" is again a first message and gets the same reply
+    page.click("#new")
+    assert page.locator(".msg").count() == 0
+    _send(page, "hi")
+    _settle(page)
+    assert page.locator(".msg").all_text_contents() == ["hi", XSS]
+    page.close()
+
+
+def test_stop_ends_the_streamed_reply_and_the_generation(browser, slow, tmp_path):
+    url, app = slow
+    page = _open(browser, url)
+    page.fill("#max-tokens", "1000")
+    _send(page, "hello")
+    reply = page.locator(".msg.assistant")
+    page.wait_for_function("document.querySelector('.msg.assistant').textContent.length >= 5")
+    seen = len(reply.text_content())
+    page.wait_for_function(f"document.querySelector('.msg.assistant').textContent.length > {seen}")  # streaming
+    page.click("#stop")
+    _settle(page)
+    page.screenshot(path=str(tmp_path / "stopped.png"))
+    batcher = app.state.batcher
+    deadline = time.monotonic() + 10
+    while batcher.rows:  # the server stopped generating for the aborted request
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    shown = reply.text_content()
+    time.sleep(0.3)
+    assert reply.text_content() == shown and 5 <= len(shown) < 1000
+    # the stopped reply stays in the conversation; the page is ready for the next message
+    assert page.locator(".msg").count() == 2 and not page.is_disabled("#send")
+    page.close()
+
+
+def test_usable_at_phone_width(browser, scripted, tmp_path):
+    page = _open(browser, scripted, width=375, height=740)
+    page.fill("#temperature", "0")
+    _send(page, "hi")
+    _settle(page)
+    page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375  # nothing wider than the screen
+    for selector in ("#input", "#send", "#stop", "#new", "#regen"):
+        box = page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
+    page.close()
