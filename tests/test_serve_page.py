@@ -53,7 +53,7 @@ def scripted():
 
 @pytest.fixture(scope="module")
 def slow():
-    """A model that writes until max_tokens (1000), slowly enough to stop mid-reply."""
+    """A model that writes (greedily) until max_tokens (1000), slowly enough to stop mid-reply."""
     tok = chat_tokenizer("char")
     model = random_chat_model(tok, end_at=[1023], block_size=1024, n_embd=384)
     app = create_app(model, tok, name="slow")
@@ -107,6 +107,7 @@ def test_stop_ends_the_streamed_reply_and_the_generation(browser, slow, tmp_path
     url, app = slow
     page = _open(browser, url)
     page.fill("#max-tokens", "1000")
+    page.fill("#temperature", "0")  # greedy: this model's reply to "hello" never ends before max_tokens
     _send(page, "hello")
     reply = page.locator(".msg.assistant")
     page.wait_for_function("document.querySelector('.msg.assistant').textContent.length >= 5")
