@@ -278,11 +278,34 @@ def test_demo_says_when_its_time_cap_ended_it_and_that_few_steps_mean_little(cod
     assert any(line.startswith("warning: only") for line in logs), logs
 
 
-def test_demo_calibration_takes_the_median_of_several_steps(monkeypatch):
-    from gptforge.train import demo
-    durations = [1.0, 0.1, 0.1, 9.0, 0.1, 0.2]  # a warm-up step, then five timed ones, one of them very slow
+def _fake_clock(monkeypatch, durations):
+    """time.perf_counter returning start/stop pairs 10 s apart whose differences are `durations`."""
     clock = iter([t for i, d in enumerate(durations) for t in (10.0 * i, 10.0 * i + d)])
     monkeypatch.setattr("time.perf_counter", lambda: next(clock))
-    steps, per_step = demo.calibrate_steps(demo.demo_config(), seconds=60.0, timed_steps=5)
-    assert per_step == pytest.approx(0.1 * 1.15)  # the median: one slow step does not set the plan
-    assert steps == int(60.0 / per_step)
+
+
+def test_demo_calibration_takes_the_median_of_several_steps(monkeypatch):
+    from gptforge.train import demo
+    monkeypatch.setattr(demo, "thread_counts", lambda: [1])
+    _fake_clock(monkeypatch, [1.0, 0.1, 0.1, 9.0, 0.1, 0.2])  # a warm-up step, then five timed ones, one very slow
+    plan = demo.calibrate_steps(demo.demo_config(), seconds=60.0, target=10_000, timed_steps=5)
+    assert plan.per_step == pytest.approx(0.1 * demo.STEP_OVERHEAD)  # the median: one slow step does not set it
+    assert plan.steps == int(60.0 / plan.per_step)  # fewer than the target: as many as fit
+    assert "expect weaker results" in plan.describe(10_000)
+
+
+def test_demo_calibration_plans_the_target_and_picks_the_faster_thread_count(monkeypatch):
+    import torch
+    from gptforge.train import demo
+    monkeypatch.setattr(demo, "thread_counts", lambda: [2, 1])
+    # alternating 2-thread and 1-thread steps (after one warm-up each): 2 threads are slower, as on a busy CPU
+    _fake_clock(monkeypatch, [1.0, 1.0] + [0.3, 0.2] * 5)
+    before = torch.get_num_threads()
+    try:
+        plan = demo.calibrate_steps(demo.demo_config(), seconds=600.0, target=500, timed_steps=5)
+        assert plan.threads == 1 and torch.get_num_threads() == 1  # kept for the run
+    finally:
+        torch.set_num_threads(before)
+    assert plan.tried == {2: pytest.approx(0.3), 1: pytest.approx(0.2)}
+    assert plan.steps == 500  # the recipe's length fits: exactly the target, whatever the speed
+    assert "1 thread (2 threads: 0.30 s)" in plan.describe(500)

@@ -2,10 +2,12 @@
 something Python-shaped out, in a few minutes on a laptop CPU.
 
 Needs no download: the corpus is the interpreter's own sources (`builtin:pystdlib`), tokenized with a small
-byte-level BPE trained on them. The model is small (~2.5M parameters, 128-token windows) and, before a
-new run, a few timed steps on this machine set `max_steps` so the whole cosine schedule fits in about four
-minutes (a fixed step count, written to config.json, keeps the run resumable bit for bit); `max_time`
-is only a safety cap.
+byte-level BPE trained on them. The model is small (~2.5M parameters, 128-token windows) and trains for a fixed
+`DEMO_STEPS` from a fixed seed (every machine fast enough runs the same recipe), unless a few timed steps show
+they would not fit in `DEMO_SECONDS` here: then fewer, and the log says so. The timing also picks the thread
+count (on a CPU shared with other busy processes one thread is faster than two). The plan is written to
+config.json, so the run resumes bit for bit; `max_time` is a safety cap for a machine that turns busy mid-run,
+and the log says when it ended a run.
 """
 
 from __future__ import annotations
@@ -26,16 +28,58 @@ DEMO_SOURCE = "builtin:pystdlib"
 DEMO_TOKENIZER = "bpe:4096"
 DEMO_VOCAB = 4096
 DEMO_PROMPTS = ["def ", "import os\n\nclass ", "    for i in range("]
-DEMO_SECONDS = 240.0
+DEMO_STEPS = 800  # the recipe's length: on an idle 2-core CPU with native bf16 about four minutes
+DEMO_SECONDS = 270.0  # the most the demo plans to take here: a slower machine trains fewer steps (and says so)
+TIME_CAP = 1.5  # max_time = this x the planned time: a machine that turns busy mid-run is stopped (and told)
 MIN_DEMO_STEPS = 60  # calibration never plans fewer
 MEANINGFUL_STEPS = 150  # below this the demo's samples are mostly noise: say so
-CALIBRATION_STEPS = 8  # timed steps (after one warm-up step): the median survives a busy moment
+CALIBRATION_STEPS = 6  # timed steps per thread count (after one warm-up step): a median survives a busy moment
+STEP_OVERHEAD = 1.15  # + evaluation, logging and checkpoints, over the bare optimizer step
 
 
-def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS,
-                    timed_steps: int = CALIBRATION_STEPS) -> tuple[int, float]:
-    """(steps that fit in `seconds`, seconds per step) from the median of `timed_steps` timed steps of the demo
-    model here, after one warm-up step (a single slow step on a busy machine does not set the plan)."""
+@dataclasses.dataclass
+class Calibration:
+    """What `calibrate_steps` found: the steps to plan, the expected seconds per step with the thread count
+    chosen, and the median step time of every thread count tried."""
+
+    steps: int
+    per_step: float
+    threads: int
+    tried: dict[int, float]
+
+    def describe(self, target: int) -> str:
+        """One line for the log: the speed, the thread count and why, and what that makes of the target."""
+        others = ", ".join(f"{n} thread{'s' * (n > 1)}: {t:.2f} s" for n, t in self.tried.items() if n != self.threads)
+        line = (f"this machine: {self.per_step:.2f} s per step with {self.threads} thread{'s' * (self.threads > 1)}"
+                + (f" ({others})" if others else "") + f" -> {self.steps} steps, about "
+                f"{self.steps * self.per_step / 60:.1f} min")
+        if self.steps < target:
+            line += (f" (the recipe's {target} would take {target * self.per_step / 60:.1f} min here, so fewer: "
+                     "expect weaker results)")
+        return line
+
+
+def thread_counts() -> list[int]:
+    """Thread counts worth timing: torch's default, and 1 on a CPU shared with other busy processes (there a
+    2-thread step waits for its slower half: measured 2-3x slower than 1 thread with one other busy process on
+    2 cores, while on an idle machine 2 threads are ~1.6x faster). An explicit OMP_NUM_THREADS is obeyed."""
+    import os
+
+    import torch
+
+    default = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS") or default == 1:
+        return [default]
+    return [default, 1]
+
+
+def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS, target: int = DEMO_STEPS,
+                    timed_steps: int = CALIBRATION_STEPS) -> Calibration:
+    """Time steps of `config`'s model here and plan `target` steps, or as many as fit in `seconds` when fewer.
+
+    On a CPU each candidate thread count (`thread_counts`) is timed in alternation, so a load that comes and
+    goes hits them alike; the fastest is kept (`torch.set_num_threads`) for the run. The median of
+    `timed_steps` steps, after one warm-up step each, sets the plan: one slow step on a busy machine does not."""
     import time
 
     import torch
@@ -47,18 +91,27 @@ def calibrate_steps(config: RunConfig, seconds: float = DEMO_SECONDS,
 
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
+    counts = thread_counts() if device.type == "cpu" else [torch.get_num_threads()]
+    times: dict[int, list[float]] = {n: [] for n in counts}
     with torch.random.fork_rng(devices=[]):
         model = GPT(config.model).to(device)
         opt = build_optimizer(model, config.train, device)
         x = torch.randint(0, config.model.vocab_size, (config.train.micro_batch_size, config.seq_len + 1))
-        times = []
         for _ in range(timed_steps + 1):
-            t0 = time.perf_counter()
-            loss = forward_backward(model, [(x[:, :-1], x[:, 1:])], 1, device, precision)
-            clip_and_step(model, opt, loss, 1.0)
-            times.append(time.perf_counter() - t0)
-    per_step = statistics.median(times[1:]) * 1.15  # + evaluation, logging and checkpoint overhead
-    return int(min(3000, max(MIN_DEMO_STEPS, seconds / per_step))), per_step
+            for n in counts:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                loss = forward_backward(model, [(x[:, :-1], x[:, 1:])], 1, device, precision)
+                clip_and_step(model, opt, loss, 1.0)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[n].append(time.perf_counter() - t0)
+    tried = {n: statistics.median(t[1:]) for n, t in times.items()}
+    threads = min(tried, key=lambda n: tried[n])  # ties: the first tried, torch's default
+    torch.set_num_threads(threads)
+    per_step = tried[threads] * STEP_OVERHEAD
+    steps = int(min(target, max(MIN_DEMO_STEPS, seconds / per_step)))
+    return Calibration(steps, per_step, threads, tried)
 
 
 def with_steps(config: RunConfig, steps: int) -> RunConfig:
@@ -75,7 +128,7 @@ def demo_config(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN) -> RunConfig
     max_steps here is the default, replaced by `calibrate_steps` for a new run."""
     model = ModelConfig(vocab_size=DEMO_VOCAB, block_size=128, n_layer=4, n_head=4, n_embd=192)
     train = TrainConfig(
-        out_dir=out_dir, micro_batch_size=24, max_steps=300, max_time=1.5 * DEMO_SECONDS,
+        out_dir=out_dir, micro_batch_size=24, max_steps=DEMO_STEPS, max_time=TIME_CAP * DEMO_SECONDS,
         lr=2e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
         log_every=25, eval_every=100, eval_batches=8, sample_every=300, checkpoint_every=100,
         keep_checkpoints=2, sample_prompts=list(DEMO_PROMPTS), sample_tokens=96, sample_temperature=0.7,
@@ -161,11 +214,12 @@ def run_demo(data_dir: str = DEMO_DATA, out_dir: str = DEMO_RUN, log: Callable[[
         saved = RunConfig.from_dict(json.loads((run_dir / RUN_CONFIG_FILE).read_text()))
         config = dataclasses.replace(config, train=saved.train)  # the step count it was started with
     elif calibrate:
-        steps, per_step = calibrate_steps(config)
-        config = with_steps(config, steps)
-        log(f"this machine: {per_step:.2f} s per step -> {steps} steps "
-            f"({steps * config.train.micro_batch_size * config.seq_len:,} tokens, about "
-            f"{steps * per_step / 60:.0f} min)")
+        plan = calibrate_steps(config)
+        config = with_steps(config, plan.steps)
+        config = dataclasses.replace(config, train=dataclasses.replace(
+            config.train, max_time=round(TIME_CAP * plan.steps * plan.per_step)))
+        log(plan.describe(DEMO_STEPS) + f"; {plan.steps * config.train.micro_batch_size * config.seq_len:,} tokens, "
+            f"stopped at {config.train.max_time:.0f} s at the latest")
     trainer = Trainer(config, resume=resume, fresh=fresh, log=log)
     result = trainer.fit()
     samples = trainer.samples.last

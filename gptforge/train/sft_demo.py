@@ -3,10 +3,11 @@ pairs cut from Python's own standard library, answering questions it has not see
 
 Steps, each skipped when its result is already there: train the demo base model (`runs/demo`, as a bare
 `gptforge train` does); prepare `builtin:pystdlib-qa` with its tokenizer (`data/pystdlib-qa`); fine-tune
-into `runs/demo-chat` (an unfinished run is resumed, a finished one replaced) for `DEMO_EPOCHS` epochs or as
-many steps as fit in about `DEMO_SECONDS` on this machine (timed first, as the base demo does; the step count
-is then fixed in config.json, so the run resumes bit for bit); then print the validation loss before and
-after and the model's answers to three held-out questions.
+into `runs/demo-chat` (an unfinished run is resumed, a finished one replaced) at the base run's peak LR for
+`DEMO_EPOCHS` epochs, or as many steps as fit in about `DEMO_SECONDS` on this machine when fewer (timed first,
+as the base demo does, which also picks the thread count; the step count is then fixed in config.json, so the
+run resumes bit for bit); then print the validation loss before and after, the model's answers to three
+held-out questions, where the chat model is and how to talk to it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ DEMO_CHAT_DATA = "data/pystdlib-qa"
 DEMO_CHAT_RUN = "runs/demo-chat"
 DEMO_QA_SOURCE = "builtin:pystdlib-qa"
 DEMO_EPOCHS = 4
-DEMO_SECONDS = 100.0  # fine-tuning's share of the README's main command (the base demo takes about four minutes)
+DEMO_SECONDS = 120.0  # the most fine-tuning plans to take here (4 epochs: about 1.5 min on an idle 2-core CPU)
+# The demo fine-tunes at the base run's full peak LR, not sft's general default of a fifth of it: a ~2.6M
+# model trained for minutes has little to wash out. Measured on one 600-step demo base, 4 epochs: masked val
+# loss 5.75 -> 4.29 after 175 steps at a fifth, -> 3.90 at the full LR (3.74 after all 284 steps, every reply
+# non-empty); twice the peak (4e-3) was behind the full LR at every evaluation up to step 105.
+DEMO_LR_FRACTION = 1.0
 DEMO_QUESTIONS = 3
 
 
@@ -56,15 +62,28 @@ def ensure_chat_data(base, data_dir: str, log: Callable[[str], None]) -> None:
 
 
 def _finished(run_dir: Path) -> bool:
-    """Whether `run_dir` holds an SFT run that reached its last step (a partial one is resumed instead)."""
+    """Whether `run_dir` holds an SFT run that reached its last step or its time cap (a partial one is resumed
+    instead; one the cap stopped would stop again at once)."""
+    from . import checkpoint as ckpt
+
     latest = latest_valid_checkpoint(run_dir)
     if latest is None:
         return False
     try:
-        max_steps = json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]["max_steps"]
-    except (OSError, ValueError, KeyError, TypeError):
+        train = json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]
+        state = ckpt.read_state(latest)
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return True
-    return int(latest.name.split("_")[-1]) >= max_steps
+    out_of_time = bool(train.get("max_time")) and state.get("elapsed", 0.0) >= train["max_time"]
+    return out_of_time or state["step"] >= train["max_steps"]
+
+
+def config_steps(run_dir: Path) -> int | None:
+    """The run's planned train.max_steps (config.json), or None."""
+    try:
+        return int(json.loads((run_dir / RUN_CONFIG_FILE).read_text())["train"]["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _val_losses(run_dir: Path) -> tuple[float | None, float | None]:
@@ -84,7 +103,7 @@ def run_sft_demo(base_dir: str = DEMO_RUN, data_dir: str = DEMO_CHAT_DATA, out_d
     """Train the base demo if missing, prepare the questions, fine-tune, show answers; returns a TrainResult."""
     from ..loading import load_model
     from ..tokenizer import load_tokenizer
-    from .demo import calibrate_steps
+    from .demo import TIME_CAP, calibrate_steps
     from ..chat.replies import chat_replies, format_exchange
     from .sft import load_base, sft, sft_config
 
@@ -102,13 +121,16 @@ def run_sft_demo(base_dir: str = DEMO_RUN, data_dir: str = DEMO_CHAT_DATA, out_d
         log(f"{out_dir} holds an unfinished fine-tuning run: resuming it (delete {out_dir} to start over)")
     elif fresh:
         log(f"{out_dir} holds a finished demo chat model: fine-tuning a fresh one in its place")
-    if resume is None and not any(o.startswith("train.max_steps=") for o in overrides):
-        config = sft_config(base, data_dir, out_dir, epochs, overrides)
-        fits, per_step = calibrate_steps(config, DEMO_SECONDS)
-        steps = min(config.train.max_steps, fits)
-        log(f"this machine: {per_step:.2f} s per step -> {steps} steps ({steps / config.train.max_steps * epochs:.1f} "
-            f"epochs, about {steps * per_step / 60:.1f} min)")
-        overrides = (*overrides, f"train.max_steps={steps}")
+    if resume is None:
+        overrides = (f"train.lr={base.run_config.train.lr * DEMO_LR_FRACTION:g}" if base.run_config else "",
+                     *overrides)
+        overrides = tuple(o for o in overrides if o)
+        if not any(o.startswith("train.max_steps=") for o in overrides):
+            config = sft_config(base, data_dir, out_dir, epochs, overrides)
+            plan = calibrate_steps(config, DEMO_SECONDS, target=config.train.max_steps)
+            log(plan.describe(config.train.max_steps) + f" ({plan.steps / config.train.max_steps * epochs:.1f} epochs)")
+            overrides = (*overrides, f"train.max_steps={plan.steps}",
+                         f"train.max_time={round(TIME_CAP * plan.steps * plan.per_step)}")
     result = sft(base_dir, data_dir, out_dir, overrides=overrides, resume=resume, fresh=fresh, log=log)
     before, after = _val_losses(run)
     model, tokenizer = load_model(out_dir)
@@ -122,5 +144,9 @@ def run_sft_demo(base_dir: str = DEMO_RUN, data_dir: str = DEMO_CHAT_DATA, out_d
     if before is not None and after is not None:
         log(f"masked val loss (assistant tokens of held-out conversations): {before:.3f} before fine-tuning -> "
             f"{after:.3f} after")
-    log(f"done: {result.step} steps; try: gptforge chat --model {out_dir}")
+    if result.stopped == "max_time":
+        log(f"the demo's time cap ended fine-tuning at step {result.step} of {config_steps(run)}: this machine ran "
+            "slower than its calibration (busy?)")
+    log(f"{'stopped' if result.stopped == 'interrupted' else 'done'}: {base_dir} fine-tuned for {result.step} steps "
+        f"on {data_dir} into the chat model {out_dir}; talk to it: gptforge chat --model {out_dir}")
     return result
