@@ -432,3 +432,22 @@ def test_the_serve_command_serves_a_checkpoint(tmp_path, model, tok):
             proc.kill()
             _, err = proc.communicate()
     assert "without --api-key" in err
+
+
+def test_the_serve_command_refuses_bad_input_in_one_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "gptforge", "serve", *args], capture_output=True, text=True,
+                              timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+    missing = serve("--model", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
+    assert serve("--model", "dev-17m", "--port", "70000").returncode == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = serve("--model", "dev-17m", "--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 2 and "--port" in busy.stderr.splitlines()[-1] and "Traceback" not in busy.stderr

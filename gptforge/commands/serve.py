@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..devices import resolve_device, resolve_dtype
     from ..generation import prepare_for_decoding
-    from ..loading import default_tokenizer, load_model
+    from ..loading import default_tokenizer, load_model, resolve_model_source
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port: must be in 0..65535, got {args.port}")
@@ -54,18 +54,52 @@ def run(args: argparse.Namespace) -> int:
               "model", file=sys.stderr, flush=True)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    source = resolve_model_source(args.model)  # a bad --model is one line and exit 2, before anything listens
+    check_address(args.host, args.port)
+    failure: list[BaseException] = []
 
     def load():
-        model, tokenizer = load_model(args.model, device, dtype, seed=args.seed)
-        if tokenizer is None:
-            tokenizer = default_tokenizer(model, args.model)
-        prepare_for_decoding(model)
-        return model, tokenizer
+        try:
+            model, tokenizer = load_model(source, device, dtype, seed=args.seed)
+            if tokenizer is None:
+                tokenizer = default_tokenizer(model, args.model)
+            prepare_for_decoding(model)
+            return model, tokenizer
+        except BaseException as e:  # stop the server; the error is reported once it has closed
+            failure.append(e)
+            server.should_exit = True
+            raise
 
     name = args.name or Path(str(args.model).rstrip("/")).name or str(args.model)
     settings = ServeSettings(max_rows=args.max_batch, max_queued=args.max_queued, api_key=args.api_key)
     app = create_app(name=name, settings=settings, loader=load)
+    # /health answers 503 while the model loads in the background, then 200
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits this way when it cannot listen (it has logged why)
+        pass
+    app.state.loader_thread.join()  # never leave while torch works in another thread (the process would abort)
+    if failure:
+        raise failure[0]
+    if not server.started:
+        raise UserError(f"--host {args.host} --port {args.port}: could not listen there (in use, or not an "
+                        "address of this machine); pick another --port")
     return 0
+
+
+def check_address(host: str, port: int) -> None:
+    """A UserError now, rather than a server that loads a model and then cannot listen."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); pick another "
+                        "--port, or an address of this machine for --host") from None

@@ -136,7 +136,8 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
                 ready(_Served(*loader(), settings))
             except BaseException as e:  # reported by /health and every request
                 state["load_error"] = e
-        threading.Thread(target=load, name="gptforge-serve-loader", daemon=True).start()
+        app.state.loader_thread = threading.Thread(target=load, name="gptforge-serve-loader", daemon=True)
+        app.state.loader_thread.start()
 
     app.state.close = close
 
@@ -417,8 +418,7 @@ class _Run:
                 if item is None:
                     break
                 if isinstance(item, PromptScores):
-                    job = next(j for j in self.jobs if j.echo_logprobs and j.choice_offset not in prompt_infos)
-                    prompt_infos[job.choice_offset] = item.infos
+                    prompt_infos[item.choice_offset] = item.infos
                     continue
                 c = item.choice
                 texts[c] += item.text

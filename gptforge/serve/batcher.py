@@ -52,8 +52,10 @@ class Event:
 
 @dataclass
 class PromptScores:
-    """Log-probabilities of the prompt's tokens after the first (echo), delivered once before any Event."""
+    """Log-probabilities of the prompt's tokens after the first (echo), delivered once before any Event of
+    the job whose first choice is `choice_offset`."""
 
+    choice_offset: int
     infos: list[TokenInfo]
 
 
@@ -325,7 +327,7 @@ class Batcher:
             prompt_logprobs = torch.log_softmax(prompt_logits, dim=-1)
             infos = [_token_info(prompt_logprobs[i], job.prompt[i + 1], job.logprobs or 0)
                      for i in range(len(job.prompt) - 1)]
-            job.deliver(PromptScores(infos))
+            job.deliver(PromptScores(job.choice_offset, infos))
         logits = self.model.head(x[:, -1])  # (1, V)
         n = len(job.configs)
         if not job.generate:  # echo only: the prompt scored, nothing generated
