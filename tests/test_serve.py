@@ -336,6 +336,8 @@ def test_a_full_queue_is_429(model, tok):
             app.state.batcher.submit([queued])  # waits: the queue (1) is now full
             r = httpx.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 1}, timeout=30)
             assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+            queued.cancel()  # a waiting client that leaves frees its place in the queue
+            app.state.batcher.submit([Job([1, 2], [config], [None], lambda event: None)])
         finally:
             held.cancel(), queued.cancel()
             gate.set()

@@ -227,6 +227,8 @@ class Batcher:
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue `jobs` (all or none); QueueFull when the queue is full."""
         with self._wake:
+            if any(job.cancelled for job in self._pending):  # clients that left while waiting free their places
+                self._pending = collections.deque(job for job in self._pending if not job.cancelled)
             if len(self._pending) + len(jobs) > self.max_queued:
                 raise QueueFull(f"{len(self._pending)} requests are already waiting (at most {self.max_queued})")
             self._pending.extend(jobs)
