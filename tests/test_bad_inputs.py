@@ -223,6 +223,10 @@ CASES = [
     Case("consolidate-not-sharded", ["consolidate", "run/checkpoints/step_4"], ("step_4",)),
     # ---- chat ----
     Case("chat-base-model", ["chat", "--model", "run", "-p", "hi"], ("sft",)),
+    # ---- serve ----
+    Case("serve-missing-model", ["serve", "--model", "nothere"], ("nothere",)),
+    Case("serve-bad-port", ["serve", "--model", "run", "--port", "70000"], ("--port",)),
+    Case("serve-no-rows", ["serve", "--model", "run", "--max-batch", "0"], ("--max-batch",)),
 ]
 
 # case id -> why it is expected to fail (an owner's fix not yet on main): marked xfail(strict=True), so the

@@ -128,6 +128,18 @@ def test_n_choices_with_a_seed_replay_and_differ_between_seeds(client):
     assert ask(7, n=1) == first[:1]  # choice 0 draws from the same seed whatever n is
 
 
+def test_streamed_n_choices_equal_the_non_streamed_ones(client):
+    request = dict(model=NAME, temperature=1.0, max_tokens=15, messages=USER, n=3, seed=11)
+    whole = client.chat.completions.create(**request)
+    texts, reasons = ["", "", ""], [None] * 3
+    for chunk in client.chat.completions.create(stream=True, **request):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            reasons[c.index] = c.finish_reason or reasons[c.index]
+    assert texts == [c.message.content for c in whole.choices]
+    assert reasons == [c.finish_reason for c in whole.choices]
+
+
 def test_n_greedy_choices_are_all_the_greedy_reply(client, model, tok):
     expected = greedy_session(model, tok, 200).ask("hello there")
     r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER, n=3)
