@@ -140,3 +140,22 @@ def test_usable_at_phone_width(browser, scripted, tmp_path):
         box = page.locator(selector).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
     page.close()
+
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_exchanges(browser, tmp_path):
+    """A 64-token model: max tokens defaults to half its context, and once the conversation no longer fits,
+    the page leaves out the oldest exchanges (as `gptforge chat` does) instead of failing."""
+    tok = chat_tokenizer("char")
+    model = random_chat_model(tok, end_at=list(range(64)), block_size=64)  # every reply ends at once
+    app = create_app(model, tok, name="short")
+    with serving(app) as url:
+        page = _open(browser, url)
+        assert page.input_value("#max-tokens") == "32"
+        for i in range(5):
+            _send(page, f"message {i} abcdefghij")
+            _settle(page)
+        page.screenshot(path=str(tmp_path / "long.png"))
+        assert page.locator(".msg.error").count() == 0
+        assert page.locator(".msg.user").all_text_contents() == [f"message {i} abcdefghij" for i in range(5)]
+        assert page.locator(".msg.assistant").count() == 5
+        page.close()

@@ -173,7 +173,10 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
                                            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
 
     def model_card() -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "gptforge"}
+        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "gptforge"}
+        if state["served"] is not None:  # the context in tokens, under vLLM's name for it (the page reads it)
+            card["max_model_len"] = state["served"].block_size
+        return card
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
