@@ -4,6 +4,7 @@ written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,25 @@ def test_format_forced_and_cli_summary(tmp_path, tok_dir, capsys):
                           tmp_path / "out", "--val-fraction", "0", "--quiet", "--workers", "1", capsys=capsys)
     assert code == 0, err
     assert "2 conversations (alpaca)" in out and ":3: no 'instruction' field" in out and "padding" in out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes via /proc")
+def test_parallel_workers_write_what_one_process_writes_and_leave_no_process(tmp_path, tok_dir, monkeypatch):
+    import gptforge.data.chat_prepare as chat_prepare
+    from test_data_workers import live_children
+
+    monkeypatch.setattr(chat_prepare, "CHUNK", 3)  # many chunks in flight, finishing out of order
+    words = ["hi", "how are you?", "fine", "what is up", "nothing much", "ok then", "bye!"]
+    chats = [{"messages": [{"role": "user", "content": " ".join(words[: 1 + i % 7])},
+                           {"role": "assistant", "content": words[(3 * i) % 7] * (1 + i % 5)}]} for i in range(60)]
+    src = _write(tmp_path / "c.jsonl", chats)
+    before = live_children()
+    prepare_chat([str(src)], str(tok_dir), tmp_path / "two", val_fraction=0.2, workers=2, context=64)
+    assert live_children() == before
+    prepare_chat([str(src)], str(tok_dir), tmp_path / "one", val_fraction=0.2, workers=1, context=64)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix in (".bin", ".npy", ".json"))
+    assert len(files) >= 4 and files == sorted(p.name for p in (tmp_path / "two").iterdir()
+                                     if p.suffix in (".bin", ".npy", ".json"))
+    for name in files:
+        if name != "manifest.json":  # it records the time taken
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -424,6 +427,8 @@ def test_only_provably_stale_temporaries_are_removed(tmp_path):
 
 SLOW_PREPARE = """
 import sys, time
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if the tests run in the background
 import gptforge.data.prepare as p
 original = p.encode_task
 def slow(task, tokenizer=None):
@@ -436,25 +441,87 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("whole_group", [False, True])
-def test_sigterm_is_a_clean_exit_that_leaves_nothing(tmp_path, whole_group):
-    import signal
-    import time
+def session_processes(sid):
+    """Live processes of session `sid` (the prepare and any worker it forked), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, _, session = stat.read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue
+        if int(session) == sid and state != "Z":
+            found.append(int(stat.parent.name))
+    return sorted(found)
 
+
+@contextlib.contextmanager
+def slow_prepare(tmp_path):
+    """`prepare --workers 2` in its own session, yielded once its workers are writing the first shard; the
+    session is SIGKILLed on the way out, so a failing test never leaves a process behind."""
     write_jsonl(tmp_path / "d.jsonl", documents(200))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, "prepare", "d.jsonl", "--tokenizer", "char",
                              "--out", "out", "--quiet", "--workers", "2"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".tmp-out.*/train_000000.bin")):  # the workers are tokenizing
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.05)
-    if whole_group:  # as Slurm and `kill -TERM -PGID` do: the workers get it too
-        os.killpg(proc.pid, signal.SIGTERM)
-    else:  # as `kill PID` and docker stop do
-        proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert stderr.strip().splitlines() == ["gptforge prepare: terminated (SIGTERM); out is unchanged"], stderr
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".tmp-out.*/train_000000.bin")):  # the workers are tokenizing
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        assert len(session_processes(proc.pid)) == 3  # the prepare and its 2 workers
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes through /proc")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("whole_group", [False, True], ids=["parent", "group"])
+def test_a_signal_is_a_prompt_clean_exit_that_leaves_nothing(tmp_path, whole_group, signum):
+    """multiprocessing.Pool hung here now and then: workers dead of the group's SIGTERM were replaced by
+    fresh ones that missed it, and Pool.terminate() waited on the task-queue lock one of them held."""
+    with slow_prepare(tmp_path) as proc:
+        if whole_group:  # as Slurm, `kill -TERM -PGID` and a terminal's Ctrl-C do: the workers get it too
+            os.killpg(proc.pid, signum)
+        else:  # as `kill PID` and docker stop do
+            proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=30)
+        left = session_processes(proc.pid)
+    assert proc.returncode == 128 + signum
+    said = "terminated (SIGTERM); out is unchanged" if signum == signal.SIGTERM else "interrupted"
+    assert stderr.strip().splitlines() == [f"gptforge prepare: {said}"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    assert left == []  # no worker outlived the prepare
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes through /proc")
+def test_a_worker_killed_from_outside_is_one_line_not_a_hang(tmp_path):
+    """The out-of-memory killer's SIGKILL to one worker: multiprocessing.Pool lost its task and waited forever."""
+    with slow_prepare(tmp_path) as proc:
+        victim = max(session_processes(proc.pid))  # a worker (forked after the prepare)
+        os.kill(victim, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=30)
+        left = session_processes(proc.pid)
+    assert proc.returncode == 2
+    assert stderr.strip().splitlines() == [
+        f"gptforge prepare: error: tokenizer worker process {victim} was killed by SIGKILL without finishing its "
+        "work; if memory ran out, use fewer --workers"], stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"] and left == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes through /proc")
+def test_a_parallel_prepare_leaves_no_process_behind(tmp_path, monkeypatch):
+    import gptforge.data.prepare as prepare_module
+    from test_data_workers import live_children
+
+    monkeypatch.setattr(prepare_module, "TASK_CHARS", 2000)  # many tasks in flight, finishing out of order
+    docs = documents(200)
+    source = str(write_jsonl(tmp_path / "d.jsonl", docs))
+    before = live_children()
+    prepare([source], "char", tmp_path / "two", workers=2, val_fraction=0.2)
+    assert live_children() == before
+    prepare([source], "char", tmp_path / "one", workers=1, val_fraction=0.2)
+    two, one = split_tokens(tmp_path / "two"), split_tokens(tmp_path / "one")
+    assert all(np.array_equal(two[name], one[name]) for name in ("train", "val")) and one["val"].size

@@ -49,9 +49,8 @@ class Terminated(KeyboardInterrupt):
 
 def _on_sigterm(owner: int):
     def handler(signum: int, frame: object) -> None:
-        if os.getpid() != owner:  # a forked worker that inherited this handler (chat workers keep it)
-            from ..data.prepare import worker_sigterm
-            worker_sigterm(signum, frame)
+        if os.getpid() != owner:  # a forked child still holding this handler: unwinding its copy of our
+            os._exit(128 + signum)  # stack would remove our temporary output and lock; just end it
         raise Terminated
     return handler
 

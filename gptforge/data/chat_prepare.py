@@ -19,10 +19,9 @@ base model's tokenizer plus the two chat markers.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
-import multiprocessing
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -43,6 +42,7 @@ from .readers import ReadReport, is_record_file, read_records
 from .prepare import (DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS,
                       _check_out_dir, prepared_output, split_of)
 from .shards import ShardWriter, dtype_for_vocab
+from .workers import WorkerPool
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -172,8 +172,8 @@ _worker_tokenizer: "Tokenizer | None" = None
 
 
 def _init_worker(tokenizer_dir: str) -> None:
+    """Load the saved tokenizer once per worker (signals: see gptforge.data.workers)."""
     global _worker_tokenizer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..tokenizer import load_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
@@ -214,22 +214,18 @@ def _encoded(chunks: Iterator[list[Messages]], tokenizer: "Tokenizer", tokenizer
         for chunk in chunks:
             yield chunk, encode_conversations(chunk, tokenizer)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_dir),))
-    pending: collections.deque = collections.deque()
-    try:
-        for chunk in chunks:  # at most two chunks per worker in flight: memory stays flat
-            pending.append((chunk, pool.apply_async(encode_conversations, (chunk,))))
-            if len(pending) >= 2 * workers:
-                done, result = pending.popleft()
-                yield done, result.get()
-        while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
-    finally:
-        pool.terminate()
-        pool.join()
+    with WorkerPool(workers, encode_conversations, _init_worker, (str(tokenizer_dir),),
+                    what="tokenizer worker") as pool:
+        pending: collections.deque = collections.deque()  # chunks sent, in order: the pool keeps that order
+
+        def sent(chunks: Iterator[list[Messages]]) -> Iterator[list[Messages]]:
+            for chunk in chunks:
+                pending.append(chunk)
+                yield chunk
+
+        for encoded in pool.map(sent(chunks)):
+            yield pending.popleft(), encoded
 
 
 # ------------------------------------------------------------------------------------------- prepare
@@ -302,20 +298,24 @@ def prepare_chat(sources: list[str], tokenizer_spec: str, out_dir: str | os.Path
         conversations = read_conversations(sources, fmt, stats)
         index = 0
         held_out: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
-        for chunk, encoded in _encoded(_chunks(conversations, CHUNK), tokenizer, tokenizer_dir, workers):
-            for messages, (ids, mask) in zip(chunk, encoded):
-                split = SPLITS[split_of(index, seed, val_fraction)]
-                writers[split].add(ids, mask)
-                if len(held_out[split]) < SAMPLE_PROMPTS:
-                    held_out[split].append(sample_prompt(messages))
-                index += 1
-            for writer in writers.values():
-                writer.flush()
-            if progress:
-                seconds = max(time.monotonic() - started, 1e-9)
-                tokens = sum(sum(w.lengths) for w in writers.values())
-                print(f"\rprepare --chat: {index:,} conversations, {tokens:,} tokens, {tokens / seconds:,.0f} tok/s",
-                      end="", file=sys.stderr, flush=True)
+        # closing: the workers stop when this block is left, by an error or a signal too
+        encoded_chunks = contextlib.closing(_encoded(_chunks(conversations, CHUNK), tokenizer, tokenizer_dir,
+                                                     workers))
+        with encoded_chunks as chunks:
+            for chunk, encoded in chunks:
+                for messages, (ids, mask) in zip(chunk, encoded):
+                    split = SPLITS[split_of(index, seed, val_fraction)]
+                    writers[split].add(ids, mask)
+                    if len(held_out[split]) < SAMPLE_PROMPTS:
+                        held_out[split].append(sample_prompt(messages))
+                    index += 1
+                for writer in writers.values():
+                    writer.flush()
+                if progress:
+                    seconds = max(time.monotonic() - started, 1e-9)
+                    tokens = sum(sum(w.lengths) for w in writers.values())
+                    print(f"\rprepare --chat: {index:,} conversations, {tokens:,} tokens, "
+                          f"{tokens / seconds:,.0f} tok/s", end="", file=sys.stderr, flush=True)
         if progress:
             print(file=sys.stderr)
         if not writers["train"].lengths:

@@ -13,14 +13,11 @@ replaces an existing directory only once the new one is whole.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +34,7 @@ from ..runlock import DirectoryLock
 from .shards import ShardWriter, dtype_for_vocab
 from .sources import DocumentReader, Source, SourceStats, resolve_sources
 from .split import SplitPlan, split_of  # noqa: F401  (split_of: chat_prepare draws conversations with it)
+from .workers import WorkerPool
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -76,20 +74,9 @@ def build_tokenizer(spec: str, sources: list[Source], glob: str | None = None,
 _worker_tokenizer: "Tokenizer | None" = None
 
 
-def worker_sigterm(signum: int, frame: object) -> None:
-    """A pool worker's SIGTERM (the parent's cleanup, or `kill -TERM` to the whole process group): exit
-    through SystemExit, which multiprocessing ends without a traceback and which unwinds the worker's
-    `with lock:` blocks. Dying by the default action instead can leave the pool's task-queue lock held by a
-    dead process, and the parent's Pool.terminate() then waits for it forever."""
-    raise SystemExit(128 + signum)
-
-
 def _init_worker(tokenizer_dir: str) -> None:
-    """Load the saved tokenizer once per worker; Ctrl-C is the parent's to handle, SIGTERM ends the worker
-    quietly (see worker_sigterm)."""
+    """Load the saved tokenizer once per worker (signals: see gptforge.data.workers)."""
     global _worker_tokenizer
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, worker_sigterm)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..tokenizer import load_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
@@ -127,41 +114,32 @@ def _tasks(units: Iterable[tuple[str, int, bool]], task_chars: int = TASK_CHARS)
 
 
 class EncoderPool:
-    """Worker processes that run encode_task, fed in order with at most 2 tasks per worker in flight.
+    """Worker processes that run encode_task, results in order, at most 2 tasks per worker in flight
+    (gptforge.data.workers: stops promptly on any signal and leaves no process behind).
 
     Created before any thread is started here (tqdm's monitor), so forking is safe; workers == 1 encodes
     in this process.
     """
 
     def __init__(self, workers: int, tokenizer: "Tokenizer", tokenizer_dir: Path) -> None:
-        self.workers = workers
         self.tokenizer = tokenizer
-        self.pool = None
+        self.pool: WorkerPool | None = None
         if workers > 1:
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # HF tokenizers and fork: see their docs
-            self.pool = multiprocessing.get_context(method).Pool(workers, _init_worker, (str(tokenizer_dir),))
+            self.pool = WorkerPool(workers, encode_task, _init_worker, (str(tokenizer_dir),),
+                                   what="tokenizer worker")
 
     def map(self, tasks: Iterable[Task]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.pool is None:
-            for task in tasks:
-                yield encode_task(task, self.tokenizer)
-            return
-        pending: collections.deque = collections.deque()
-        for task in tasks:
-            pending.append(self.pool.apply_async(encode_task, (task,)))
-            if len(pending) >= 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+            return (encode_task(task, self.tokenizer) for task in tasks)
+        return self.pool.map(tasks)
 
     def __enter__(self) -> "EncoderPool":
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.close()
 
 
 # ------------------------------------------------------------------------------------------- progress
