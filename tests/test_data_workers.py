@@ -112,3 +112,10 @@ class TestWorkerPool:
             os.kill(pid, signal.SIGTERM)
             with pytest.raises(WorkerDied, match="was killed by SIGTERM"):
                 list(pool.map([2]))
+
+    def test_a_map_left_unfinished_is_not_mixed_into_the_next(self):
+        with WorkerPool(2, slow_square) as pool:
+            results = pool.map(range(10))
+            next(results)
+            with pytest.raises(RuntimeError, match="left unfinished"):
+                next(pool.map(range(3)))

@@ -97,6 +97,7 @@ class WorkerPool:
         self.what = what
         self.processes: list[Any] = []
         self.conns: list[Connection] = []
+        self.busy: dict[int, int] = {}  # worker -> index of the item it is working on
         # Block Ctrl-C and SIGTERM while forking: a signal then is handled by the parent once they are
         # unblocked below, and never by a child still running the parent's handler on a copy of its stack
         # (which would unwind the parent's clean-up in the child: remove its temporary output, its lock).
@@ -121,11 +122,15 @@ class WorkerPool:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def map(self, items: Iterable[Any]) -> Iterator[Any]:
-        """func(item) for each item, in order; a worker's exception is raised here, in its item's turn."""
+        """func(item) for each item, in order; a worker's exception is raised here, in its item's turn.
+
+        One map at a time: a map left unfinished leaves answers on their way, so the pool must be closed."""
+        if self.busy:
+            raise RuntimeError("a previous map() of this pool was left unfinished; close the pool")
         source = iter(items)
         window = 2 * len(self.processes)
         idle = list(range(len(self.processes)))
-        busy: dict[int, int] = {}  # worker -> index of its item
+        busy = self.busy
         done: dict[int, tuple[bool, Any]] = {}  # index -> (ok, result or error), finished ahead of its turn
         sent = 0
         exhausted = False
