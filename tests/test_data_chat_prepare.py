@@ -13,6 +13,7 @@ from gptforge.chat.tokens import encode_chat
 from gptforge.data.chat_prepare import prepare_chat
 from gptforge.data.shards import open_shard
 from gptforge.tokenizer import CharTokenizer, load_tokenizer
+from test_data_workers import hard_timeout, live_children  # noqa: F401  (hard_timeout: a fixture)
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
 ALPACA = {"instruction": "say", "input": "", "output": "ok"}
@@ -79,9 +80,9 @@ def test_format_forced_and_cli_summary(tmp_path, tok_dir, capsys):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes via /proc")
+@pytest.mark.usefixtures("hard_timeout")
 def test_parallel_workers_write_what_one_process_writes_and_leave_no_process(tmp_path, tok_dir, monkeypatch):
     import gptforge.data.chat_prepare as chat_prepare
-    from test_data_workers import live_children
 
     monkeypatch.setattr(chat_prepare, "CHUNK", 3)  # many chunks in flight, finishing out of order
     words = ["hi", "how are you?", "fine", "what is up", "nothing much", "ok then", "bye!"]

@@ -20,6 +20,7 @@ from gptforge.data.shards import check_shard_ids, open_shard
 from gptforge.errors import UserError
 
 from conftest import fixture_text
+from test_data_workers import hard_timeout, live_children  # noqa: F401  (hard_timeout: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,6 +265,7 @@ def test_out_dir_rules(tmp_path):
         prepare([source], "bpe:many", tmp_path / "x")
 
 
+@pytest.mark.usefixtures("hard_timeout")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interrupt_leaves_nothing_and_keeps_the_old_data(tmp_path, monkeypatch, workers):
     from gptforge.data import shards
@@ -512,9 +514,9 @@ def test_a_worker_killed_from_outside_is_one_line_not_a_hang(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes through /proc")
+@pytest.mark.usefixtures("hard_timeout")
 def test_a_parallel_prepare_leaves_no_process_behind(tmp_path, monkeypatch):
     import gptforge.data.prepare as prepare_module
-    from test_data_workers import live_children
 
     monkeypatch.setattr(prepare_module, "TASK_CHARS", 2000)  # many tasks in flight, finishing out of order
     docs = documents(200)
