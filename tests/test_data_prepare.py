@@ -438,6 +438,13 @@ def slow(task, tokenizer=None):
     return original(task, tokenizer)
 p.encode_task = slow
 p.TASK_CHARS = 2000
+import gptforge.data.chat_prepare as c
+chat_original = c.encode_conversations
+def slow_chat(chunk, tokenizer=None):
+    time.sleep(0.2)
+    return chat_original(chunk, tokenizer)
+c.encode_conversations = slow_chat
+c.CHUNK = 4
 from gptforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -457,13 +464,22 @@ def session_processes(sid):
 
 
 @contextlib.contextmanager
-def slow_prepare(tmp_path):
-    """`prepare --workers 2` in its own session, yielded once its workers are writing the first shard; the
-    session is SIGKILLed on the way out, so a failing test never leaves a process behind."""
-    write_jsonl(tmp_path / "d.jsonl", documents(200))
+def slow_prepare(tmp_path, chat=False):
+    """`prepare --workers 2` (`--chat` if `chat`) in its own session, yielded once its workers are writing the
+    first shard; the session is SIGKILLed on the way out, so a failing test never leaves a process behind."""
+    if chat:
+        from gptforge.tokenizer import CharTokenizer
+
+        CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ?!\n"]).save(tmp_path / "tok")
+        turns = [{"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"}]
+        write_jsonl(tmp_path / "c.jsonl", [turns] * 200, field="messages")
+        command = ["c.jsonl", "--chat", "--tokenizer", "tok"]
+    else:
+        write_jsonl(tmp_path / "d.jsonl", documents(200))
+        command = ["d.jsonl", "--tokenizer", "char"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, "prepare", "d.jsonl", "--tokenizer", "char",
-                             "--out", "out", "--quiet", "--workers", "2"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, "prepare", *command, "--out", "out", "--quiet",
+                             "--workers", "2"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -479,12 +495,16 @@ def slow_prepare(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes through /proc")
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-@pytest.mark.parametrize("whole_group", [False, True], ids=["parent", "group"])
-def test_a_signal_is_a_prompt_clean_exit_that_leaves_nothing(tmp_path, whole_group, signum):
+@pytest.mark.parametrize("signum, whole_group, chat", [
+    (signal.SIGTERM, False, False), (signal.SIGTERM, True, False), (signal.SIGINT, False, False),
+    (signal.SIGINT, True, False), (signal.SIGTERM, True, True), (signal.SIGINT, True, True)],
+    ids=["SIGTERM-parent", "SIGTERM-group", "SIGINT-parent", "SIGINT-group", "chat-SIGTERM-group",
+         "chat-SIGINT-group"])
+def test_a_signal_is_a_prompt_clean_exit_that_leaves_nothing(tmp_path, whole_group, signum, chat):
     """multiprocessing.Pool hung here now and then: workers dead of the group's SIGTERM were replaced by
     fresh ones that missed it, and Pool.terminate() waited on the task-queue lock one of them held."""
-    with slow_prepare(tmp_path) as proc:
+    inputs = ["c.jsonl", "tok"] if chat else ["d.jsonl"]
+    with slow_prepare(tmp_path, chat) as proc:
         if whole_group:  # as Slurm, `kill -TERM -PGID` and a terminal's Ctrl-C do: the workers get it too
             os.killpg(proc.pid, signum)
         else:  # as `kill PID` and docker stop do
@@ -494,7 +514,7 @@ def test_a_signal_is_a_prompt_clean_exit_that_leaves_nothing(tmp_path, whole_gro
     assert proc.returncode == 128 + signum
     said = "terminated (SIGTERM); out is unchanged" if signum == signal.SIGTERM else "interrupted"
     assert stderr.strip().splitlines() == [f"gptforge prepare: {said}"], stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == inputs
     assert left == []  # no worker outlived the prepare
 
 
