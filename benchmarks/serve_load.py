@@ -4,7 +4,8 @@ a time, measured in the same run.
 Two servers run side by side as subprocesses on the same model (`--max-batch 16` and `--max-batch 1`: the same
 server with batching off), and each load level is run against them in alternation, `--repeats` times (A/B
 interleaved, medians reported). Each client sends `--requests` streamed /v1/completions requests one after
-the other. Reported per server and level: aggregate generated tokens/s (usage-counted tokens / wall time),
+the other, each generating `--max-tokens` tokens (`ignore_eos`, vLLM's extension; `--natural-ends` lets the
+model end them). Reported per server and level: aggregate generated tokens/s (usage-counted tokens / wall time),
 time to first token p50/p95, time between tokens p50/p95, and the ratio of the two throughputs.
 
     python benchmarks/serve_load.py                       # runs/demo-chat if it exists, else dev-17m (random)
@@ -58,10 +59,11 @@ def start_server(model: str, max_batch: int, threads: int | None) -> tuple[subpr
         time.sleep(0.2)
 
 
-async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
+async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int, seed: int, ignore_eos: bool
+                      ) -> tuple[float, list[float], int]:
     """(time to first token, gaps between tokens, tokens generated) of one streamed completion."""
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
     start = time.perf_counter()
     first, last, gaps, tokens = None, None, [], 0
     async with http.stream("POST", url + "/v1/completions", json=body) as r:
@@ -82,13 +84,13 @@ async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int, seed: 
     return (first if first is not None else time.perf_counter() - start), gaps, tokens
 
 
-async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+async def load(url: str, clients: int, requests: int, max_tokens: int, ignore_eos: bool = True) -> dict[str, float]:
     ttfts, gaps, tokens = [], [], 0
 
     async def client(c: int) -> None:
         nonlocal tokens
         for i in range(requests):
-            t, g, n = await one_request(http, url, max_tokens, seed=1000 * c + i)
+            t, g, n = await one_request(http, url, max_tokens, 1000 * c + i, ignore_eos)
             ttfts.append(t)
             gaps.extend(g)
             tokens += n
@@ -116,6 +118,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1, help="A/B rounds per level (medians reported)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each server")
+    p.add_argument("--natural-ends", action="store_true",
+                   help="let replies end where the model ends them (default: every reply is max_tokens long, "
+                        "through vLLM's ignore_eos extension, so both servers generate the same work)")
     args = p.parse_args()
     model = args.model or ("runs/demo-chat" if Path("runs/demo-chat").is_dir() else "dev-17m")
 
@@ -125,7 +130,8 @@ def main() -> None:
             servers[label] = start_server(model, rows, args.threads)
         for proc, url in servers.values():  # warm-up: first-call costs out of the measurements
             asyncio.run(load(url, 2, 1, 8))
-        print(f"model {model}; {args.requests} requests x {args.max_tokens} tokens per client; "
+        print(f"model {model}; {args.requests} requests x {args.max_tokens} tokens per client"
+              f"{' (or fewer: natural ends)' if args.natural_ends else ''}; "
               f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
         for clients in args.clients:
@@ -133,7 +139,8 @@ def main() -> None:
                 order = list(servers) if r % 2 == 0 else list(reversed(servers))
                 for label in order:
                     results.setdefault((label, clients), []).append(
-                        asyncio.run(load(servers[label][1], clients, args.requests, args.max_tokens)))
+                        asyncio.run(load(servers[label][1], clients, args.requests, args.max_tokens,
+                                         not args.natural_ends)))
         header = (f"{'clients':>7} {'server':>14} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
                   f"{'tok gap p50':>11} {'tok gap p95':>11} {'x one-at-a-time':>15}")
         print(header)

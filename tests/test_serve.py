@@ -105,6 +105,14 @@ def test_streamed_chat_has_role_first_finish_last_usage_and_done(server, client,
     assert all("usage" not in json.loads(line[6:]) for line in lines[:-1])
 
 
+def test_ignore_eos_generates_max_tokens(client, model, tok):
+    """vLLM's extension (benchmarks use it): the end-of-turn token does not end the reply."""
+    r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=150, messages=USER,
+                                       extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 150
+    assert r.choices[0].message.content.startswith(greedy_session(model, tok, 150).ask("hello there"))
+
+
 def test_stop_strings_cut_the_reply_and_are_not_included(client, model, tok):
     full = greedy_session(model, tok, 200).ask("hello there")
     stop = full[3:5]

@@ -323,7 +323,8 @@ class _Run:
             except UserError as e:
                 raise APIError(400, str(e), param="stop")
             seeds = [None if body.seed is None else row_seed(body.seed % (1 << 64), p * n + c) for c in range(n)]
-            self.jobs.append(Job(prompt, [config] * n, seeds, deliver=None, end_ids=s.end_ids,  # type: ignore[arg-type]
+            end_ids = frozenset() if body.ignore_eos else s.end_ids
+            self.jobs.append(Job(prompt, [config] * n, seeds, deliver=None, end_ids=end_ids,  # type: ignore[arg-type]
                                  logprobs=logprobs, echo_logprobs=echo and logprobs is not None,
                                  presence_penalty=body.presence_penalty or 0.0,
                                  frequency_penalty=body.frequency_penalty or 0.0, choice_offset=p * n,

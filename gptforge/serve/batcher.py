@@ -117,45 +117,69 @@ class PrefillCache:
 
 
 class RowsCache:
-    """Keys and values of the rows of a continuous batch, (B, nh, capacity, hd) per layer; row b holds
-    `lengths[b]` slots, slot = position. A decode step writes each row's key at its own length and attends
-    over the slots up to the longest row under a per-row mask (banded layers: also only the last `window`)."""
+    """Keys and values of the rows of a continuous batch; row b holds `lengths[b]` slots, slot = position. A
+    decode step writes each row's key at its own length and attends over the slots up to the longest row under
+    a per-row mask (banded layers: also only the last `window`).
+
+    Storage is preallocated per layer, (rows, nh, slots, hd), and grows by doubling: the live rows are its
+    first `batch` rows, so a row joining is one copy of its prompt's keys and a row leaving moves the rows
+    kept to the front (rows join and leave every few steps; concatenating every buffer each time cost more
+    than a decode step on small models)."""
 
     def __init__(self, model: GPT) -> None:
         config = model.config
         self.windows = [config.window if config.is_band_layer(i) else None for i in range(config.n_layer)]
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
         self.device = model.transformer.wte.weight.device
+        self._keys: list[torch.Tensor] = []  # (rows, nh, slots, hd) per layer; the first `batch` rows are live
+        self._values: list[torch.Tensor] = []
+        self.batch = 0
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.capacity = 0
+        self.capacity = 0  # slots per row
         self._masks: dict[int | None, torch.Tensor] = {}
         self._n = 0
 
-    @property
-    def batch(self) -> int:
-        return self.lengths.numel()
+    def _reserve(self, rows: int, capacity: int, like: torch.Tensor) -> None:
+        """Room for `rows` rows of `capacity` slots (the live rows kept)."""
+        have_rows = self._keys[0].size(0) if self._keys else 0
+        if rows <= have_rows and capacity <= self.capacity:
+            return
+        rows = max(rows, 2 * have_rows) if rows > have_rows else have_rows
+        capacity = max(capacity, self.capacity)
+        _, nh, _, hd = like.shape
+        for store in (self._keys, self._values):
+            for layer in range(len(self.windows)):
+                grown = torch.zeros(rows, nh, capacity, hd, dtype=like.dtype, device=self.device)
+                if store and self.batch:
+                    grown[: self.batch, :, : self.capacity] = store[layer][: self.batch, :, : self.capacity]
+                if len(store) > layer:
+                    store[layer] = grown
+                else:
+                    store.append(grown)
+        self.capacity = capacity
 
     def add(self, prefill: PrefillCache, copies: int, capacity: int) -> None:
-        """Append `copies` rows holding the prompt `prefill` computed; the cache grows to hold `capacity`."""
+        """Append `copies` rows holding the prompt `prefill` computed, each with room for `capacity` slots."""
         length = prefill.keys[0].size(2)
-        capacity = max(capacity, self.capacity, length)
-        new_keys, new_values = [], []
-        for layer, (k, v) in enumerate(zip(prefill.keys, prefill.values)):
-            k, v = _pad_slots(k, capacity).expand(copies, -1, -1, -1), _pad_slots(v, capacity).expand(copies, -1, -1, -1)
-            if self.batch:
-                k = torch.cat([_pad_slots(self.keys[layer], capacity), k.to(self.keys[layer].dtype)])
-                v = torch.cat([_pad_slots(self.values[layer], capacity), v.to(self.values[layer].dtype)])
-            new_keys.append(k.contiguous())
-            new_values.append(v.contiguous())
-        self.keys, self.values, self.capacity = new_keys, new_values, capacity
+        self._reserve(self.batch + copies, max(capacity, length), prefill.keys[0])
+        rows = slice(self.batch, self.batch + copies)
+        for layer in range(len(self.windows)):
+            # Slots after `length` may hold an old row's keys: masked out until this row writes them.
+            self._keys[layer][rows, :, :length] = prefill.keys[layer]
+            self._values[layer][rows, :, :length] = prefill.values[layer]
         self.lengths = torch.cat([self.lengths, torch.full((copies,), length, dtype=torch.long, device=self.device)])
+        self.batch += copies
 
     def select(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-        self.lengths = self.lengths.index_select(0, index)
+        """Keep only `rows` (in this order) of the live rows."""
+        if rows == list(range(len(rows))):  # a prefix: nothing moves
+            self.lengths = self.lengths[: len(rows)]
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            for store in (self._keys, self._values):
+                for t in store:
+                    t[: len(rows)] = t[: self.batch].index_select(0, index)
+            self.lengths = self.lengths[index]
+        self.batch = len(rows)
 
     # the model's three calls (see gptforge.generation.kv_cache)
 
@@ -178,20 +202,13 @@ class RowsCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         rows = torch.arange(self.batch, device=self.device)
-        keys, values = self.keys[layer], self.values[layer]
+        keys, values = self._keys[layer][: self.batch], self._values[layer][: self.batch]  # views of the live rows
         keys[rows, :, self.lengths] = k[:, :, 0].to(keys.dtype)  # (B, nh, hd) at each row's own slot
         values[rows, :, self.lengths] = v[:, :, 0].to(values.dtype)
         return keys[:, :, :self._n], values[:, :, :self._n], self._masks[self.windows[layer]]
 
     def advance(self, T: int) -> None:
         self.lengths += T
-
-
-def _pad_slots(t: torch.Tensor, capacity: int) -> torch.Tensor:
-    """(B, nh, S, hd) -> (B, nh, capacity, hd), zeros after S (never attended: the masks stop at each length)."""
-    if t.size(2) >= capacity:
-        return t
-    return torch.nn.functional.pad(t, (0, 0, 0, capacity - t.size(2)))
 
 
 class QueueFull(Exception):
