@@ -95,8 +95,8 @@ def test_fine_tuning_lowers_the_masked_val_loss(base_run, chat_data, tmp_path):
     from gptforge.train.sft import sft
 
     out = tmp_path / "chat"
-    result = sft(str(base_run), str(chat_data), str(out), epochs=2,
-                 overrides=["train.device=cpu", "train.micro_batch_size=8", "train.lr=2e-3"], log=lambda m: None)
+    sft(str(base_run), str(chat_data), str(out), epochs=2,
+        overrides=["train.device=cpu", "train.micro_batch_size=8", "train.lr=2e-3"], log=lambda m: None)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert rows[0]["step"] == 0 and val[-1] < 0.8 * val[0], val  # masked loss on held-out conversations

@@ -21,7 +21,6 @@ conversations rather than in tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
