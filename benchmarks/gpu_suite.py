@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gptforge.config import ModelConfig, TrainConfig, get_preset  # noqa: E402
 from gptforge.info import flops_per_token  # noqa: E402
 from gptforge.model import GPT  # noqa: E402
-from gptforge.train.metrics import device_peak_flops  # noqa: E402
-from gptforge.train.optim import build_optimizer  # noqa: E402
+from gptforge.training.metrics import device_peak_flops  # noqa: E402
+from gptforge.training.optim import build_optimizer  # noqa: E402
 
 try:  # the trainer's step pieces (train/step.py after the trainer's split, trainer.py before it)
-    from gptforge.train.step import clip_and_step, forward_backward  # noqa: E402
+    from gptforge.training.step import clip_and_step, forward_backward  # noqa: E402
 except ImportError:
-    from gptforge.train.trainer import clip_and_step, forward_backward  # noqa: E402
+    from gptforge.training.trainer import clip_and_step, forward_backward  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

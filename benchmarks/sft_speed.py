@@ -55,8 +55,8 @@ def main() -> None:
     from gptforge.data.loader import SequenceLoader
     from gptforge.data.prepare import prepare
     from gptforge.model import GPT
-    from gptforge.train.optim import build_optimizer
-    from gptforge.train.step import clip_and_step, forward_backward
+    from gptforge.training.optim import build_optimizer
+    from gptforge.training.step import clip_and_step, forward_backward
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     records = _records(args.records)

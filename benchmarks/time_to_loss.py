@@ -6,7 +6,7 @@ Character-level tinyshakespeare: train on the first 90% of the file, score on th
              (4 layers, 4 heads, d 128, context 64, batch 12, 2000 iterations, AdamW beta2 0.99, LR 1e-3 ->
              1e-4 cosine after 100 warmup steps, weight decay 0.1, clip 1.0, no dropout, no biases, batches
              at random offsets).
-  gptforge   `gptforge.train.train` (the product's trainer, run directory and all) with a recipe: `small-cpu`
+  gptforge   `gptforge.training.train` (the product's trainer, run directory and all) with a recipe: `small-cpu`
              (the preset's default for small models), or `same` (the reference's recipe through gptforge's
              own defaults: the "before" figure).
 
@@ -290,7 +290,7 @@ def gptforge_config(recipe: str, data_dir: Path, out_dir: Path, vocab: int, iter
 def run_gptforge(data: str, iters: int, recipe: str, target) -> dict:
 
     from gptforge.model import GPT
-    from gptforge.train.trainer import Trainer
+    from gptforge.training.trainer import Trainer
 
     _, _, val = load_splits(data)
     with tempfile.TemporaryDirectory() as tmp:
@@ -346,12 +346,12 @@ def profile(data: str, steps: int = 20) -> None:
 
     from gptforge.data.loader import SequenceLoader
     from gptforge.model import GPT
-    from gptforge.train.optim import build_optimizer
-    from gptforge.train.precision import resolve_precision
+    from gptforge.training.optim import build_optimizer
+    from gptforge.training.precision import resolve_precision
     try:  # the trainer's step pieces (train/step.py after the trainer's split)
-        from gptforge.train.step import clip_and_step, forward_backward
+        from gptforge.training.step import clip_and_step, forward_backward
     except ImportError:
-        from gptforge.train.trainer import clip_and_step, forward_backward
+        from gptforge.training.trainer import clip_and_step, forward_backward
 
     chars, train, _ = load_splits(data)
     cpu = torch.device("cpu")

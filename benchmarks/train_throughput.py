@@ -54,8 +54,8 @@ def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, step
     import torch
 
     from gptforge.config import TrainConfig
-    from gptforge.train.optim import build_optimizer
-    from gptforge.train.precision import autocast
+    from gptforge.training.optim import build_optimizer
+    from gptforge.training.precision import autocast
 
     dev = torch.device(device)
     model, config = _models(impl, name, seq_len)
@@ -92,7 +92,7 @@ def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, step
            "tok_s": tok_s, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if dev.type == "cuda":
         from gptforge.info import flops_per_token
-        from gptforge.train.metrics import device_peak_flops
+        from gptforge.training.metrics import device_peak_flops
         out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
         # the trainer's MFU: same FLOPs count (info.flops_per_token) and the same table of device peaks
         peak = device_peak_flops(torch.cuda.get_device_name(dev), precision)

@@ -4,9 +4,9 @@ Every CLI command is a function here (`from gptforge import GPT, load_model, pre
 Nothing is imported until it is first used (PEP 562 module `__getattr__`), so `import gptforge` — and with
 it `gptforge --help` and argument parsing — never imports torch.
 
-Names: functions are verbs, modules are nouns. `gptforge.generate` is the function (the module is
-`gptforge.generation`). `gptforge.train` is the training subpackage, and calling it runs training
-(`gptforge.train(config)` is `gptforge.train.trainer.train(config)`): one object, whatever was imported first.
+Names: functions are verbs, modules are nouns, so no submodule import ever rebinds a function's name:
+`gptforge.generate` is the function (the module is `gptforge.generation`) and `gptforge.train` the function
+(the package is `gptforge.training`).
 """
 
 from __future__ import annotations
@@ -36,16 +36,15 @@ _LAZY = {
     "run_tasks": "gptforge.evals.runner",
     "export_hf": "gptforge.interop.hf",
     "export_gguf": "gptforge.interop.gguf",
-    "sft": "gptforge.train.sft",
+    "train": "gptforge.training.trainer",
+    "sft": "gptforge.training.sft",
     "render_chat": "gptforge.chat.template",
 }
 
-__all__ = ["__version__", "train", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "train":  # the subpackage, callable (see gptforge/train/__init__.py); importing it binds the name
-        return importlib.import_module("gptforge.train")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value

@@ -350,7 +350,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     # several processes (torchrun): "auto" = ddp when WORLD_SIZE > 1; "fsdp" shards weights, grads and AdamW
-    # state over the ranks (FSDP2). See gptforge/train/distributed.py.
+    # state over the ranks (FSDP2). See gptforge/training/distributed.py.
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
     # batch: tokens_per_step 0 means one micro-batch per step; otherwise gradient accumulation reaches it

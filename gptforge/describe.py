@@ -57,7 +57,7 @@ def _tokenizer(directory: Path | None) -> dict[str, Any] | None:
 
 
 def _last_losses(run_dir: Path) -> dict[str, Any]:
-    from .train.metrics import read_metrics  # the log's own reader: torn lines skipped as training skips them
+    from .training.metrics import read_metrics  # the log's own reader: torn lines skipped as training skips them
 
     found: dict[str, Any] = {}
     for row in read_metrics(run_dir / METRICS_FILE):

@@ -86,8 +86,8 @@ def tiny_run(tmp_path) -> Path:
     from gptforge.config import ModelConfig, RunConfig
     from gptforge.model import GPT
     from gptforge.tokenizer import CharTokenizer
-    from gptforge.train.checkpoint import save_checkpoint
-    from gptforge.train.metrics import MetricsLogger
+    from gptforge.training.checkpoint import save_checkpoint
+    from gptforge.training.metrics import MetricsLogger
 
     tok = CharTokenizer.train(["hello world, the quick brown fox"])
     model_config = ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)

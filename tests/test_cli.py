@@ -91,7 +91,7 @@ def test_resolve_device():
 
 
 def test_training_resolves_devices_by_the_same_rule_naming_its_option():
-    from gptforge.train.precision import resolve_device as train_device
+    from gptforge.training.precision import resolve_device as train_device
     assert train_device("auto") == resolve_device(None) and train_device("cpu") == torch.device("cpu")
     for bad in ("foo", "meta", "cuda:99"):
         with pytest.raises(UserError, match=f"^train.device {bad}: "):

@@ -135,12 +135,12 @@ def test_inference_never_imports_training(start):
     """Followed through imports inside functions too: loading a model to sample, score or export it must not
     depend on the trainer (or pay for importing it)."""
     reached = _reachable(_graph(module_level_only=False), start)
-    assert sorted(m for m in reached if m == "gptforge.train" or m.startswith("gptforge.train.")) == []
+    assert sorted(m for m in reached if m == "gptforge.training" or m.startswith("gptforge.training.")) == []
 
 
 def test_importing_loading_does_not_import_training():
     code = ("import sys, gptforge.loading\n"
-            "print(sorted(m for m in sys.modules if m.startswith('gptforge.train')))\n")
+            "print(sorted(m for m in sys.modules if m.startswith('gptforge.training')))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr

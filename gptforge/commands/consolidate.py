@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import UserError
     from ..layout import CHECKPOINTS_DIR, latest_valid_checkpoint
-    from ..train.dist_checkpoint import consolidate
+    from ..training.dist_checkpoint import consolidate
 
     path = Path(args.checkpoint)
     if not path.is_dir():

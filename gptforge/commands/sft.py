@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume not in (None, "auto"):
         raise UserError(f"--resume {args.resume}: sft resumes its newest valid checkpoint; pass --resume alone")
     if not (args.model or args.data or args.out or args.overrides or args.resume or args.fresh or args.epochs):
-        from ..train.sft_demo import run_sft_demo
+        from ..training.sft_demo import run_sft_demo
         result = run_sft_demo()
     else:
-        from ..train.sft import sft
+        from ..training.sft import sft
         result = sft(args.model, args.data, args.out, epochs=args.epochs, overrides=args.overrides,
                      resume=args.resume, fresh=args.fresh)
     return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0

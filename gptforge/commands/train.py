@@ -1,4 +1,4 @@
-"""`gptforge train`: resolve the run config (gptforge.resolve), then call gptforge.train.train (or the demo)."""
+"""`gptforge train`: resolve the run config (gptforge.resolve), then call gptforge.training.train (or the demo)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     started = False
     try:
         if is_demo:
-            from ..train.demo import demo_config, run_demo
+            from ..training.demo import demo_config, run_demo
             if args.print_config:
                 print(json.dumps(demo_config().to_dict(), indent=2))
                 return 0
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             if args.print_config:
                 print(json.dumps(config.to_dict(), indent=2))
                 return 0
-            from ..train.trainer import train
+            from ..training.trainer import train
             started = True
             result = train(config, resume=args.resume, fresh=args.fresh)
     except KeyboardInterrupt:

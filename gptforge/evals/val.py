@@ -13,11 +13,11 @@ context for text files (the Hugging Face perplexity recipe) and the whole contex
 (non-overlapping windows).
 
 The trainer's validation loss is this same computation (`score_windows` over the first windows of the val
-split, `gptforge.train.validator`), with the context set to the run's seq_len: for a run with seq_len equal to
+split, `gptforge.training.validator`), with the context set to the run's seq_len: for a run with seq_len equal to
 the model's context, `gptforge eval --task val --limit N --batch-size B` on a checkpoint gives the val_loss the
 trainer logged at that step when N and B are its `eval_batches x micro_batch_size` and `micro_batch_size`,
 and both ran in the same precision (the trainer evaluates under its training autocast, bf16 where the
-hardware has it; `eval` in the loaded dtype). tests/test_train_validator.py checks the two agree to 1e-6.
+hardware has it; `eval` in the loaded dtype). tests/test_training_validator.py checks the two agree to 1e-6.
 """
 
 from __future__ import annotations

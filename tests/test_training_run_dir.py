@@ -13,8 +13,8 @@ from gptforge.cli import main
 from gptforge.errors import UserError
 from gptforge.layout import METRICS_FILE, SAMPLES_FILE, list_checkpoints
 from gptforge.runlock import DirectoryLock
-from gptforge.train.run_dir import PREVIOUS_RUN_DIR, RunDirectory
-from gptforge.train.trainer import train
+from gptforge.training.run_dir import PREVIOUS_RUN_DIR, RunDirectory
+from gptforge.training.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from _train_helpers import cli_args, make_corpus
 
 from gptforge.config import TrainConfig
 from gptforge.layout import list_checkpoints
-from gptforge.train.progress import ProgressLog, console_log
-from gptforge.train.step import StepPlan
+from gptforge.training.progress import ProgressLog, console_log
+from gptforge.training.step import StepPlan
 
 REPO = Path(__file__).resolve().parents[1]
 

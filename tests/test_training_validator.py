@@ -10,9 +10,9 @@ from _train_helpers import make_corpus, tiny_config
 from gptforge.evals.runner import run_tasks
 from gptforge.loading import load_model
 from gptforge.model import GPT
-from gptforge.train.metrics import read_metrics
-from gptforge.train.trainer import train
-from gptforge.train.validator import Validator
+from gptforge.training.metrics import read_metrics
+from gptforge.training.trainer import train
+from gptforge.training.validator import Validator
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from _train_helpers import cli_args, make_corpus, tiny_config
 from gptforge.cli import main
 from gptforge.errors import UserError
 from gptforge.loading import load_model
-from gptforge.train.startup import check_fits_memory, load_init_weights
-from gptforge.train.trainer import Trainer, train
+from gptforge.training.startup import check_fits_memory, load_init_weights
+from gptforge.training.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")

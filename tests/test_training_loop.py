@@ -13,10 +13,10 @@ import pytest
 from gptforge.cli import main
 from gptforge.config import RunConfig, apply_overrides
 from gptforge.errors import UserError
-from gptforge.train import checkpoint as ckpt
-from gptforge.train.demo import demo_config, run_demo
-from gptforge.train.metrics import read_metrics
-from gptforge.train.trainer import Trainer, train
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.demo import demo_config, run_demo
+from gptforge.training.metrics import read_metrics
+from gptforge.training.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_demo_stopped_by_its_time_cap_starts_fresh_instead_of_stalling(code_data
 
 def test_demo_replaces_data_prepared_differently(code_data, tmp_path, monkeypatch):
     import gptforge.data.prepare as prepare_module
-    from gptforge.train.demo import DEMO_SOURCE, DEMO_TOKENIZER, ensure_demo_data
+    from gptforge.training.demo import DEMO_SOURCE, DEMO_TOKENIZER, ensure_demo_data
     calls = []
     monkeypatch.setattr(prepare_module, "prepare", lambda *args, **kw: calls.append((args, kw)))
     data = tmp_path / "data"
@@ -285,7 +285,7 @@ def _fake_clock(monkeypatch, durations):
 
 
 def test_demo_calibration_takes_the_median_of_several_steps(monkeypatch):
-    from gptforge.train import demo
+    from gptforge.training import demo
     monkeypatch.setattr(demo, "thread_counts", lambda: [1])
     _fake_clock(monkeypatch, [1.0, 0.1, 0.1, 9.0, 0.1, 0.2])  # a warm-up step, then five timed ones, one very slow
     plan = demo.calibrate_steps(demo.demo_config(), seconds=60.0, target=10_000, timed_steps=5)
@@ -296,7 +296,7 @@ def test_demo_calibration_takes_the_median_of_several_steps(monkeypatch):
 
 def test_demo_calibration_plans_the_target_and_picks_the_faster_thread_count(monkeypatch):
     import torch
-    from gptforge.train import demo
+    from gptforge.training import demo
     monkeypatch.setattr(demo, "thread_counts", lambda: [2, 1])
     # alternating 2-thread and 1-thread steps (after one warm-up each): 2 threads are slower, as on a busy CPU
     _fake_clock(monkeypatch, [1.0, 1.0] + [0.3, 0.2] * 5)

@@ -40,7 +40,7 @@ def _qa(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """A tiny base model trained for a few steps on text that has every character the chats use."""
-    from gptforge.train.trainer import train
+    from gptforge.training.trainer import train
 
     root = tmp_path_factory.mktemp("sft_base")
     text = "".join(f"what is {i % 31} plus {i % 17}? {i % 31} plus {i % 17} is {i % 31 + i % 17}.\n"
@@ -67,7 +67,7 @@ def chat_data(base_run, tmp_path_factory) -> Path:
 
 def test_sft_loss_is_the_hand_masked_cross_entropy(chat_data):
     from gptforge.model import GPT
-    from gptforge.train.step import forward_backward
+    from gptforge.training.step import forward_backward
 
     torch.manual_seed(0)
     loader = ChatLoader(chat_data, "train", seq_len=63, batch_size=4, seed=0)
@@ -92,7 +92,7 @@ def test_sft_loss_is_the_hand_masked_cross_entropy(chat_data):
 
 
 def test_fine_tuning_lowers_the_masked_val_loss(base_run, chat_data, tmp_path):
-    from gptforge.train.sft import sft
+    from gptforge.training.sft import sft
 
     out = tmp_path / "chat"
     sft(str(base_run), str(chat_data), str(out), epochs=2,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from gptforge.config import TrainConfig
-from gptforge.train.schedule import lr_at
-from gptforge.train.step import StepPlan, fit_warmup
+from gptforge.training.schedule import lr_at
+from gptforge.training.step import StepPlan, fit_warmup
 
 
 def test_plan_geometry_and_horizon():

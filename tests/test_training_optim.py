@@ -6,8 +6,8 @@ import torch
 
 from gptforge.config import ModelConfig, TrainConfig
 from gptforge.model import GPT
-from gptforge.train.optim import build_optimizer, param_groups
-from gptforge.train.step import clip_and_step, forward_backward
+from gptforge.training.optim import build_optimizer, param_groups
+from gptforge.training.step import clip_and_step, forward_backward
 
 
 def test_weight_decay_only_on_matrices_and_embeddings(tiny_config):

@@ -41,7 +41,7 @@ def data_dir(tmp_path_factory) -> Path:
 # weights are written (a monkeypatch inside the child), so the test can kill it half-way through a save.
 SLOW_SAVE = """
 import importlib, sys, time
-ckpt = importlib.import_module("gptforge.train.checkpoint")
+ckpt = importlib.import_module("gptforge.training.checkpoint")
 from gptforge.cli import main
 step, real = sys.argv[1], ckpt.save_weights
 def slow(model, path, *args, **kwargs):

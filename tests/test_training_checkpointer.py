@@ -13,9 +13,9 @@ from _train_helpers import cli_args, make_corpus
 
 from gptforge.cli import main
 from gptforge.layout import CHECKSUMS_FILE, STATE_FILE, checkpoint_dir, latest_valid_checkpoint, list_checkpoints
-from gptforge.train import checkpoint as ckpt
-from gptforge.train.checkpointer import Checkpointer
-from gptforge.train.optim import build_optimizer
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.checkpointer import Checkpointer
+from gptforge.training.optim import build_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from _train_helpers import make_corpus
 
 from gptforge.data.loader import SequenceLoader
 from gptforge.errors import UserError
-from gptforge.train.batches import BATCH_SOURCES, BatchSource, open_batch_source
+from gptforge.training.batches import BATCH_SOURCES, BatchSource, open_batch_source
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from gptforge.config import ModelConfig
 from gptforge.errors import UserError
 from gptforge.memory import per_gpu_memory
-from gptforge.train.checkpoint import latest_valid_checkpoint, list_checkpoints
+from gptforge.training.checkpoint import latest_valid_checkpoint, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 8
@@ -242,10 +242,10 @@ WORKER = textwrap.dedent('''
     import json, sys
     import torch
     from safetensors.torch import save_file
-    from gptforge.train import distributed as D
+    from gptforge.training import distributed as D
     from gptforge.resolve import resolve_run_config
-    from gptforge.train.batches import open_batch_source
-    from gptforge.train.trainer import Trainer
+    from gptforge.training.batches import open_batch_source
+    from gptforge.training.trainer import Trainer
 
     data, out, report = sys.argv[1], sys.argv[2], sys.argv[3]
     config = resolve_run_config(data=data, out=out, overrides=sys.argv[4:])
@@ -295,7 +295,7 @@ def test_ranks_read_disjoint_data_covering_the_epoch(fsdp_worker):
 
 
 def test_fsdp_checkpoint_consolidates_to_identical_logits_and_samples(fsdp_worker, tmp_path):
-    from gptforge.train.dist_checkpoint import consolidate, is_sharded_checkpoint
+    from gptforge.training.dist_checkpoint import consolidate, is_sharded_checkpoint
     from gptforge.weights import load_weights
 
     report, root = fsdp_worker
@@ -328,7 +328,7 @@ def test_consolidate_on_torch_without_dcp_load_no_dist(fsdp_worker, tmp_path, mo
     """torch 2.5/2.6's `dcp.load` has no `no_dist`: consolidation must still load in this process alone
     (the deprecated `load_state_dict` path) and give the same weights as the trainer's consolidation."""
     import torch.distributed.checkpoint as dcp
-    from gptforge.train.dist_checkpoint import consolidate
+    from gptforge.training.dist_checkpoint import consolidate
 
     def load_before_2_7(state_dict, *, checkpoint_id=None, storage_reader=None, planner=None, process_group=None):
         raise AssertionError("called dcp.load without no_dist: it would wait for other ranks in a torchrun job")
@@ -343,7 +343,7 @@ def test_consolidate_on_torch_without_dcp_load_no_dist(fsdp_worker, tmp_path, mo
 
 
 def test_consolidate_refuses_a_non_sharded_directory(tmp_path):
-    from gptforge.train.dist_checkpoint import consolidate
+    from gptforge.training.dist_checkpoint import consolidate
     with pytest.raises(UserError, match="not a sharded checkpoint"):
         consolidate(tmp_path)
     result = subprocess.run([sys.executable, "-m", "gptforge", "consolidate", str(tmp_path / "missing")],
@@ -355,7 +355,7 @@ def test_consolidate_refuses_a_non_sharded_directory(tmp_path):
 
 
 def test_single_process_context_has_no_process_group(monkeypatch):
-    from gptforge.train import distributed as D
+    from gptforge.training import distributed as D
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     ctx = D.init_distributed("cpu")
@@ -376,7 +376,7 @@ def test_fsdp_api_falls_back_to_the_private_module_of_torch_2_5(monkeypatch):
     """torch 2.5 has FSDP2 only under torch.distributed._composable.fsdp (public from 2.6)."""
     import torch.distributed._composable.fsdp as composable
     import torch.distributed.fsdp as public
-    from gptforge.train import distributed as D
+    from gptforge.training import distributed as D
     names = ("fully_shard", "FSDPModule", "MixedPrecisionPolicy", "register_fsdp_forward_method")
     assert D.fsdp_api() is public and all(hasattr(public, name) for name in names)
     monkeypatch.delattr(public, "fully_shard")  # what torch 2.5's torch.distributed.fsdp looks like to us
@@ -388,7 +388,7 @@ def test_fsdp_api_falls_back_to_the_private_module_of_torch_2_5(monkeypatch):
 
 def test_activation_checkpointing_keeps_names_and_gradients(tiny_config):
     from gptforge.model import GPT
-    from gptforge.train import distributed as D
+    from gptforge.training import distributed as D
     torch.manual_seed(0)
     plain, checkpointed = GPT(tiny_config), GPT(tiny_config)
     checkpointed.load_state_dict(plain.state_dict())

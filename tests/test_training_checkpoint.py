@@ -12,10 +12,10 @@ import torch
 from gptforge.config import ModelConfig, TrainConfig
 from gptforge.errors import UserError
 from gptforge.model import GPT
-from gptforge.train import checkpoint as ckpt
-from gptforge.train.optim import build_optimizer
-from gptforge.train.rng import capture_rng, restore_rng
-from gptforge.train.step import clip_and_step, forward_backward
+from gptforge.training import checkpoint as ckpt
+from gptforge.training.optim import build_optimizer
+from gptforge.training.rng import capture_rng, restore_rng
+from gptforge.training.step import clip_and_step, forward_backward
 
 
 def _trained(config: ModelConfig, seed: int = 0):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gptforge.config import TrainConfig
-from gptforge.train.schedule import accumulation_steps, lr_at, tokens_per_step_at
+from gptforge.training.schedule import accumulation_steps, lr_at, tokens_per_step_at
 
 
 def cfg(**kw) -> TrainConfig:
