@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import NoReturn
 
 from . import __version__, commands
-from .errors import UserError
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+from .errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,5 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun sets WORLD_SIZE (and TORCHELASTIC_RUN_ID) in each worker's environment."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or os.environ.get("WORLD_SIZE", "1") not in ("", "1")
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    if launched_by_torchrun() and "torch.distributed" in sys.modules:
+        from .training.distributed import exit_worker  # why a torchrun worker skips interpreter finalization
+        exit_worker(code)
+    sys.exit(code)

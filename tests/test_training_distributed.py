@@ -265,7 +265,7 @@ WORKER = textwrap.dedent('''
         with open(report, "w") as f:
             json.dump({"seen": everyone, "sequences": loader.sequences_per_epoch, "checkpoint": str(result.checkpoint),
                        "ranks": loader.world_size}, f)
-    D.teardown()
+    D.exit_worker(0)
 ''')
 
 
@@ -370,6 +370,33 @@ def test_single_process_context_has_no_process_group(monkeypatch):
     monkeypatch.setenv("RANK", "5")
     with pytest.raises(UserError, match="inconsistent"):
         D.init_distributed("cpu")
+
+
+def test_exit_worker_flushes_what_was_printed_and_keeps_the_exit_code(tmp_path):
+    """The worker's last words (a block-buffered pipe, no newline) still arrive, and torchrun sees the code."""
+    code = "from gptforge.training import distributed as D\nprint('saved', end='')\nD.exit_worker(3)\n"
+    result = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert (result.returncode, result.stdout, result.stderr) == (3, "saved", "")
+
+
+@pytest.mark.parametrize("env, skips_finalization", [({"WORLD_SIZE": "2", "RANK": "1"}, True),
+                                                     ({"TORCHELASTIC_RUN_ID": "x", "WORLD_SIZE": "1"}, True),
+                                                     ({}, False)])
+def test_torchrun_workers_leave_the_cli_through_exit_worker(monkeypatch, env, skips_finalization):
+    import gptforge.cli as cli
+    from gptforge.training import distributed as D
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cli, "main", lambda: 7)
+    exits = []
+    monkeypatch.setattr(D, "exit_worker", lambda code: exits.append(("exit_worker", code)) or sys.exit(code))
+    with pytest.raises(SystemExit) as stopped:
+        cli.entry_point()
+    assert stopped.value.code == 7
+    assert exits == ([("exit_worker", 7)] if skips_finalization else [])
 
 
 def test_fsdp_api_falls_back_to_the_private_module_of_torch_2_5(monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-EXIT_INTERRUPTED = 130
+from ..errors import EXIT_INTERRUPTED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-EXIT_INTERRUPTED = 130
+from ..errors import EXIT_INTERRUPTED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
