@@ -214,3 +214,28 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(base_run, chat_data, t
         lines = err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, lines)
         assert not out.exists(), args
+
+
+def test_the_demo_fine_tunes_every_planned_epoch_on_a_slow_machine_and_shows_answers(base_run, chat_data,
+                                                                                      tmp_path, monkeypatch):
+    """A bare `gptforge sft` on a machine its calibration finds very slow still runs the recipe's epochs (cut
+    short, the replies were empty), then prints the held-out exchanges and the val loss before and after."""
+    from gptforge.training import demo, sft_demo
+
+    monkeypatch.setattr(sft_demo, "ensure_chat_data", lambda base, data_dir, log: None)  # chat_data is ready
+    monkeypatch.setattr(demo, "STEP_OVERHEAD", 1e4)  # timed steps look 10^4 times slower than they are
+    monkeypatch.setattr(demo, "MIN_DEMO_STEPS", 1)  # and no floor would hide a plan cut to the time budget
+    lines: list[str] = []
+    out = tmp_path / "chat"
+    result = sft_demo.run_sft_demo(str(base_run), str(chat_data), str(out), log=lines.append, epochs=1)
+    manifest = json.loads((chat_data / "manifest.json").read_text())
+    planned = json.loads((out / "config.json").read_text())["train"]["max_steps"]
+    from gptforge.training.sft import load_base, sft_config
+    one_epoch = sft_config(load_base(str(base_run)), str(chat_data), str(tmp_path / "plan"), 1).train.max_steps
+    assert planned == one_epoch > 2 and result.step == planned and result.stopped != "max_time"
+    text = "\n".join(lines)
+    assert "==== the chat model answers" in text and text.count("----") == min(3, len(manifest["chat"]["sample_prompts"]))
+    before, after = (float(v) for v in text.split("masked val loss")[1].split(":")[1].split("after")[0]
+                     .replace("before fine-tuning", "").split("->"))
+    assert after < before
+    assert f"talk to it: gptforge chat --model {out}" in text
