@@ -33,7 +33,8 @@ def test_ci_installs_the_browser_then_runs_the_readme_test_command():
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line and not line.startswith(("#", "set ", "cd "))]
     browser = ("command -v chromium-headless-shell >/dev/null || { apt-get update && "
-               "apt-get install -y --no-install-recommends chromium-headless-shell; }")
+               "apt-get install -y --no-install-recommends chromium-headless-shell; } || echo \"could not install "
+               "chromium-headless-shell: the browser tests will skip, saying so\"")
     assert ci_lines == [browser, _readme_commands()[1]]
 
 
