@@ -281,8 +281,12 @@ def test_val_on_a_prepared_split(tmp_path, model, tok):
     tokens = np.array(doc + [tok.eot_id] + doc, dtype=np.uint16)
     data = tmp_path / "prepared"
     data.mkdir()
-    (data / "manifest.json").write_text("{}")
+    from gptforge.data.prepare import MANIFEST_FORMAT, MANIFEST_VERSION
+    shards = [{"file": "val_000000.bin", "tokens": int(tokens.size)}]
+    (data / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+                                                    "splits": {"val": {"tokens": int(tokens.size), "shards": shards}}}))
     write_shard(data / "val_000000.bin", tokens, np.uint16)
+    write_shard(data / "val_extra_000000.bin", tokens[:3], np.uint16)  # matches val_*.bin; not in the manifest
     (result,) = run_tasks(model, tok, ["val"], {"val": str(data)})
     direct = val.evaluate_val(model, tok, tokens.astype(np.int64), stride=model.config.block_size)
     assert result.metrics["loss"] == pytest.approx(direct.metrics["loss"])

@@ -111,7 +111,11 @@ def score_task(model: "GPT", tokenizer: "Tokenizer", loaded: LoadedTask, batch_s
                options: EvalOptions = EvalOptions(), progress: bool = False) -> TaskResult:
     """Score one loaded task and attach where its data came from and what was skipped reading it."""
     task = loaded.task
-    if task == "val":
+    if task == "val" and loaded.data.chat:  # conversations: the masked loss, as SFT validates (see evals/val.py)
+        total = val.count_chat_rows(loaded.data, model.config.block_size, limit)
+        with _progress_bar(progress, total, "val") as update:
+            result = val.evaluate_chat_val(model, tokenizer, loaded.data, batch_size, limit, options.stride, update)
+    elif task == "val":
         tokens = val.load_val_tokens(loaded.data, tokenizer)
         block = model.config.block_size
         stride = options.stride or (block if loaded.data.prepared else max(1, block // 2))

@@ -18,6 +18,16 @@ the model's context, `gptforge eval --task val --limit N --batch-size B` on a ch
 trainer logged at that step when N and B are its `eval_batches x micro_batch_size` and `micro_batch_size`,
 and both ran in the same precision (the trainer evaluates under its training autocast, bf16 where the
 hardware has it; `eval` in the loaded dtype). tests/test_training_validator.py checks the two agree to 1e-6.
+
+Chat data (`gptforge prepare --chat`) is scored as SFT validates it, not as a token stream: the val split's
+conversations packed into rows of the model's context (seed 0, the validator's), the loss averaged over the
+targets the loss mask trains (the assistant's replies and their `<|im_end|>`) and nothing else. Why: that is
+the number `gptforge sft` logs as val_loss, so a user comparing the two gets the same number (for a run whose
+seq_len is the model's context, with `--limit` rows and `--batch-size` as for plain data), while the loss on
+the prompts, which the model was never trained to write, would mix in a number nobody asked for. `--limit`
+counts packed rows; `--stride` does not apply (every row is scored whole). The shard list comes from the
+manifest (as the loaders read it), never from a glob: a chat directory's `val_mask_000000.bin` matches
+`val_*.bin` and would otherwise be read as tokens.
 """
 
 from __future__ import annotations
@@ -45,15 +55,20 @@ WINDOWS_PER_CALL = 64  # windows handed to the scorer at a time: bounds memory o
 
 @dataclass(frozen=True)
 class ValSource:
-    """A prepared dataset directory (with `split`) or a plain UTF-8 text file."""
+    """A prepared dataset directory (with `split`; `shards` its token shards as the manifest lists them,
+    `chat` when it holds conversations with loss masks) or a plain UTF-8 text file."""
 
     path: Path
     prepared: bool
     split: str = "val"
+    shards: tuple[Path, ...] = ()
+    chat: bool = False
 
 
 def resolve_val_source(data: str | None, split: str = "val") -> ValSource:
     """Check `--data` for the val task before any model is loaded."""
+    from ..layout import CHAT_DATA_KIND
+
     if not data:
         raise UserError("the val task needs --data: a prepared dataset directory (with manifest.json) or a text file")
     path = Path(data)
@@ -63,17 +78,29 @@ def resolve_val_source(data: str | None, split: str = "val") -> ValSource:
         if not (path / MANIFEST).is_file():
             raise UserError(f"val data {path} is a directory without {MANIFEST}; pass a directory made by "
                             "`gptforge prepare` or a text file")
-        if not sorted(path.glob(f"{split}_*.bin")):
-            raise UserError(f"val data {path} has no {split} split ({split}_*.bin); prepare it with a validation "
-                            "fraction or pass a text file")
-        return ValSource(path, True, split)
+        from ..data.prepare import read_manifest
+
+        manifest = read_manifest(path)
+        info = manifest.get("splits", {}).get(split) if isinstance(manifest.get("splits"), dict) else None
+        entries = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                                    for e in entries):
+            raise UserError(f"val data {path}: {MANIFEST} lists no {split} split; prepare the data again "
+                            "(gptforge prepare) or pass a text file")
+        if not any(e.get("tokens") for e in entries):
+            raise UserError(f"val data {path} has an empty {split} split; prepare it with a validation fraction "
+                            "or pass a text file")
+        return ValSource(path, True, split, tuple(path / e["file"] for e in entries),
+                         manifest.get("kind") == CHAT_DATA_KIND)
     if path.stat().st_size == 0:
         raise UserError(f"val data {path} is empty; pass a text file with something to score")
     return ValSource(path, False, split)
 
 
-def _prepared_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
-    from ..data.shards import open_shard
+def _check_data_tokenizer(source: ValSource, tokenizer: "Tokenizer") -> None:
+    """Refuse data prepared with another kind of tokenizer, or holding ids the model's tokenizer lacks (read
+    from the shard headers: no token is read)."""
+    from ..data.shards import check_vocab
 
     manifest_tokenizer = source.path / TOKENIZER_DIR / "tokenizer_config.json"
     if manifest_tokenizer.is_file():
@@ -81,7 +108,15 @@ def _prepared_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
         if kind and kind != tokenizer.kind:
             raise UserError(f"val data {source.path} was prepared with a {kind} tokenizer but the model uses "
                             f"{tokenizer.kind}; prepare the data with the model's tokenizer")
-    parts = [np.asarray(open_shard(p)) for p in sorted(source.path.glob(f"{source.split}_*.bin"))]
+    for shard in source.shards:
+        check_vocab(shard, tokenizer.vocab_size, "the model's tokenizer")
+
+
+def _prepared_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
+    from ..data.shards import open_shard
+
+    _check_data_tokenizer(source, tokenizer)
+    parts = [np.asarray(open_shard(p)) for p in source.shards]
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
     if tokens.size and int(tokens.max()) >= tokenizer.vocab_size:
         raise UserError(f"val data {source.path}: token id {int(tokens.max())} is outside the model's tokenizer "
@@ -90,7 +125,11 @@ def _prepared_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
 
 
 def load_val_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
-    """The token stream to score (prepared shards as stored; a text file encoded with the model's tokenizer)."""
+    """The token stream to score (prepared shards as stored; a text file encoded with the model's tokenizer).
+    Chat data is not a stream (see the module docstring): `evaluate_chat_val` scores it."""
+    if source.chat:
+        raise UserError(f"val data {source.path} holds conversations (prepare --chat), which are scored per packed "
+                        "row on the assistant's tokens, not as a token stream; use evaluate_chat_val")
     if source.prepared:
         tokens = _prepared_tokens(source, tokenizer)
     else:
@@ -175,4 +214,66 @@ def evaluate_val(model: "GPT", tokenizer: "Tokenizer", tokens: Sequence[int] | n
     if n_bytes:
         metrics["bpb"] = total_nats / math.log(2) / n_bytes
     details = {"tokens": n_tokens, "bytes": n_bytes, "nats": total_nats, "stride": stride}
+    return TaskResult("val", metrics, n_tokens, "", details=details)
+
+
+def count_chat_rows(source: ValSource, block_size: int, limit: int | None = None) -> int:
+    """Packed rows `evaluate_chat_val` scores (at most `limit`)."""
+    from ..data.chat_loader import ChatLoader
+
+    rows = ChatLoader(source.path, source.split, block_size, 1).sequences_per_epoch
+    return min(rows, limit) if limit else rows
+
+
+def evaluate_chat_val(model: "GPT", tokenizer: "Tokenizer", source: ValSource, batch_size: int = 16,
+                      limit: int | None = None, stride: int | None = None,
+                      progress: Callable[[int], None] | None = None) -> TaskResult:
+    """loss, ppl and bpb over the trained targets of chat data's `source.split` (the module docstring says why
+    these and how they match SFT's val_loss); `limit` caps the packed rows scored.
+
+    The loss is the model's own masked loss (`model(x, y)`), weighted by each batch's scored targets, as
+    the trainer's validator computes it. Bytes are those of the scored targets that are not special tokens
+    (`<|im_end|>` costs nats, like end-of-text in plain data, but is not text)."""
+    import torch
+
+    from ..data.chat_loader import ChatLoader
+    from ..model import IGNORE_INDEX
+
+    if stride is not None:
+        raise UserError(f"--stride: val data {source.path} holds conversations, which are scored a whole packed "
+                        "row at a time; leave --stride out")
+    _check_data_tokenizer(source, tokenizer)
+    loader = ChatLoader(source.path, source.split, model.config.block_size, batch_size)  # seed 0: the validator's
+    special = set(tokenizer.special_tokens.values())
+    device = model.transformer.wte.weight.device
+    total = loader.sequences_per_epoch if limit is None else min(limit, loader.sequences_per_epoch)
+    nats, n_tokens, n_bytes, rows = 0.0, 0, 0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in loader.iter_sequential(batch_size):
+                if rows >= total:
+                    break
+                x, y = x[: total - rows], y[: total - rows]
+                rows += x.shape[0]
+                scored = int((y != IGNORE_INDEX).sum())
+                if scored:
+                    _, loss = model(x.to(device), y.to(device), return_logits=False)
+                    nats += float(loss) * scored
+                    n_tokens += scored
+                    targets = y[y != IGNORE_INDEX].tolist()
+                    n_bytes += len(tokenizer.decode_bytes([t for t in targets if t not in special]))
+                if progress is not None:
+                    progress(x.shape[0])
+    finally:
+        model.train(was_training)
+    if not n_tokens:
+        raise UserError(f"val data {source.path}: nothing to score (no assistant tokens in the {source.split} split "
+                        f"at a context of {model.config.block_size})")
+    loss_value = nats / n_tokens
+    metrics = {"loss": loss_value, "ppl": math.exp(loss_value)}
+    if n_bytes:
+        metrics["bpb"] = nats / math.log(2) / n_bytes
+    details = {"tokens": n_tokens, "bytes": n_bytes, "nats": nats, "rows": rows, "masked": True}
     return TaskResult("val", metrics, n_tokens, "", details=details)
