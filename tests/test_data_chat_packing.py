@@ -105,6 +105,27 @@ def test_resume_mid_epoch_continues_the_same_batches(chat_data):
         assert xa.equal(xb) and ya.equal(yb)
 
 
+def test_resume_with_another_seed_serves_the_saved_runs_order(chat_data):
+    # `sft --resume auto --set data.seed=2` on a run still in epoch 0: the loader is built with seed 2 (and
+    # packs epoch 0 with it), then the state saved under seed 1 is loaded; what follows must be run 1's rows.
+    data, _, _ = chat_data
+    a = ChatLoader(data, "train", seq_len=63, batch_size=2, seed=1)
+    for _ in range(3):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    b = ChatLoader(data, "train", seq_len=63, batch_size=2, seed=2)
+    assert _rows_of(b, 0) != _rows_of(a, 0)  # the two seeds do order epoch 0 differently
+    b.next_batch()  # a batch served before the state arrives caches seed 2's packing too
+    b.load_state_dict(state)
+    assert b.seed == 1
+    for _ in range(a.sequences_per_epoch):  # the rest of epoch 0, then epoch 1
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert xa.equal(xb) and ya.equal(yb)
+    assert [x.equal(y) for (x, _), (y, _) in zip(a.iter_sequential(), b.iter_sequential())] == \
+        [True] * -(-a.sequences_per_epoch // 2)
+
+
 def test_val_split_is_served_sequentially(chat_data):
     data, _, _ = chat_data
     loader = ChatLoader(data, "val", seq_len=127, batch_size=4)

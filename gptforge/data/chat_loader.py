@@ -7,7 +7,10 @@ a global cursor shared by the ranks. The difference is in y: every target that i
 So the trainer needs nothing SFT-specific: the same loss, the same loop.
 
 An epoch is one packing of all kept conversations (`gptforge.data.chat_packing`), rows in a seeded order;
-each conversation is in exactly one row per epoch.
+each conversation is in exactly one row per epoch. With several ranks each rank takes every world_size-th row
+of that order, and the last `rows_per_epoch % world_size` rows of each epoch are skipped (every rank makes the
+same number of steps), so their conversations are not trained on that epoch; the next epoch's packing and
+order differ, so it is not the same conversations every time.
 """
 
 from __future__ import annotations
@@ -206,4 +209,8 @@ class ChatLoader:
         if position % saved_world or not 0 <= position <= rows or epoch < 0:
             raise UserError(f"chat loader state has an impossible position {position}; resume from another "
                             "checkpoint")
+        # The saved seed wins, as in SequenceLoader: resuming continues the run's own order, whatever seed this
+        # loader was built with (`--resume --set data.seed=N` included). The packing cached in __init__ (and by
+        # any batch served since) was drawn from the old seed, so it goes: the next row repacks its epoch.
         self.seed, self.epoch, self.position = seed, epoch, position
+        self._packed_epoch, self._rows, self._order = None, [], None
