@@ -99,3 +99,63 @@ def test_parallel_workers_write_what_one_process_writes_and_leave_no_process(tmp
     for name in files:
         if name != "manifest.json":  # it records the time taken
             assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def _chat_tokenizer_of(data):
+    return load_tokenizer(data / "tokenizer")
+
+
+def test_a_tokenizer_directory_named_bpe_something_is_a_directory(tmp_path, capsys, monkeypatch):
+    # `--tokenizer bpe8k` names the saved tokenizer in ./bpe8k, not the `bpe:N` spec that would train one
+    CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ?!\n"]).save(tmp_path / "bpe8k")
+    monkeypatch.chdir(tmp_path)
+    src = _write(tmp_path / "c.jsonl", [GOOD, GOOD])
+    code, out, err = _cli(src, "--chat", "--tokenizer", "bpe8k", "--out", tmp_path / "out",
+                          "--val-fraction", "0", "--quiet", "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert _chat_tokenizer_of(tmp_path / "out").vocab_size == load_tokenizer(tmp_path / "bpe8k").vocab_size + 2
+    for spec in ("bpe:8000", "bpe", "char"):  # the forms that train a tokenizer are still refused
+        code, _, err = _cli(src, "--chat", "--tokenizer", spec, "--out", tmp_path / spec, "--quiet", capsys=capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "base model's tokenizer" in err, err
+        assert not (tmp_path / spec).exists()
+
+
+@pytest.mark.filterwarnings("ignore:char tokenizer")  # tiny_run's has no newline
+def test_a_checkpoint_path_gives_the_tokenizer_sft_loads_with_it(tiny_run, tmp_path, capsys):
+    """`sft --model RUN/checkpoints/step_N` tells a user with other data to `prepare ... --tokenizer` that same
+    path: it must work, and give the tokenizer sft then checks the data against."""
+    import copy
+
+    from gptforge.chat.tokens import add_chat_tokens
+    from gptforge.data.chat_prepare import tokenizer_fingerprint
+    from gptforge.training.sft import check_chat_data, load_base
+
+    checkpoint = tiny_run / "checkpoints" / "step_200"
+    src = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hello"},
+                                                      {"role": "assistant", "content": "the quick brown fox"}]}] * 3)
+    code, out, err = _cli(src, "--chat", "--tokenizer", checkpoint, "--out", tmp_path / "data", "--val-fraction",
+                          "0", "--quiet", "--workers", "1", capsys=capsys)
+    assert code == 0, err
+    assert "packing at context 16" in out  # the run's context (its model's block size: seq_len unset)
+    base = load_base(str(checkpoint))
+    expected = add_chat_tokens(copy.deepcopy(base.tokenizer))
+    assert tokenizer_fingerprint(_chat_tokenizer_of(tmp_path / "data")) == tokenizer_fingerprint(expected)
+    check_chat_data(str(tmp_path / "data"), base)  # what `gptforge sft` checks: no error
+
+
+@pytest.mark.filterwarnings("ignore:char tokenizer")  # tiny_run's has no newline
+def test_a_hugging_face_directory_gives_the_tokenizer_load_model_finds(tiny_run, tmp_path):
+    from gptforge.chat.tokens import add_chat_tokens
+    from gptforge.data.chat_prepare import tokenizer_fingerprint
+    from gptforge.interop.hf import export_hf
+    from gptforge.loading import load_model
+
+    model, tok = load_model(str(tiny_run / "checkpoints" / "step_100"))
+    export_hf(model, tok, tmp_path / "hf")
+    _, hf_tok = load_model(str(tmp_path / "hf"))
+    src = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hello"},
+                                                      {"role": "assistant", "content": "world"}]}] * 3)
+    manifest = prepare_chat([str(src)], str(tmp_path / "hf"), tmp_path / "data", val_fraction=0, workers=1)
+    assert manifest["chat"]["context"] == model.config.block_size
+    assert tokenizer_fingerprint(_chat_tokenizer_of(tmp_path / "data")) == \
+        tokenizer_fingerprint(add_chat_tokens(hf_tok))

@@ -144,26 +144,76 @@ def read_conversations(sources: list[str], fmt: str | None, stats: RecordStats) 
 
 
 def chat_tokenizer(spec: str) -> tuple["Tokenizer", int | None]:
-    """The tokenizer named by `spec` (gpt2, a tokenizer directory, or a run directory: its tokenizer) with the
-    chat markers added, and the run's context length when `spec` is a run."""
+    """The tokenizer named by `spec`, with the chat markers added, and the base model's context when `spec`
+    names a model.
+
+    `spec` is what `gptforge sft --model` takes (a run directory, a checkpoint directory such as
+    RUN/checkpoints/step_N, a Hugging Face directory), its tokenizer found as `load_model` finds it, so the
+    `--tokenizer BASE` that sft's errors suggest is always accepted and gives the tokenizer sft checks the data
+    against; or a tokenizer directory, or gpt2. `char`, `bpe` and `bpe:N` (only as such, not a directory that
+    happens to be named bpe8k/) are refused: they train a new tokenizer, and chat data must use the base's."""
     from ..chat.tokens import add_chat_tokens
     from ..tokenizer import get_tokenizer
 
     spec = str(spec)
     path = Path(spec)
-    context = None
-    if (path / RUN_CONFIG_FILE).is_file() and (path / TOKENIZER_DIR).is_dir():
-        try:
-            config = json.loads((path / RUN_CONFIG_FILE).read_text())
-            context = config["train"].get("seq_len") or config["model"]["block_size"]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            context = None
-        path = path / TOKENIZER_DIR
-    elif spec in ("char",) or spec.startswith("bpe"):
+    if path.is_dir() and _is_model_dir(path):
+        tokenizer, context = _model_tokenizer(spec, path)
+    elif not path.is_dir() and (spec in ("char", "bpe") or spec.startswith("bpe:")):
         raise UserError(f"--tokenizer {spec}: chat data is tokenized with the base model's tokenizer; pass the "
                         "base run (--tokenizer runs/NAME), its tokenizer directory, or gpt2")
-    tokenizer = get_tokenizer(str(path) if path.is_dir() else spec)
+    else:
+        tokenizer, context = get_tokenizer(spec), None
     return add_chat_tokens(tokenizer), context
+
+
+def _is_model_dir(path: Path) -> bool:
+    """A directory `--model` accepts: a run (its config.json, checkpoints or not yet), a checkpoint, or an HF
+    model directory (config.json too); a tokenizer directory has none of these."""
+    from ..layout import CHECKPOINTS_DIR, WEIGHTS_FILE, is_sharded_checkpoint
+
+    return ((path / RUN_CONFIG_FILE).is_file() or (path / CHECKPOINTS_DIR).is_dir()
+            or (path / WEIGHTS_FILE).is_file() or is_sharded_checkpoint(path))
+
+
+def _model_tokenizer(spec: str, path: Path) -> tuple["Tokenizer", int | None]:
+    """(tokenizer, context) of the model directory `path`: an HF directory's own tokenizer files and
+    n_positions; otherwise `loading.find_tokenizer_dir` (path/tokenizer, or the run's for RUN/checkpoints/
+    step_N) and the run's seq_len (else the checkpoint's block size)."""
+    from ..layout import CHECKPOINTS_DIR, WEIGHTS_FILE
+    from ..loading import _is_hf_dir, find_tokenizer_dir  # load_model's own tests, so both agree
+    from ..tokenizer import load_tokenizer
+
+    if _is_hf_dir(path):
+        from ..interop.hf import hf_model_config
+        from ..interop.hf_tokenizer import read_hf_tokenizer
+
+        tokenizer = read_hf_tokenizer(path)
+        if tokenizer is None:
+            raise UserError(f"--tokenizer {spec}: gptforge cannot reproduce this Hugging Face model's tokenizer "
+                            "(only GPT-2's vocabulary and gptforge's own exports), so it cannot be fine-tuned into "
+                            "a chat model; use a model with GPT-2's tokenizer")
+        return tokenizer, hf_model_config(path).block_size
+    found = find_tokenizer_dir(path)
+    if found is None:
+        raise UserError(f"--tokenizer {spec}: no {TOKENIZER_DIR}/ saved with this model; pass the run it was "
+                        f"trained in, its {TOKENIZER_DIR} directory, or gpt2")
+    run_dir = path.resolve().parent.parent if path.resolve().parent.name == CHECKPOINTS_DIR else path
+    context = _run_context(run_dir / RUN_CONFIG_FILE)
+    if context is None and (path / WEIGHTS_FILE).is_file():
+        from ..weights import read_config
+
+        context = read_config(path / WEIGHTS_FILE).block_size
+    return load_tokenizer(found), context
+
+
+def _run_context(config_file: Path) -> int | None:
+    """The sequence length a run trained at (its model's context when unset); None when unknown."""
+    try:
+        config = json.loads(config_file.read_text())
+        return config["train"].get("seq_len") or config["model"]["block_size"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- encoding
