@@ -38,6 +38,18 @@ def test_formats_detected_and_converted(record, fmt, expected):
     ({"messages": [m(U, "q"), m(A, "a"), m(U, "dangling")]}, "messages", "no assistant reply"),
     ({"messages": [m(A, "a")]}, "messages", "'assistant' where 'user' was expected"),
     ({"conversations": [{"from": "bard", "value": "x"}]}, "sharegpt", "from 'bard'"),
+    # a value of the wrong type where text belongs: a bad record, never a TypeError (unhashable) or a crash
+    ({"conversations": [{"from": ["human"], "value": "q"}]}, "sharegpt", "turn 0 'from' is list, not a string"),
+    ({"conversations": [{"from": {"x": 1}, "value": "q"}]}, "sharegpt", "turn 0 'from' is dict, not a string"),
+    ({"conversations": [{"from": "human", "value": 7}]}, "sharegpt", "turn 0 value is int"),
+    ({"messages": [{"role": ["user"], "content": "q"}, m(A, "a")]}, "messages", "message 0 role is list"),
+    ({"messages": [{"role": {"r": 1}, "content": "q"}, m(A, "a")]}, "messages", "message 0 role is dict"),
+    ({"instruction": ["a"], "output": "b"}, "alpaca", "'instruction' is list"),
+    ({"instruction": "a", "input": {"k": 1}, "output": "b"}, "alpaca", "'input' is dict"),
+    ({"instruction": "a", "output": ["b"]}, "alpaca", "'output' is list"),
+    ({"instruction": "a", "output": "b", "system": ["s"]}, "alpaca", "'system' is list"),
+    ({"prompt": {"p": 1}, "completion": "b"}, "prompt_completion", "'prompt' is dict"),
+    ({"prompt": "a", "completion": None}, "prompt_completion", "'completion' is NoneType"),
     ({"text": "x"}, "messages", "no 'messages' field"),
     (["not", "a", "dict"], "messages", "a list, not an object"),
 ])

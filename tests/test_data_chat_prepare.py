@@ -159,3 +159,15 @@ def test_a_hugging_face_directory_gives_the_tokenizer_load_model_finds(tiny_run,
     assert manifest["chat"]["context"] == model.config.block_size
     assert tokenizer_fingerprint(_chat_tokenizer_of(tmp_path / "data")) == \
         tokenizer_fingerprint(add_chat_tokens(hf_tok))
+
+
+def test_records_with_unhashable_or_non_text_fields_are_counted_and_skipped(tmp_path, tok_dir):
+    sharegpt = lambda who: {"conversations": [{"from": who, "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+    src = _write(tmp_path / "s.jsonl", [sharegpt("human"), sharegpt(["human"]), sharegpt({"a": 1}),
+                                        sharegpt("human"), {"conversations": [{"from": "human", "value": ["hi"]}]}])
+    manifest = prepare_chat([str(src)], str(tok_dir), tmp_path / "out", val_fraction=0, workers=1, context=64)
+    chat = manifest["chat"]
+    assert (chat["records"], chat["conversations"], chat["bad_records"]) == (5, 2, 3)
+    assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in chat["bad_examples"]] == ["2", "3", "5"]
+    assert "turn 0 'from' is list, not a string" in chat["bad_examples"][0]
+    assert manifest["splits"]["train"]["conversations"] == 2

@@ -56,6 +56,9 @@ def _need(record: Mapping[str, Any], key: str, fmt: str) -> Any:
 
 
 def _text(value: Any, what: str, optional: bool = False) -> str:
+    """`value` if it is a string (None too when `optional`: as ""), else BadRecord. Every field a reader
+    uses goes through here first, so a list, dict or number where text belongs is a bad record, counted and
+    skipped, never a TypeError that aborts the whole prepare."""
     if value is None and optional:
         return ""
     if not isinstance(value, str):
@@ -71,7 +74,8 @@ def _from_messages(record: Mapping[str, Any]) -> Messages:
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or "role" not in turn or "content" not in turn:
             raise BadRecord(f"message {i} has no 'role' and 'content'")
-        out.append({"role": turn["role"], "content": _text(turn["content"], f"message {i} content")})
+        out.append({"role": _text(turn["role"], f"message {i} role"),
+                    "content": _text(turn["content"], f"message {i} content")})
     return out
 
 
@@ -83,7 +87,7 @@ def _from_sharegpt(record: Mapping[str, Any]) -> Messages:
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
             raise BadRecord(f"turn {i} has no 'from' and 'value'")
-        speaker = turn["from"]
+        speaker = _text(turn["from"], f"turn {i} 'from'")  # a list or dict would not even hash for the lookup
         if speaker not in SHAREGPT_ROLES:
             raise BadRecord(f"turn {i} is from {speaker!r}; expected human, gpt or system")
         out.append({"role": SHAREGPT_ROLES[speaker], "content": _text(turn["value"], f"turn {i} value")})
