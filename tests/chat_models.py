@@ -11,6 +11,7 @@ embedding at p is the one-hot row of `script[p]`, so after ln_f the tied head's 
 `random_chat_model` is a random GPT whose position embeddings from position `end_at` on (or at the
 positions listed in `end_at`) point at
 `<|im_end|>` (a large vector along its embedding), so a greedy reply is the random model's own text until then and always ends.
+With `marker` they point at another special token instead (`<|im_start|>`: a model that opens a new turn).
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def scripted_model(vocab_size: int, script: dict[int, int], block_size: int = 64
     return model.eval()
 
 
-def random_chat_model(tokenizer, end_at: int | list[int], block_size: int = 128, n_embd: int = 32, seed: int = 0) -> GPT:
+def random_chat_model(tokenizer, end_at: int | list[int], block_size: int = 128, n_embd: int = 32, seed: int = 0,
+                      marker: str = IM_END) -> GPT:
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=n_embd)
     model = GPT(config)
-    im_end = tokenizer.special_tokens[IM_END]
+    im_end = tokenizer.special_tokens[marker]
     with torch.no_grad():
         direction = model.transformer.wte.weight[im_end]
         positions = slice(end_at, None) if isinstance(end_at, int) else end_at

@@ -60,7 +60,7 @@ def _script_reply(tok, prompt_len, tokens, block_size=64):
     return scripted_model(tok.vocab_size, {prompt_len - 1 + i: t for i, t in enumerate(tokens)}, block_size)
 
 
-@pytest.mark.parametrize("end", [IM_END, "<|endoftext|>"])
+@pytest.mark.parametrize("end", [IM_END, "<|endoftext|>", IM_START])
 def test_stops_at_end_of_turn_or_end_of_text_without_printing_them(end):
     tok = chat_tokenizer("char")
     prompt_len = len(encode_chat_prompt(tok, [{"role": "user", "content": "hi"}]))
@@ -70,6 +70,38 @@ def test_stops_at_end_of_turn_or_end_of_text_without_printing_them(end):
     assert list(session.send("hi")) == ["o", "k"]
     assert session.last.finish_reason == "stop" and session.last.reply_tokens == 2
     assert session.last.generated_tokens == 3  # the end marker was generated too
+
+
+def test_a_model_opening_a_new_turn_ends_its_reply_in_chat_and_in_training_samples(tok):
+    """<|im_start|> is never a trained target, but a model can still favour it: the reply ends there (it is not
+    printed, nor stored as the assistant's content), in ChatSession and in chat_replies (samples.txt) alike."""
+    from gptforge.chat.replies import chat_replies
+
+    messages = [{"role": "user", "content": "hello"}]
+    prompt = encode_chat_prompt(tok, messages)
+    im_start, im_end = tok.special_tokens[IM_START], tok.special_tokens[IM_END]
+    model = random_chat_model(tok, end_at=[len(prompt) + 3], marker=IM_START)  # the 5th token of the reply
+    raw = generate_ids(model, [prompt], SamplingConfig(temperature=0, max_new_tokens=12), eot_id=im_end)[0]
+    assert raw[4] == im_start and im_start not in raw[:4]  # the model does write it
+    reference = tok.decode(raw[:4])
+    session = ChatSession(model, tok, GREEDY)
+    reply = session.ask("hello")
+    assert reply == reference and IM_START not in reply and session.last.finish_reason == "stop"
+    assert session.messages[-1] == {"role": "assistant", "content": reference}
+    assert session.last.generated_tokens == 5 and session.last.reply_tokens == 4
+    assert chat_replies(model, tok, [messages], max_new_tokens=12) == [reference]
+
+
+def test_chat_replies_are_cut_at_each_end_id():
+    from gptforge.chat.replies import chat_replies
+
+    tok = chat_tokenizer("char")
+    messages = [{"role": "user", "content": "hi"}]
+    prompt_len = len(encode_chat_prompt(tok, messages))
+    a, b = tok.encode("ok")
+    for end in (IM_END, "<|endoftext|>", IM_START):
+        model = _script_reply(tok, prompt_len, [a, b, tok.special_tokens[end], a, a])
+        assert chat_replies(model, tok, [messages], max_new_tokens=8) == ["ok"], end
 
 
 def test_a_character_split_across_tokens_is_never_printed_in_halves():

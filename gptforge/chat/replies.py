@@ -2,7 +2,8 @@
 `ChatSession` is that).
 
 Each conversation ending with a user message is encoded with `encode_chat_prompt` (the ids SFT trains on) and
-continued until `<|im_end|>`, end-of-text or the end of the context, greedily by default. The global RNG is
+continued until `<|im_end|>`, end-of-text, `<|im_start|>` (`reply_end_ids`, the ids `ChatSession` stops at) or
+the end of the context, greedily by default. The global RNG is
 left untouched, so sampling in the middle of a training run never shifts its random stream (exact resume
 depends on it).
 """
@@ -14,15 +15,17 @@ from typing import Any
 
 def chat_replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
                  temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> list[str]:
-    """The model's next reply to each conversation (ending with a user message), up to `<|im_end|>` or the end
-    of the context, with the global RNG untouched (training's random stream must not shift)."""
+    """The model's next reply to each conversation (ending with a user message), up to an end id
+    (`reply_end_ids`) or the end of the context, with the global RNG untouched (training's random stream must
+    not shift)."""
     import torch
 
     from ..generation import SamplingConfig
-    from ..generation.engine import generate_ids
-    from .tokens import chat_token_ids, encode_chat_prompt
+    from ..generation.engine import TokenGenerator, expand_settings
+    from .tokens import chat_token_ids, encode_chat_prompt, reply_end_ids
 
     _, im_end = chat_token_ids(tokenizer)
+    ends = reply_end_ids(tokenizer)
     block = model.config.block_size
     was_training = model.training
     model.eval()
@@ -36,10 +39,16 @@ def chat_replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, 
                     replies.append(f"(the question takes {len(prompt)} tokens: no room left in the context)")
                     continue
                 config = SamplingConfig(max_new_tokens=room, temperature=temperature, top_k=top_k)
-                ids = generate_ids(model, [prompt], config, seed=seed + i, eot_id=im_end)[0]
-                if tokenizer.eot_id in ids:
-                    ids = ids[: ids.index(tokenizer.eot_id)]
-                replies.append(tokenizer.decode([t for t in ids if t != im_end]))
+                configs, seeds = expand_settings(1, config, seed + i)  # generate_ids' seeds, as before
+                engine = TokenGenerator(model, [prompt], configs, seeds, eot_id=im_end)
+                ids: list[int] = []
+                for events in engine:
+                    for e in events:
+                        if e.token in ends:
+                            engine.finish(e.index)
+                        else:
+                            ids.append(e.token)
+                replies.append(tokenizer.decode(ids))
     finally:
         model.train(was_training)
     return replies

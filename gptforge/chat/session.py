@@ -11,7 +11,8 @@ bug elsewhere). The ids are `gptforge.chat.tokens.encode_chat`'s, the ones SFT t
 become their special ids only where the template puts them, never from text a user typed. Messages are
 encoded one by one (the markers split the text anyway), which is what lets old exchanges be dropped.
 
-A reply ends at `<|im_end|>` (end of turn) or `<|endoftext|>`; neither is printed. Pieces are released
+A reply ends at `<|im_end|>` (end of turn), `<|endoftext|>` or `<|im_start|>` (the model opening the next
+message; `gptforge.chat.tokens.reply_end_ids` says why it stops rather than being banned); none is printed. Pieces are released
 through an incremental UTF-8 decoder, so a byte-level token that ends inside a character never shows up
 as a broken character. A reply stopped early (Ctrl-C in the CLI: the consumer closes the iterator, or
 the exception passes through it) keeps what was shown, so the conversation stays well formed.
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .template import CHAT_TEMPLATE, IM_END, IM_START, check_messages
-from .tokens import encode_chat, encode_chat_prompt, has_chat_tokens
+from .tokens import encode_chat, encode_chat_prompt, has_chat_tokens, reply_end_ids
 
 if TYPE_CHECKING:
     from ..generation import SamplingConfig
@@ -109,6 +110,7 @@ class ChatSession:
         self.seed = seed
         self.notify = notify
         self.im_end_id = tokenizer.special_tokens[IM_END]
+        self.end_ids = reply_end_ids(tokenizer)
         self.system: str | None = None
         self._turns: list[dict[str, str]] = []  # user/assistant messages, alternating, user first
         self._first = 0  # index into _turns of the first exchange the model still sees
@@ -246,7 +248,7 @@ class ChatSession:
         seed = None if self.seed is None else row_seed(self.seed, self._sent)
         self._sent += 1
         stats = self.last = ReplyStats(prompt_tokens=len(prompt))
-        # The engine stops at its one end id (here end-of-turn); end-of-text is stopped below.
+        # The engine stops at its one end id (here end-of-turn); the other end ids are stopped below.
         engine = TokenGenerator(self.model, [prompt], [config], [seed], eot_id=self.im_end_id)
         stream = TextStream(self.tokenizer.decode_bytes, config.stop)
         shown = ""
@@ -258,7 +260,7 @@ class ChatSession:
                         stats.first_token_s = time.perf_counter() - start
                     stats.generated_tokens += 1
                     reason = e.finish_reason
-                    if e.token in (self.im_end_id, self.tokenizer.eot_id):
+                    if e.token in self.end_ids:
                         reason = "stop"
                         engine.finish(e.index)
                         piece = ""

@@ -64,6 +64,19 @@ def chat_token_ids(tokenizer: "Tokenizer") -> tuple[int, int]:
     return specials[IM_START], specials[IM_END]
 
 
+def reply_end_ids(tokenizer: "Tokenizer") -> frozenset[int]:
+    """The ids that end an assistant's reply, none of them part of it: `<|im_end|>` (end of turn, what SFT
+    trains), `<|endoftext|>`, and `<|im_start|>`.
+
+    Why `<|im_start|>` stops rather than being banned from sampling: it is never a trained target, and a model
+    that writes it is opening the next message, so its reply is over (it skipped the `<|im_end|>` before it);
+    banning it would make the model go on writing a reply it had ended. Left in, it would be printed as
+    text and stored as assistant content, which the next turn would then render as a marker. `ChatSession`
+    and `chat_replies` both stop on exactly these ids."""
+    start, end = chat_token_ids(tokenizer)
+    return frozenset((start, end, tokenizer.eot_id))
+
+
 def _content_start(head: list[int], ids: list[int]) -> int:
     """Index in `ids` (the encoding of header + content) of the first id that carries content.
 
