@@ -198,6 +198,23 @@ def test_an_unstarted_reply_adds_nothing():
     assert session.messages == []
 
 
+def test_an_unstarted_reply_past_the_context_drops_nothing_and_tells_nobody():
+    tok = chat_tokenizer("char")
+    notices = []
+    session = ChatSession(random_chat_model(tok, end_at=10_000, block_size=96), tok,
+                          SamplingConfig(temperature=0, max_new_tokens=12), notify=notices.append)
+    for q in ["one", "two"]:
+        session.ask(q)
+    assert notices == []
+    before = session.visible_messages
+    long = "three, which no longer fits beside both exchanges"
+    assert len(session.prompt_ids(long)) + 12 > 96  # this turn drops exchanges: once it starts
+    reply = session.send(long)
+    assert session.visible_messages == before and notices == [] and len(session.messages) == 4
+    "".join(reply)
+    assert len(notices) == 1 and session.visible_messages[0] != before[0] and len(session.messages) == 6
+
+
 def test_a_base_model_is_refused_with_the_way_to_a_chat_model():
     from gptforge.tokenizer import CharTokenizer
 
@@ -240,6 +257,11 @@ def test_load_continues_a_saved_conversation_and_refuses_malformed_ones(tmp_path
     assert resumed.messages == talked.messages and resumed.ask("more") == talked.ask("more")
     for bad in ([{"role": "user", "content": "a"}],
                 [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
-                [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]):
+                [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+                # malformed messages: the template's ChatFormatError, as a UserError (a user's file)
+                [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"}],
+                [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}],
+                ["user: a"]):
         with pytest.raises(UserError):
             resumed.load(bad)
+    assert resumed.messages == talked.messages  # a refused load changes nothing

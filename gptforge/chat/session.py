@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
-from .template import CHAT_TEMPLATE, IM_END, IM_START, check_messages
+from .template import CHAT_TEMPLATE, IM_END, IM_START, ChatFormatError, check_messages
 from .tokens import encode_chat, encode_chat_prompt, has_chat_tokens, reply_end_ids
 
 if TYPE_CHECKING:
@@ -141,8 +141,12 @@ class ChatSession:
 
     def load(self, messages: list[Mapping[str, Any]]) -> None:
         """Continue the conversation `messages` (a leading system message, then complete user/assistant
-        exchanges: what `messages` returns or /save wrote), replacing the current one."""
-        checked = check_messages(messages)
+        exchanges: what `messages` returns or /save wrote), replacing the current one. A malformed message
+        is a UserError (it comes from a user's file), saying which one."""
+        try:
+            checked = check_messages(messages)
+        except ChatFormatError as e:
+            raise UserError(f"cannot load the conversation: {e}") from None
         system = checked[0]["content"] if checked and checked[0]["role"] == "system" else None
         turns = checked[1:] if system is not None else checked
         for i, m in enumerate(turns):
@@ -193,20 +197,22 @@ class ChatSession:
         """Stream the reply to the user's `text` as printable pieces.
 
         The exchange joins the conversation when the iterator ends, is closed or is interrupted (then with
-        the part of the reply that was shown); an iterator never started adds nothing. A message too long
-        for the context raises UserError here, before anything changes.
+        the part of the reply that was shown); an iterator never started changes nothing (not even which old
+        exchanges are dropped to fit the context, nor the seed's turn count). A message too long for the
+        context raises UserError here, before anything changes.
         """
         if not isinstance(text, str):
             raise UserError(f"a message must be text, got {type(text).__name__}")
-        prompt, budget = self._fit(text)
-        return self._stream(text, prompt, budget)
+        prompt, budget, first = self._fit(text)  # checked now; nothing is changed until the reply starts
+        return self._stream(text, prompt, budget, first)
 
     def ask(self, text: str) -> str:
         """`send` collected into the whole reply."""
         return "".join(self.send(text))
 
-    def _fit(self, text: str) -> tuple[list[int], int]:
-        """Prompt ids for the next reply and its token budget, dropping the oldest exchanges as needed.
+    def _fit(self, text: str) -> tuple[list[int], int, int]:
+        """Prompt ids for the next reply, its token budget, and the index of the first exchange the model
+        sees (older ones dropped as needed). Changes nothing: `_stream` commits the drop when it starts.
 
         Room kept for the reply: max_new_tokens, but at most half the context, so a long max_new_tokens does
         not make a short context drop everything; the reply may then use all the context that is left.
@@ -228,22 +234,27 @@ class ChatSession:
             raise UserError(f"the message is too long: {what}it takes {size} tokens, and the model's context of "
                             f"{block} tokens must keep {room} for the reply; shorten it"
                             + (" or the system message (/system)" if self.system else ""))
-        if first > self._first:
-            self._first = first
-            if not self._told:
-                self._told = True
-                if self.notify is not None:
-                    self.notify(f"the conversation outgrew the model's context of {block} tokens: the oldest "
-                                "exchanges are left out from now on (the system message is kept; /save still "
-                                "saves everything)")
         prompt = head + [t for p in parts[first:] for t in p] + tail
-        return prompt, min(self.config.max_new_tokens, block - len(prompt))
+        return prompt, min(self.config.max_new_tokens, block - len(prompt)), first
 
-    def _stream(self, text: str, prompt: list[int], budget: int) -> Iterator[str]:
+    def _drop_before(self, first: int) -> None:
+        """Leave the exchanges before `first` out of what the model sees from now on; tell the user once."""
+        if first <= self._first:
+            return
+        self._first = first
+        if not self._told:
+            self._told = True
+            if self.notify is not None:
+                self.notify(f"the conversation outgrew the model's context of {self.model.config.block_size} "
+                            "tokens: the oldest exchanges are left out from now on (the system message is kept; "
+                            "/save still saves everything)")
+
+    def _stream(self, text: str, prompt: list[int], budget: int, first: int) -> Iterator[str]:
         from ..generation import TokenGenerator
         from ..generation.sampling import row_seed
         from ..generation.text import TextStream
 
+        self._drop_before(first)  # a generator's body runs at its first next(): never for one not started
         config = self.config.replace(max_new_tokens=budget, stop_at_eot=True)
         seed = None if self.seed is None else row_seed(self.seed, self._sent)
         self._sent += 1
