@@ -64,32 +64,3 @@ def init_added_rows(model: torch.nn.Module, base_vocab: int, added: dict[str, in
 def added_tokens(base_specials: dict[str, int], specials: dict[str, int], names: Iterable[str]) -> dict[str, int]:
     """name -> id of the tokens among `names` that `specials` has and `base_specials` did not."""
     return {name: specials[name] for name in names if name in specials and name not in base_specials}
-
-
-def grow_vocab_state(state: dict[str, torch.Tensor], base_vocab: int, base_specials: dict[str, int], eot_id: int,
-                     padded_rows: int, specials: dict[str, int]) -> dict[str, torch.Tensor]:
-    """A base model's state dict for a vocabulary that gained special tokens (`specials` minus `base_specials`):
-    embedding and head padded with zero rows to `padded_rows`, the added tokens' rows set as the module
-    docstring says. Tied weights stay one tensor."""
-    from .tokens import CHAT_TOKENS
-
-    added = {t: i for t, i in specials.items() if t not in base_specials}
-    unknown = sorted(set(added) - set(CHAT_TOKENS))
-    if unknown:
-        raise UserError(f"the tokenizer adds special tokens {unknown} that the base model has no rows for; only the "
-                        "chat markers can be added when fine-tuning")
-    out = dict(state)
-    grown: dict[int, torch.Tensor] = {}
-    for name in (EMBEDDING, HEAD):
-        if name not in state:
-            continue
-        weight = state[name]
-        if id(weight) not in grown:
-            rows = torch.zeros((padded_rows, *weight.shape[1:]), dtype=weight.dtype)
-            rows[: min(weight.shape[0], padded_rows)] = weight[:padded_rows]
-            mean = weight[:base_vocab].float().mean(dim=0)
-            for token, index in added.items():
-                rows[index] = (weight[eot_id].float() if token == IM_END else mean).to(weight.dtype)
-            grown[id(weight)] = rows
-        out[name] = grown[id(weight)]
-    return out
