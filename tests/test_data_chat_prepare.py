@@ -110,7 +110,7 @@ def test_a_tokenizer_directory_named_bpe_something_is_a_directory(tmp_path, caps
     CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ?!\n"]).save(tmp_path / "bpe8k")
     monkeypatch.chdir(tmp_path)
     src = _write(tmp_path / "c.jsonl", [GOOD, GOOD])
-    code, out, err = _cli(src, "--chat", "--tokenizer", "bpe8k", "--out", tmp_path / "out",
+    code, _, err = _cli(src, "--chat", "--tokenizer", "bpe8k", "--out", tmp_path / "out",
                           "--val-fraction", "0", "--quiet", "--workers", "1", capsys=capsys)
     assert code == 0, err
     assert _chat_tokenizer_of(tmp_path / "out").vocab_size == load_tokenizer(tmp_path / "bpe8k").vocab_size + 2
