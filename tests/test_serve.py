@@ -386,6 +386,41 @@ def test_a_client_that_disconnects_stops_its_row(model, tok):
         assert batcher.generated_tokens == stopped_at < 500
 
 
+def test_the_batch_going_empty_is_not_an_error(monkeypatch, model, tok):
+    """The last rows finishing leaves an empty batch: a normal state, not an exception that the loop's error
+    path swallows (and answers by rebuilding its cache)."""
+    from gptforge.serve.batcher import Batcher, Job
+
+    errors = []
+    step = Batcher._step
+
+    def spied(self, admitted):
+        try:
+            return step(self, admitted)
+        except BaseException as e:
+            errors.append(e)
+            raise
+
+    monkeypatch.setattr(Batcher, "_step", spied)
+    batcher = Batcher(model, tok.decode_bytes, tok.vocab_size)
+    try:
+        for seeds in ([1, 2], [None]):
+            finished = []
+            done = threading.Event()
+
+            def deliver(event, n=len(seeds)):
+                if getattr(event, "finish_reason", None):
+                    finished.append(event)
+                    if len(finished) == n:
+                        done.set()
+
+            batcher.submit([Job([1, 2, 3], [SamplingConfig(max_new_tokens=3)] * len(seeds), seeds, deliver)])
+            assert done.wait(30)
+    finally:
+        batcher.close()  # joins the loop: every step has run
+    assert errors == []
+
+
 def test_sixteen_concurrent_streams_each_get_their_own_reply(server, client, model, tok):
     """Greedy and seeded requests of different lengths, interleaved in one batch (8 rows, so some wait and
     join mid-way): each reply is exactly what the same request gets alone."""

@@ -315,13 +315,16 @@ class Batcher:
                 keep.append(r)
         self.generated_tokens += len(token_list)
         self.steps += 1
+        if not keep:  # the batch is empty: nothing to sample until requests come (a Sampler needs rows)
+            self._drop(keep)
+            self._sampler = None
+            return
         if len(keep) < len(self._rows):
             self._drop(keep)
             chosen = chosen[torch.tensor(keep, dtype=torch.long, device=self.device)]
             self._sampler.select(keep)
-        if self._rows:
-            x = self.model.hidden_states(chosen.view(-1, 1), kv_cache=self._cache)  # (B, 1, C)
-            self._logits = self.model.head(x[:, -1])
+        x = self.model.hidden_states(chosen.view(-1, 1), kv_cache=self._cache)  # (B, 1, C)
+        self._logits = self.model.head(x[:, -1])
 
     def _drop(self, keep: list[int]) -> bool:
         """Keep only rows `keep`; whether anything left."""
