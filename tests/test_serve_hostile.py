@@ -80,6 +80,10 @@ def hostile_requests():
                 b'\xef\xbb\xbf\xff{"prompt": "a"}', b'{"prompt": "\xed\xa0\x80"}']:
         add("invalid utf-8", chat, raw)
         add("invalid utf-8", comp, raw)
+    for digits in (4301, 100_000):  # past Python's limit on int("..."): json.loads raises a plain ValueError
+        add(f"integer of {digits} digits", chat, b'{"messages": [{"role": "user", "content": "hi"}], "seed": '
+            + b"9" * digits + b"}")
+        add(f"integer of {digits} digits", comp, b'{"prompt": "hi", "max_tokens": ' + b"9" * digits + b"}")
     add("lone surrogate", chat, b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
     add("lone surrogate", comp, b'{"prompt": "\\udfff abc"}')
     add("huge body", chat, json.dumps({"messages": [{"role": "user", "content": "a" * (2 * BODY_LIMIT)}]}).encode())

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -246,6 +247,8 @@ async def _parse(request: Request, schema: type[BaseModel]) -> Any:
         raise APIError(400, "the request body has a lone surrogate escape (\\ud800-\\udfff): not valid text")
     except (json.JSONDecodeError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}")
+    except ValueError:  # valid JSON that Python will not read: an integer past its digit limit (4300)
+        raise APIError(400, f"the request body has an integer of more than {sys.get_int_max_str_digits()} digits")
     if not isinstance(data, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
     try:
