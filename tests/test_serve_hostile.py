@@ -164,3 +164,31 @@ def test_slow_and_vanishing_clients_do_not_stall_the_server(served):
     for t in threads:
         t.join(20)
     assert len(answers) == 3 and all(b" 408 " in a.split(b"\r\n")[0] for a in answers), answers
+
+
+CHAT_OPTIONAL = [f for f in CHAT_FIELDS if f != "messages"] + ["ignore_eos"]
+COMPLETION_OPTIONAL = [f for f in COMPLETION_FIELDS if f != "prompt"] + ["stream_options", "ignore_eos"]
+
+
+@pytest.mark.parametrize("path, base, fields", [
+    ("/v1/chat/completions", {"messages": USER}, CHAT_OPTIONAL),
+    ("/v1/completions", {"prompt": "hello"}, COMPLETION_OPTIONAL),
+])
+def test_null_is_the_default_for_every_optional_field(served, path, base, fields):
+    """OpenAI's spec makes these fields nullable and clients (LangChain) send null: null means the default,
+    so each answer equals the one to the same request without the field."""
+    url, _, _ = served
+    base = {**base, "temperature": 0, "max_tokens": 5, "seed": 3}  # deterministic whichever one is null
+
+    def answer(body):
+        r = httpx.post(url + path, json=body, timeout=30)
+        assert r.status_code == 200, (body, r.text[:300])
+        return [(c.get("message", {}).get("content"), c.get("text"), c["finish_reason"], c["logprobs"])
+                for c in r.json()["choices"]]
+
+    for field in fields:
+        without = {k: v for k, v in base.items() if k != field}
+        assert answer({**without, field: None}) == answer(without), field
+    assert answer({**base, **{f: None for f in fields}})  # all of them null at once
+    r = httpx.post(url + path, json={**base, "stream": True, "stream_options": {"include_usage": None}}, timeout=30)
+    assert r.status_code == 200 and "usage" not in r.text
