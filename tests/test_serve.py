@@ -363,6 +363,19 @@ def test_a_full_queue_is_429(model, tok):
             gate.set()
 
 
+def test_more_prompts_than_the_queue_holds_is_400_not_429(model, tok):
+    """Each prompt is one queued job: a request with more prompts than --max-queued could never be queued, so
+    it is a 400 saying so, not a 429 that retrying never fixes."""
+    app = create_app(model, tok, name=NAME, settings=ServeSettings(max_queued=2))
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=NAME, prompt=["a", "b", "c"], max_tokens=2)
+        body = _error(e, 400)
+        assert body["param"] == "prompt" and "3 prompts" in body["message"] and "2" in body["message"]
+        assert len(client.completions.create(model=NAME, prompt=["a", "b"], max_tokens=2).choices) == 2
+
+
 # ---- continuous batching ---------------------------------------------------------------------------------
 
 def test_a_client_that_disconnects_stops_its_row(model, tok):

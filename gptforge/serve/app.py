@@ -41,7 +41,7 @@ class ServeSettings:
     """Limits that protect the server, and its name and key."""
 
     max_rows: int = 16  # rows generated together (one request's n choices count n)
-    max_queued: int = 64  # requests waiting for a row; more get 429
+    max_queued: int = 64  # prompts waiting for rows; more get 429 (one request with more prompts: 400)
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_messages: int = 512  # messages in one chat request
     max_prompts: int = 64  # completions: prompts x n in one request
@@ -299,6 +299,9 @@ class _Run:
         if len(prompts) * n > settings.max_prompts:
             raise APIError(400, f"{len(prompts)} prompts x n = {n} is {len(prompts) * n} completions; at most "
                                 f"{settings.max_prompts} per request", param="prompt")
+        if len(prompts) > settings.max_queued:  # one queued job per prompt: this request could never be queued
+            raise APIError(400, f"{len(prompts)} prompts: this server queues at most {settings.max_queued} at a time; "
+                                "send fewer prompts per request", param="prompt")
         block = s.block_size
         if limit is not None and (limit < 0 or limit == 0 and not echo):
             raise APIError(400, f"{limit_param} must be a positive integer, got {limit}", param=limit_param)
