@@ -416,22 +416,110 @@ def test_the_batch_going_empty_is_not_an_error(monkeypatch, model, tok):
 
     monkeypatch.setattr(Batcher, "_step", spied)
     batcher = Batcher(model, tok.decode_bytes, tok.vocab_size)
+
+    def run(seeds):  # one job of len(seeds) rows, to its end
+        finished, done = [], threading.Event()
+
+        def deliver(event):
+            if getattr(event, "finish_reason", None):
+                finished.append(event)
+                if len(finished) == len(seeds):
+                    done.set()
+
+        batcher.submit([Job([1, 2, 3], [SamplingConfig(max_new_tokens=3)] * len(seeds), seeds, deliver)])
+        assert done.wait(30)
+
     try:
-        for seeds in ([1, 2], [None]):
-            finished = []
-            done = threading.Event()
-
-            def deliver(event, n=len(seeds)):
-                if getattr(event, "finish_reason", None):
-                    finished.append(event)
-                    if len(finished) == n:
-                        done.set()
-
-            batcher.submit([Job([1, 2, 3], [SamplingConfig(max_new_tokens=3)] * len(seeds), seeds, deliver)])
-            assert done.wait(30)
+        run([1, 2])
+        run([None])  # the batch went empty between the two
     finally:
         batcher.close()  # joins the loop: every step has run
     assert errors == []
+
+
+def _hold_the_loop(app, seconds=None):
+    """Submit a one-row job whose first event holds the generation loop (`seconds`, or until the returned
+    gate opens): requests sent meanwhile wait for it. Returns (gate, job)."""
+    from gptforge.serve.batcher import Job
+
+    gate, busy = threading.Event(), threading.Event()
+
+    def hold(event):
+        if not busy.is_set():
+            busy.set()
+            gate.wait(seconds if seconds is not None else 30)
+
+    job = Job([1, 2, 3], [SamplingConfig(max_new_tokens=3, temperature=0)], [None], hold)
+    app.state.batcher.submit([job])
+    assert busy.wait(30)
+    return gate, job
+
+
+def _post_and_leave(url, body, until):
+    """POST `body` on a raw connection, wait until `until()` holds, then close the connection unanswered."""
+    import socket
+
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        deadline = time.monotonic() + 30
+        while not until():
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+
+def test_a_non_streamed_reply_waiting_over_a_second_is_answered_whole(model, tok):
+    """Queued behind a full batch for 1.5 s, a non-streamed request still gets its whole reply (the wait is
+    no reason to give up on it)."""
+    app = create_app(model, tok, name=NAME, settings=ServeSettings(max_rows=1))
+    with serving(app) as url:
+        _hold_the_loop(app, seconds=1.5)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER)
+    assert r.choices[0].message.content == greedy_session(model, tok, 200).ask("hello there")
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_a_non_streamed_client_that_disconnects_stops_its_row(tok):
+    slow = random_chat_model(tok, end_at=[1023], block_size=1024, n_embd=256)  # ~1 ms a token: 1000 take a while
+    app = create_app(slow, tok, name=NAME)
+    with serving(app) as url:
+        batcher = app.state.batcher
+        _post_and_leave(url, {"messages": USER, "max_tokens": 1000, "temperature": 0},
+                        until=lambda: batcher.generated_tokens > 0)
+        deadline = time.monotonic() + 10
+        while batcher.rows:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        stopped_at = batcher.generated_tokens
+        time.sleep(0.3)
+        assert batcher.generated_tokens == stopped_at < 500
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_while_queued_gives_up_its_place(model, tok, stream):
+    """A client gone before its request got a row: the request leaves the queue and is never prefilled."""
+    app = create_app(model, tok, name=NAME, settings=ServeSettings(max_rows=1))
+    with serving(app) as url:
+        batcher = app.state.batcher
+        gate, _ = _hold_the_loop(app)
+        try:
+            _post_and_leave(url, {"messages": USER, "max_tokens": 50, "stream": stream},
+                            until=lambda: batcher.queued == 1)
+            deadline = time.monotonic() + 10
+            while batcher.queued:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+        finally:
+            gate.set()
+        deadline = time.monotonic() + 10
+        while batcher.rows:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(0.2)
+        assert batcher.generated_tokens == 3  # the held job's, nothing of the one that left
 
 
 def test_sixteen_concurrent_streams_each_get_their_own_reply(server, client, model, tok):

@@ -371,14 +371,38 @@ class _Run:
                 job.cancel()
 
     async def respond(self, request: Request, chat: bool, name: str):
+        events = self.events()
         if self.body.stream:
             include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
-            # Submit before the response starts, so a full queue is a 429 rather than an error mid-stream.
-            events = self.events()
-            first = await _first(events)
+            # Submit and wait for the first event before the response starts, so a full queue is a 429 rather
+            # than an error mid-stream. Once it streams, the StreamingResponse watches for the client leaving.
+            first = await self._unless_gone(request, events, _next(events))
             return StreamingResponse(self._sse(first, events, chat, name, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await self._collect(request, chat, name))
+        return JSONResponse(await self._unless_gone(request, events, self._collect(events, chat, name)))
+
+    async def _unless_gone(self, request: Request, events: AsyncIterator[Any], work: Any) -> Any:
+        """The result of `work` (which reads `events`), however long it takes; but if the client disconnects
+        first, its jobs are cancelled at once, so rows (or its place in the queue) go to clients still there.
+        Waiting is never a reason to stop: a request queued behind a full batch or a slow model gets its
+        whole reply."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled (the server shutting down)
+            gone.cancel()
+            left = not task.done()
+            if left:
+                for job in self.jobs:
+                    job.cancel()
+                task.cancel()
+            await asyncio.wait({task, gone})  # both ended before anything else reads `events` or the client
+            if left:
+                await events.aclose()
+        if task.cancelled():
+            raise APIError(400, "the client went away", code="client_closed")  # nobody reads this
+        return task.result()
 
     # ---- pieces of the answer -----------------------------------------------------------------------
 
@@ -410,23 +434,14 @@ class _Run:
             position += len(text)
         return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
-    async def _collect(self, request: Request, chat: bool, name: str) -> dict[str, Any]:
+    async def _collect(self, events: AsyncIterator[Any], chat: bool, name: str) -> dict[str, Any]:
         texts = [""] * self.n_choices
         reasons: list[str | None] = [None] * self.n_choices
         counts = [0] * self.n_choices
         infos: list[list[TokenInfo]] = [[] for _ in range(self.n_choices)]
         prompt_infos: dict[int, list[TokenInfo]] = {}
-        events = self.events()
         try:
-            while True:
-                try:
-                    item = await asyncio.wait_for(_next(events), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise APIError(400, "the client went away", code="client_closed")
-                    continue
-                if item is None:
-                    break
+            async for item in events:
                 if isinstance(item, PromptScores):
                     prompt_infos[item.choice_offset] = item.infos
                     continue
@@ -516,9 +531,11 @@ async def _next(events: AsyncIterator[Any]) -> Any:
         return None
 
 
-async def _first(events: AsyncIterator[Any]) -> Any:
-    """Start the job (raising a 429 now if the queue is full) and wait for its first event."""
-    return await _next(events)
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the server's http.disconnect), which may be never. The body has
+    been read by then, so nothing else this receives is of use."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _BodyAndAuth:

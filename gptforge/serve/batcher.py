@@ -261,6 +261,12 @@ class Batcher:
     def rows(self) -> int:
         return len(self._rows)
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for rows (not those whose clients left while waiting)."""
+        with self._wake:
+            return sum(not job.cancelled for job in self._pending)
+
     # ---- the loop ---------------------------------------------------------------------------------------
 
     def _run(self) -> None:
