@@ -609,3 +609,30 @@ def test_the_serve_command_refuses_bad_input_in_one_line(tmp_path):
         taken.listen()
         busy = serve("--model", "dev-17m", "--port", str(taken.getsockname()[1]))
     assert busy.returncode == 2 and "--port" in busy.stderr.splitlines()[-1] and "Traceback" not in busy.stderr
+
+
+@pytest.mark.parametrize("fault", ["tokenizer larger than the model", "weights not safetensors"])
+def test_the_serve_command_exits_2_when_the_model_fails_to_load(tmp_path, tok, fault):
+    """Loading happens once the server is up; when it fails (in the loader, or setting up what it loaded)
+    the command stops serving and ends with the one-line error and exit 2 instead of answering 503 forever."""
+    import subprocess
+    import sys
+
+    from chat_models import save_chat_checkpoint
+    from serve_helpers import free_port
+
+    vocab = tok.vocab_size - 5 if fault.startswith("tokenizer") else tok.vocab_size
+    model = GPT(ModelConfig(vocab_size=vocab, block_size=32, n_layer=1, n_head=1, n_embd=16))
+    checkpoint = save_chat_checkpoint(tmp_path / "ckpt", model, tok)
+    if fault.startswith("weights"):
+        (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a safetensors file")
+    try:
+        r = subprocess.run([sys.executable, "-m", "gptforge", "serve", "--model", checkpoint, "--port",
+                            str(free_port())], capture_output=True, text=True, timeout=60,
+                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("gptforge serve kept running after its model failed to load")
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("serving ") and len(lines) == 2 and lines[1].startswith("gptforge serve: error: ")
+    assert ("tokenizer" if fault.startswith("tokenizer") else "model.safetensors") in lines[1]

@@ -60,20 +60,19 @@ def run(args: argparse.Namespace) -> int:
     failure: list[BaseException] = []
 
     def load():
-        try:
-            model, tokenizer = load_model(source, device, dtype, seed=args.seed)
-            if tokenizer is None:
-                tokenizer = default_tokenizer(model, args.model)
-            prepare_for_decoding(model)
-            return model, tokenizer
-        except BaseException as e:  # stop the server; the error is reported once it has closed
-            failure.append(e)
-            server.should_exit = True
-            raise
+        model, tokenizer = load_model(source, device, dtype, seed=args.seed)
+        if tokenizer is None:
+            tokenizer = default_tokenizer(model, args.model)
+        prepare_for_decoding(model)
+        return model, tokenizer
+
+    def failed(e: BaseException) -> None:  # loading (or setting up what it loaded) failed: stop serving
+        failure.append(e)
+        server.should_exit = True  # the loader starts with the server (its lifespan): `server` exists
 
     name = args.name or Path(str(args.model).rstrip("/")).name or str(args.model)
     settings = ServeSettings(max_rows=args.max_batch, max_queued=args.max_queued, api_key=args.api_key)
-    app = create_app(name=name, settings=settings, loader=load)
+    app = create_app(name=name, settings=settings, loader=load, on_load_error=failed)
     # /health answers 503 while the model loads in the background, then 200
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)",
@@ -82,13 +81,24 @@ def run(args: argparse.Namespace) -> int:
         server.run()
     except SystemExit:  # uvicorn exits this way when it cannot listen (it has logged why)
         pass
-    app.state.loader_thread.join()  # never leave while torch works in another thread (the process would abort)
+    if app.state.loader_thread.ident is not None:  # never leave while torch works in another thread (abort)
+        app.state.loader_thread.join()
     if failure:
-        raise failure[0]
+        raise load_failure(failure[0], args.model)
     if not server.started:
         raise UserError(f"--host {args.host} --port {args.port}: could not listen there (in use, or not an "
                         "address of this machine); pick another --port")
     return 0
+
+
+def load_failure(e: BaseException, model: str) -> BaseException:
+    """What to raise for a failed load: the error itself where the command line reports it in one line
+    (UserError, OSError, Ctrl-C), else a UserError naming --model and the error's first line (a file that
+    is not the checkpoint it claims to be fails deep inside torch or safetensors)."""
+    if isinstance(e, (UserError, OSError, KeyboardInterrupt)):
+        return e
+    lines = str(e).strip().splitlines()
+    return UserError(f"--model {model}: could not load it ({type(e).__name__}{': ' + lines[0] if lines else ''})")
 
 
 def check_address(host: str, port: int) -> None:

@@ -98,12 +98,16 @@ class _Served:
 
 def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None, *, name: str = "gptforge",
                settings: ServeSettings | None = None,
-               loader: Callable[[], tuple["GPT", "Tokenizer"]] | None = None) -> FastAPI:
+               loader: Callable[[], tuple["GPT", "Tokenizer"]] | None = None,
+               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The ASGI app serving `model` with `tokenizer` under the model id `name`.
 
-    `loader`: instead of a model, a function that loads one; it runs in a thread, and until it returns
-    /health answers 503 (so a supervisor can wait for readiness) and /v1/* answer 503. The generation loop
-    is a daemon thread; `app.state.close()` stops it (run at the app's shutdown).
+    `loader`: instead of a model, a function that loads one; it runs in a thread (`app.state.loader_thread`)
+    started with the app (its lifespan), and until it returns /health answers 503 (so a supervisor can wait
+    for readiness) and /v1/* answer 503. If loading fails, even in setting up what `loader` returned (a
+    tokenizer the model cannot take), /health and /v1/* say so and `on_load_error` is called with the error
+    (in the loader's thread): a command stops its server there. The generation loop is a daemon thread;
+    `app.state.close()` stops it (run at the app's shutdown).
     """
     settings = settings or ServeSettings()
     if (model is None) == (loader is None):
@@ -116,6 +120,8 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if loader is not None:  # started here, not in create_app: whoever runs the app exists by now
+            app.state.loader_thread.start()
         yield
         close()  # the server is stopping: end the generation loop
 
@@ -135,10 +141,11 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
         def load() -> None:
             try:
                 ready(_Served(*loader(), settings))
-            except BaseException as e:  # reported by /health and every request
+            except BaseException as e:  # reported by /health and every request, and to on_load_error
                 state["load_error"] = e
+                if on_load_error is not None:
+                    on_load_error(e)
         app.state.loader_thread = threading.Thread(target=load, name="gptforge-serve-loader", daemon=True)
-        app.state.loader_thread.start()
 
     app.state.close = close
 
