@@ -174,6 +174,36 @@ def test_chat_logprobs_are_the_models_log_softmax(client, model, tok):
     assert "".join(e.token for e in content) == r.choices[0].message.content
 
 
+def _a_reply_to_cut(client, request):
+    """(its logprobs entries, k, stop): a seeded reply with a stop string of two ASCII tokens starting at
+    token k (after an ASCII token, so no character straddles the cut), found nowhere earlier."""
+    for seed in range(20):
+        whole = client.chat.completions.create(seed=seed, **request).choices[0]
+        entries = whole.logprobs.content
+        for k in range(2, len(entries) - 1):
+            if all(e.bytes and max(e.bytes) < 128 for e in entries[k - 1:k + 2]):
+                stop = entries[k].token + entries[k + 1].token
+                before = bytes(b for e in entries[:k] for b in e.bytes).decode("utf-8", "replace")
+                if whole.message.content.find(stop) == len(before):
+                    return seed, entries, k, stop
+    pytest.fail("no seeded reply had a place to cut")
+
+
+def test_chat_logprobs_end_where_a_stop_string_cuts_the_content(client):
+    """The tokens of the stop string (and any after it) are not in the content, nor in its logprobs,
+    streamed or not."""
+    def key(entries):
+        return [(e.token, round(e.logprob, 5), [t.token for t in e.top_logprobs]) for e in entries]
+
+    request = dict(model=NAME, messages=USER, temperature=0.7, max_tokens=30, logprobs=True, top_logprobs=2)
+    seed, entries, k, stop = _a_reply_to_cut(client, request)
+    cut = client.chat.completions.create(seed=seed, stop=stop, **request).choices[0]
+    assert cut.finish_reason == "stop" and key(cut.logprobs.content) == key(entries[:k])
+    chunks = client.chat.completions.create(seed=seed, stop=stop, stream=True, **request)
+    streamed = [e for chunk in chunks for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+    assert key(streamed) == key(entries[:k])
+
+
 def test_frequency_penalty_is_openais_rule(client, model, tok):
     """Greedy with frequency_penalty f: each step's logits minus f x the count of each token in the reply."""
     ids = encode_chat_prompt(tok, USER)
@@ -230,6 +260,28 @@ def test_echo_logprobs_score_the_prompt_as_the_model_does(client, model, tok):
     r0 = client.completions.create(model=NAME, prompt=ids, max_tokens=0, echo=True, logprobs=0)
     assert r0.choices[0].logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
     assert r0.choices[0].text == "the quick brown fox" and r0.usage.completion_tokens == 0
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_completion_logprobs_equal_the_non_streamed_ones(client, tok, echo):
+    """Chunk by chunk, the tokens, their logprobs and their offsets in the text (running across chunks, the
+    echoed prompt's first) add up to the non-streamed response's."""
+    request = dict(model=NAME, prompt="the quick", temperature=0.8, seed=3, max_tokens=10, n=2, logprobs=2, echo=echo)
+    whole = client.completions.create(**request)
+    fields = ("tokens", "token_logprobs", "text_offset")
+    streamed = {c: {f: [] for f in fields} for c in range(2)}
+    texts = ["", ""]
+    for chunk in client.completions.create(stream=True, **request):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            for f in fields:
+                streamed[c.index][f] += getattr(c.logprobs, f) if c.logprobs else []
+    for c in whole.choices:
+        assert texts[c.index] == c.text
+        assert streamed[c.index]["tokens"] == c.logprobs.tokens
+        assert streamed[c.index]["text_offset"] == c.logprobs.text_offset
+        assert streamed[c.index]["token_logprobs"] == c.logprobs.token_logprobs  # the same rows, computed alike
+        assert len(c.logprobs.tokens) == 10 + (len(tok.encode("the quick")) if echo else 0)
 
 
 # ---- models, health, auth --------------------------------------------------------------------------------

@@ -424,8 +424,10 @@ class _Run:
                     "bytes": list(self.s.tokenizer.decode_bytes([token]))}
         return {**entry(info.token, info.logprob), "top_logprobs": [entry(t, lp) for t, lp in info.top]}
 
-    def _completion_logprobs(self, infos: list[TokenInfo | None], first_prompt_token: int | None, offset: int
-                             ) -> dict[str, Any]:
+    def _completion_logprobs(self, infos: list[TokenInfo], first_prompt_token: int | None, offset: int
+                             ) -> tuple[dict[str, Any], int]:
+        """The completions protocol's logprobs of these tokens, the first at `offset` in the text; and the
+        offset after the last (where a stream's next chunk goes on)."""
         tokens, logprobs, tops, offsets = [], [], [], []
         position = offset
         if first_prompt_token is not None:  # echo: the prompt's first token has no logprob
@@ -439,7 +441,7 @@ class _Run:
             tops.append({self.s.token_text(t): lp for t, lp in info.top})
             offsets.append(position)
             position += len(text)
-        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}, position
 
     async def _collect(self, events: AsyncIterator[Any], chat: bool, name: str) -> dict[str, Any]:
         texts = [""] * self.n_choices
@@ -454,8 +456,7 @@ class _Run:
                     continue
                 c = item.choice
                 texts[c] += item.text
-                if item.info is not None:
-                    infos[c].append(item.info)
+                infos[c] += item.infos
                 if item.finish_reason:
                     reasons[c] = item.finish_reason
                     counts[c] = item.completion_tokens
@@ -476,9 +477,9 @@ class _Run:
             if self.logprobs is not None:
                 if self.echo:
                     scored = prompt_infos.get((c // n) * n, [])
-                    logprobs = self._completion_logprobs(scored + infos[c], prompt[0], 0)
+                    logprobs, _ = self._completion_logprobs(scored + infos[c], prompt[0], 0)
                 else:
-                    logprobs = self._completion_logprobs(infos[c], None, 0)
+                    logprobs, _ = self._completion_logprobs(infos[c], None, 0)
             choices.append({"index": c, "text": prefix + texts[c], "logprobs": logprobs, "finish_reason": reasons[c]})
         return {"id": self.id, "object": "chat.completion" if chat else "text_completion", "created": self.created,
                 "model": name, "system_fingerprint": None, "choices": choices, "usage": self._usage(sum(counts))}
@@ -496,30 +497,40 @@ class _Run:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         counts = [0] * self.n_choices
+        offsets = [0] * self.n_choices  # completions with logprobs: where each choice's next token starts
+        n = self.body.n
         try:
             if chat:
                 for c in range(self.n_choices):
                     yield chunk([{"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
-            elif self.echo:
+            elif self.echo and self.logprobs is None:  # with logprobs, the prompt goes out once it is scored
                 for c in range(self.n_choices):
-                    yield chunk([{"index": c, "text": self.s.tokenizer.decode(self.prompts[c // self.body.n]),
+                    yield chunk([{"index": c, "text": self.s.tokenizer.decode(self.prompts[c // n]),
                                   "logprobs": None, "finish_reason": None}])
             item = first
             while item is not None:
-                if isinstance(item, Event) and (item.text or item.finish_reason or item.info is not None):
+                if isinstance(item, PromptScores):  # echo with logprobs: a job's prompt, before its replies
+                    prompt = self.prompts[item.choice_offset // n]
+                    logprobs, end = self._completion_logprobs(item.infos, prompt[0], 0)
+                    for c in range(item.choice_offset, item.choice_offset + n):
+                        offsets[c] = end
+                        yield chunk([{"index": c, "text": self.s.tokenizer.decode(prompt), "logprobs": logprobs,
+                                      "finish_reason": None}])
+                elif item.text or item.finish_reason or item.infos:
+                    c = item.choice
                     if item.finish_reason:
-                        counts[item.choice] = item.completion_tokens
+                        counts[c] = item.completion_tokens
                     if chat:
                         delta = {"content": item.text} if item.text or not item.finish_reason else {}
-                        logprobs = ({"content": [self._chat_logprob(item.info)]}
-                                    if item.info is not None else None)
-                        yield chunk([{"index": item.choice, "delta": delta, "logprobs": logprobs,
+                        logprobs = {"content": [self._chat_logprob(i) for i in item.infos]} if item.infos else None
+                        yield chunk([{"index": c, "delta": delta, "logprobs": logprobs,
                                       "finish_reason": item.finish_reason}])
                     else:
-                        logprobs = (self._completion_logprobs([item.info], None, 0)
-                                    if item.info is not None else None)
-                        yield chunk([{"index": item.choice, "text": item.text, "logprobs": logprobs,
+                        logprobs = None
+                        if item.infos:
+                            logprobs, offsets[c] = self._completion_logprobs(item.infos, None, offsets[c])
+                        yield chunk([{"index": c, "text": item.text, "logprobs": logprobs,
                                       "finish_reason": item.finish_reason}])
                 item = await _next(events)
             if include_usage:

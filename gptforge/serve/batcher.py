@@ -40,13 +40,16 @@ class TokenInfo:
 @dataclass
 class Event:
     """What one row produced in one step: newly printable text (may be ""), the token and, on the row's last
-    event, its finish_reason ("stop" / "length"). `info`: log-probabilities, when the request asked."""
+    event, its finish_reason ("stop" / "length"). `infos`: when the request asked for log-probabilities,
+    those of the tokens whose text starts in what has been printed, so they travel with their text (a token
+    held back as a possible stop string start may come out a step later, or never: the tokens at and after
+    the point where a stop string cuts the reply are not part of it)."""
 
     choice: int
     text: str
     token: int | None
     finish_reason: str | None = None
-    info: TokenInfo | None = None
+    infos: list[TokenInfo] = field(default_factory=list)
     completion_tokens: int = 0
 
 
@@ -90,6 +93,7 @@ class Row:
     stream: TextStream
     generated: int = 0
     counts: collections.Counter = field(default_factory=collections.Counter)  # for the OpenAI penalties
+    pending: list[tuple[int, TokenInfo]] = field(default_factory=list)  # (where its text starts, info), unsent
 
     @property
     def config(self) -> SamplingConfig:
@@ -396,8 +400,10 @@ class Batcher:
         row.counts[token] += 1
         reason = None
         if token in row.job.end_ids:
-            reason, text, info = "stop", "", None  # the end marker is not part of the reply
+            reason, text = "stop", ""  # the end marker is not part of the reply (nor are its logprobs)
         else:
+            if info is not None:
+                row.pending.append((len(row.stream.text), info))
             text = row.stream.push(token)
             if row.stream.stopped:
                 reason = "stop"
@@ -405,7 +411,11 @@ class Batcher:
                 reason = "length"
         if reason:
             text += row.stream.close()
-        row.job.deliver(Event(row.job.choice_offset + row.choice, text, token, reason, info, row.generated))
+        # printed so far: infos of tokens starting before it go out; at the end, all but those a stop cut off
+        printed = row.stream.emitted if not reason or row.stream.stopped else None
+        infos = [i for start, i in row.pending if printed is None or start < printed]
+        row.pending = row.pending[len(infos):]
+        row.job.deliver(Event(row.job.choice_offset + row.choice, text, token, reason, infos, row.generated))
         return reason
 
 
