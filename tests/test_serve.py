@@ -290,6 +290,9 @@ def test_models_lists_the_served_model(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert client.models.retrieve(NAME).owned_by == "gptforge"
     assert httpx.get(server[0] + "/health", timeout=10).json() == {"status": "ok"}
+    created = client.models.list().data[0].created
+    time.sleep(1.1)
+    assert client.models.retrieve(NAME).created == client.models.list().data[0].created == created <= time.time()
 
 
 def test_api_key_is_required_on_v1_but_not_on_health(model, tok):
@@ -304,6 +307,18 @@ def test_api_key_is_required_on_v1_but_not_on_health(model, tok):
         good = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0, timeout=30)
         assert good.chat.completions.create(model=NAME, messages=USER, max_tokens=2).usage.completion_tokens <= 2
         assert httpx.get(url + "/health", timeout=10).status_code == 200
+
+
+def test_a_key_beyond_ascii_is_compared_as_utf8_bytes(model, tok):
+    key = "clé-ü"
+    app = create_app(model, tok, name=NAME, settings=ServeSettings(api_key=key))
+    with serving(app) as url:
+        def status(header: bytes) -> int:
+            return httpx.get(url + "/v1/models", headers={"Authorization": header}, timeout=10).status_code
+
+        assert status(b"Bearer " + key.encode()) == 200
+        assert status(b"Bearer " + key.encode("latin-1")) == 401  # other bytes, however a server might decode them
+        assert status(b"Bearer " + key.encode()[:-1]) == 401
 
 
 def test_health_is_503_while_the_model_loads(model, tok):

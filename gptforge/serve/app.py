@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import secrets
 import sys
@@ -112,7 +113,8 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
     settings = settings or ServeSettings()
     if (model is None) == (loader is None):
         raise ValueError("give a model and tokenizer, or a loader")
-    state: dict[str, Any] = {"served": None, "load_error": None}
+    # created: when the model was loaded (or, while it loads, the app made), as /v1/models reports it
+    state: dict[str, Any] = {"served": None, "load_error": None, "created": int(time.time())}
 
     def close() -> None:
         if state["served"] is not None:
@@ -123,13 +125,16 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
         if loader is not None:  # started here, not in create_app: whoever runs the app exists by now
             app.state.loader_thread.start()
         yield
-        close()  # the server is stopping: end the generation loop
+        # the server is stopping: end the generation loop, in a thread (joining it may take a decode step or
+        # a prefill, and the event loop still serves the connections being closed)
+        await asyncio.to_thread(close)
 
     app = FastAPI(title="gptforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.settings = settings
     app.state.model_name = name
 
     def ready(served: _Served) -> None:
+        state["created"] = int(time.time())
         state["served"] = served
         app.state.batcher = served.batcher
 
@@ -181,7 +186,7 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
                                            "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
 
     def model_card() -> dict[str, Any]:
-        card = {"id": name, "object": "model", "created": int(time.time()), "owned_by": "gptforge"}
+        card = {"id": name, "object": "model", "created": state["created"], "owned_by": "gptforge"}
         if state["served"] is not None:  # the context in tokens, under vLLM's name for it (the page reads it)
             card["max_model_len"] = state["served"].block_size
         return card
@@ -333,8 +338,11 @@ class _Run:
             budget = max(1, min(room, limit if limit is not None else room))
             try:
                 config = SamplingConfig(max_new_tokens=budget, temperature=temperature, top_p=top_p, stop=stops)
-            except UserError as e:
-                raise APIError(400, str(e), param="stop")
+            except UserError as e:  # "--top-p: why": name the field as the request spells it
+                option, _, why = str(e).partition(": ")
+                field = option.removeprefix("--").replace("-", "_")
+                field = limit_param if field == "max_new_tokens" else field
+                raise APIError(400, f"{field}: {why}", param=field)
             seeds = [None if body.seed is None else row_seed(body.seed % (1 << 64), p * n + c) for c in range(n)]
             end_ids = frozenset() if body.ignore_eos else s.end_ids
             self.jobs.append(Job(prompt, [config] * n, seeds, deliver=None, end_ids=end_ids,  # type: ignore[arg-type]
@@ -569,8 +577,9 @@ class _BodyAndAuth:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         key = self.settings.api_key
         if key is not None and scope["path"].startswith("/v1/"):
-            given = headers.get("authorization", "")
-            if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), key.encode())):
+            # bytes against bytes: the header as sent, the key as UTF-8 (as clients send a key beyond ASCII)
+            given = next((v for k, v in scope.get("headers", []) if k.lower() == b"authorization"), b"")
+            if not (given.startswith(b"Bearer ") and hmac.compare_digest(given[7:], key.encode("utf-8"))):
                 return await error_response(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
                                             "invalid_request_error", code="invalid_api_key")(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):

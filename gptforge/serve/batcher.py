@@ -125,10 +125,12 @@ class RowsCache:
     decode step writes each row's key at its own length and attends over the slots up to the longest row under
     a per-row mask (banded layers: also only the last `window`).
 
-    Storage is preallocated per layer, (rows, nh, slots, hd), and grows by doubling: the live rows are its
+    Storage is preallocated per layer, (rows, nh, slots, hd), and kept when rows leave: the live rows are its
     first `batch` rows, so a row joining is one copy of its prompt's keys and a row leaving moves the rows
     kept to the front (rows join and leave every few steps; concatenating every buffer each time cost more
-    than a decode step on small models)."""
+    than a decode step on small models). When a joining row needs more, it is reallocated once: rows to at
+    least double what it had, slots to exactly what the longest row needs (prompt + max_tokens), never
+    shrinking while the batch has rows."""
 
     def __init__(self, model: GPT) -> None:
         config = model.config
