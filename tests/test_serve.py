@@ -148,6 +148,20 @@ def test_streamed_n_choices_equal_the_non_streamed_ones(client):
     assert reasons == [c.finish_reason for c in whole.choices]
 
 
+def test_a_reply_ends_where_the_model_opens_a_new_message_as_in_chat_sessions(tok):
+    """A model that writes <|im_start|> has ended its reply: the server stops there, as ChatSession does,
+    instead of streaming the marker as text (chat.tokens.reply_end_ids is the one rule)."""
+    from gptforge.chat.template import IM_START
+    prompt = encode_chat_prompt(tok, USER)
+    opener = random_chat_model(tok, end_at=[len(prompt) + 3], marker=IM_START, block_size=64)
+    expected = greedy_session(opener, tok, 12).ask("hello there")
+    with serving(create_app(opener, tok, name=NAME)) as url:
+        r = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60).chat.completions.create(
+            model=NAME, temperature=0, max_tokens=12, messages=USER)
+    assert r.choices[0].message.content == expected and IM_START not in expected
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 5
+
+
 def test_n_greedy_choices_are_all_the_greedy_reply(client, model, tok):
     expected = greedy_session(model, tok, 200).ask("hello there")
     r = client.chat.completions.create(model=NAME, temperature=0, max_tokens=200, messages=USER, n=3)

@@ -71,7 +71,7 @@ class _Served:
     def __init__(self, model: "GPT", tokenizer: "Tokenizer", settings: ServeSettings) -> None:
         from ..chat.session import chat_template
         from ..chat.template import IM_END, IM_START
-        from ..chat.tokens import has_chat_tokens
+        from ..chat.tokens import has_chat_tokens, reply_end_ids
 
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -88,8 +88,9 @@ class _Served:
         else:
             self.chat_error = (f"this is a base model without a chat template (no {IM_START}/{IM_END} tokens), so it "
                                "serves /v1/completions only; fine-tune it into a chat model with `gptforge sft`")
-        specials = tokenizer.special_tokens
-        self.end_ids = frozenset(specials[t] for t in (IM_END,) if t in specials) | {tokenizer.eot_id}
+        # the rule ChatSession follows (chat.tokens.reply_end_ids: <|im_end|>, <|im_start|>, end-of-text), so a
+        # served reply is the reply `gptforge chat` gives; a base model ends only at end-of-text
+        self.end_ids = reply_end_ids(tokenizer) if has_chat_tokens(tokenizer) else frozenset({tokenizer.eot_id})
         self.batcher = Batcher(model, tokenizer.decode_bytes, tokenizer.vocab_size, settings.max_rows,
                                settings.max_queued)
 
