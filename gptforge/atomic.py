@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -99,18 +101,52 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back for the duration of the block; they are delivered when it ends.
+
+    For a few steps that must not be separated (two renames that replace a directory): a handler that
+    raises between them would leave nothing at the final path. Only the main thread runs Python's signal
+    handlers, so only there is blocking needed (and pthread_sigmask exists only on POSIX)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def publish_directory(tmp: Path, final: Path, overwrite: bool = False) -> None:
     """Make the finished directory `tmp` (next to `final`) visible as `final`: ordinary permissions, every
     file flushed, then one rename. An existing `final` (with `overwrite`) is moved aside first and removed
     after, so a reader finds the old or the new version, never a mix. Used by `atomic_directory`, and
-    directly where several processes fill `tmp` (sharded checkpoints)."""
+    directly where several processes fill `tmp` (sharded checkpoints).
+
+    Replacing takes two renames (final -> aside, tmp -> final). Ctrl-C and SIGTERM are held back between
+    them, so a stop request never leaves nothing at `final`; if the second rename fails, the old version
+    is moved back, so an error leaves `final` as it was."""
     publish_tree(tmp)
     if final.exists():
         if not overwrite:
             raise FileExistsError(final)
         old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".old.", dir=final.parent))
-        os.replace(final, old / "x")
-        os.replace(tmp, final)
+        with stop_signals_deferred():
+            try:
+                os.replace(final, old / "x")
+            except BaseException:
+                os.rmdir(old)
+                raise
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old / "x", final)  # the old version back: `final` is as it was
+                os.rmdir(old)
+                raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)

@@ -310,6 +310,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_sigterm_after_the_output_is_in_place_does_not_say_unchanged(tmp_path, monkeypatch, capsys):
+    """The final renames hold SIGTERM back, so it can be handled just after them, when --out is the new data."""
+    import gptforge.data.prepare as prepare_module
+    from gptforge.cli import main
+    from gptforge.commands.prepare import Terminated
+
+    def finished_then_terminated(sources, tokenizer, out, **kwargs):
+        Path(out).mkdir()
+        raise Terminated
+    monkeypatch.setattr(prepare_module, "prepare", finished_then_terminated)
+    assert main(["prepare", "d.jsonl", "--out", str(tmp_path / "out")]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "is unchanged" not in err and f"{tmp_path / 'out'} is complete" in err
+
+
 def test_cli_prepares(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", ["some text", "more text"])
     result = run_cli("d.jsonl", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1", cwd=tmp_path)

@@ -55,12 +55,26 @@ def _on_sigterm(owner: int):
     return handler
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    """What is at `path` now (device, inode), to tell afterwards whether a new directory was renamed there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+    before = _identity(args.out)
     try:
         return _run_chat(args) if args.chat or args.chat_format or args.context else _run_text(args)
     except Terminated:
-        print(f"gptforge prepare: terminated (SIGTERM); {args.out} is unchanged", file=sys.stderr)
+        # The final renames hold SIGTERM back (gptforge.atomic), so it can arrive just after them: then the
+        # new data is whole and in place, and saying "unchanged" would be false.
+        now = _identity(args.out)
+        state = "unchanged" if now == before else "complete (the signal came as it was finished)"
+        print(f"gptforge prepare: terminated (SIGTERM); {args.out} is {state}", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
