@@ -265,6 +265,39 @@ def test_out_dir_rules(tmp_path):
         prepare([source], "bpe:many", tmp_path / "x")
 
 
+@pytest.mark.parametrize("boundary", ["mount point", "other filesystem"])
+def test_out_on_another_filesystem_is_refused_before_any_work(tmp_path, monkeypatch, boundary):
+    """The finished data is renamed over --out from beside it; at a mount point that rename fails (EBUSY,
+    EXDEV) only after all the tokenizing, so it must be refused first."""
+    import gptforge.data.prepare as prepare_module
+
+    source = str(write_jsonl(tmp_path / "d.jsonl", ["one doc", "two doc"]))
+    out = tmp_path / "mnt"
+    out.mkdir()
+    if boundary == "mount point":
+        real_ismount = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(out) or real_ismount(p))
+    else:
+        real_stat = os.stat
+
+        def stat(path, *args, **kwargs):
+            st = real_stat(path, *args, **kwargs)
+            if os.fspath(path) == str(out):
+                return os.stat_result((st.st_mode, st.st_ino, st.st_dev + 1, *tuple(st)[3:]))
+            return st
+        monkeypatch.setattr(os, "stat", stat)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("tokenizer work started")
+    monkeypatch.setattr(prepare_module, "build_tokenizer", no_work)
+    for force in (False, True):
+        with pytest.raises(UserError, match=rf"--out {out} is a mount point .*pass a subdirectory, e.g. --out "
+                                            rf"{out / 'data'}") as e:
+            prepare([source], "char", out, workers=1, force=force)
+        assert "\n" not in str(e.value)
+    assert list(out.iterdir()) == [] and leftovers(tmp_path) == []
+
+
 @pytest.mark.usefixtures("hard_timeout")
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interrupt_leaves_nothing_and_keeps_the_old_data(tmp_path, monkeypatch, workers):

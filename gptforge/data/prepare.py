@@ -189,14 +189,33 @@ class _SplitWriters:
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> bool:
-    """Whether an existing out_dir may be replaced; refuse a non-empty one unless forced."""
+    """Whether an existing out_dir may be replaced; refuse a non-empty one unless forced, and one that no
+    rename can replace."""
     if not out_dir.exists():
         return False
     if not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; choose a directory path")
+    _check_same_filesystem(out_dir)
     if any(out_dir.iterdir()) and not force:
         raise UserError(f"--out {out_dir} is not empty; choose a new directory or pass --force to replace it")
     return True
+
+
+def _check_same_filesystem(out_dir: Path) -> None:
+    """Refuse an existing `out_dir` on another filesystem than its parent (a mount point, typically).
+
+    The data is built in a temporary directory beside `out_dir`, on the parent's filesystem, and renamed
+    over `out_dir` at the end; that rename fails across a filesystem boundary (EXDEV, or EBUSY for a mount
+    point), which would throw the whole tokenization away. A subdirectory of the mount has no such boundary."""
+    absolute = Path(os.path.abspath(out_dir))
+    try:
+        crosses = os.path.ismount(absolute) or os.stat(absolute).st_dev != os.stat(absolute.parent).st_dev
+    except OSError:
+        return  # unreadable: the lock and the temporary directory report it in their own words
+    if crosses:
+        raise UserError(f"--out {out_dir} is a mount point (or on another filesystem than {absolute.parent}), and "
+                        "prepare replaces its output by renaming a finished directory into place, which cannot "
+                        f"cross filesystems; pass a subdirectory, e.g. --out {out_dir / 'data'}")
 
 
 def remove_stale_temporaries(out_dir: Path) -> list[str]:
@@ -257,8 +276,7 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; choose a directory path")
+    _check_out_dir(out_dir, force)  # fail before any work; prepared_output checks again, locked
     resolved = resolve_sources(sources, glob)
     started = time.monotonic()
 
