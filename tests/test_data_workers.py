@@ -127,3 +127,65 @@ class TestWorkerPool:
             assert next(results) == 0  # item 1 is still being worked on: its answer would come to the next map
             with pytest.raises(RuntimeError, match="left unfinished"):
                 next(pool.map(range(3)))
+
+
+ORPHANED_POOL = """
+import ctypes, os, sys, time
+def no_prctl(*args, **kwargs):
+    raise OSError("prctl unavailable")  # as on any OS but Linux: only the socket can tell a worker
+if sys.argv[1] == "socket-only":
+    ctypes.CDLL = no_prctl
+from gptforge.data.workers import WorkerPool
+def echo(x):
+    return os.getpid()
+pool = WorkerPool(2, echo)
+print(" ".join(str(pid) for pid in sorted(set(pool.map(range(8))))), flush=True)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="watches processes through /proc")
+@pytest.mark.parametrize("how", ["socket-only", "linux"])
+def test_workers_leave_when_their_parent_is_killed(how):
+    """SIGKILL of the parent: no clean-up runs there, so the workers must notice by themselves (the kernel's
+    parent-death signal on Linux; everywhere, EOF on their socket, which they only see if no copy of the
+    parent's end is left open in the worker itself)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANED_POOL, how], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    workers: list[int] = []
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) >= 1 and all(alive(pid) for pid in workers)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if alive(pid)], "workers outlived their killed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_whose_parent_is_already_gone_leaves_at_once(monkeypatch):
+    """The parent-death signal is armed only after the fork: a parent that died before that never sends it,
+    so the worker checks that its parent is still the one that started it (here it looks reparented)."""
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # inherited by the forked workers
+    with WorkerPool(1, slow_square) as pool:
+        with pytest.raises(WorkerDied, match="exited with code 1"):
+            list(pool.map(range(3)))

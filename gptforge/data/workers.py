@@ -18,6 +18,7 @@ worker are in flight or waiting, so memory stays flat.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 from multiprocessing.connection import Connection, wait
@@ -28,21 +29,30 @@ from ..errors import UserError
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _die_with_parent() -> None:
-    """Linux: the kernel SIGKILLs this worker when the parent dies, however it dies (SIGKILL included),
-    so a worker never outlives its prepare. Elsewhere the closed socket ends the worker at its next read."""
-    if sys.platform != "linux":
-        return
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel SIGKILLs this worker when the parent dies, however it dies (SIGKILL included), so a
+    worker never outlives its prepare, even while busy with an item. The request covers only a death after
+    it is made: a parent already gone by then (this process reparented) is checked for, and this worker
+    leaves. Everywhere, the parent's death also closes the parent's end of this worker's socket, which ends
+    the worker at its next read (`_worker_main` closes its inherited copy of that end so that EOF can come)."""
+    if sys.platform == "linux":
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died before the request: nobody will read our answers
 
 
-def _worker_main(conn: Connection, others: list[Connection], func: Callable[[Any], Any],
+def _worker_main(conn: Connection, parent_ends: list[Connection], parent: int, func: Callable[[Any], Any],
                  initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    """Run in the worker: answer each item with (True, func(item)) or (False, the exception)."""
+    """Run in the worker: answer each item with (True, func(item)) or (False, the exception).
+
+    `parent_ends` are the parent's ends of this worker's socket and of earlier workers' ones, inherited by
+    the fork: each is closed at once, since a socket's peer sees EOF only when every copy of the other end
+    is closed (this worker keeping its own parent's end would never see the parent's death; keeping an
+    earlier worker's would hide that worker's death from the parent)."""
     # Ctrl-C goes to the whole foreground group: the parent handles it and kills us. SIGTERM keeps its
     # default action (a worker dies at once and holds nothing another process needs). Both were blocked by
     # the parent around the fork, so no inherited handler of the parent ever runs here.
@@ -50,9 +60,9 @@ def _worker_main(conn: Connection, others: list[Connection], func: Callable[[Any
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    _die_with_parent()
-    for other in others:  # the parent's ends of earlier workers' sockets: keep their EOF meaningful
-        other.close()
+    for end in parent_ends:
+        end.close()
+    _die_with_parent(parent)
     setup_error: BaseException | None = None
     try:
         if initializer is not None:
@@ -107,7 +117,8 @@ class WorkerPool:
             for _ in range(workers):
                 parent_end, child_end = context.Pipe(duplex=True)
                 process = context.Process(target=_worker_main, daemon=True,
-                                          args=(child_end, list(self.conns), func, initializer, initargs))
+                                          args=(child_end, [*self.conns, parent_end], os.getpid(), func,
+                                                initializer, initargs))
                 try:
                     process.start()
                 finally:
