@@ -23,6 +23,8 @@ import pytest
 from gptforge.cli import main
 from gptforge.layout import LOCK_FILE
 
+from test_data_readers import damaged_parquet
+
 TRAIN_SMALL = ["--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2",
                "--set", "model.block_size=16", "--set", "train.tokens_per_step=64",
                "--set", "train.micro_batch_size=4", "--set", "train.warmup_steps=1", "--set", "train.eval_every=2",
@@ -120,6 +122,8 @@ CASES = [
     Case("prepare-empty-file", ["prepare", "t.txt", "--out", "out", "--tokenizer", "char"], ("t.txt",),
          setup=_write("t.txt", "")),
     Case("prepare-bad-int", ["prepare", "t.txt", "--out", "out", "--seed", "x"], ("--seed",)),
+    Case("prepare-damaged-parquet", ["prepare", "d.parquet", "--out", "out", "--tokenizer", "char"],
+         ("d.parquet", "damaged"), setup=lambda work: damaged_parquet(work / "d.parquet")),
     # ---- train ----
     Case("train-unknown-key", ["train", "--data", "data", "--out", "r2", "--set", "train.lrr=1e-3"],
          ("train.lrr",)),

@@ -72,6 +72,45 @@ def test_parquet_rows_and_required_columns(tmp_path):
         list(read_records(tmp_path / "bad.parquet", ReadReport()))
 
 
+def damaged_parquet(path, rows=3072, row_group=1024, damaged_group=2):
+    """A Parquet file whose footer and first row groups are intact and whose row group `damaged_group` has
+    its compressed page bytes scrambled: it opens, and fails only when that row group is decoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(rows)]}), path,
+                   row_group_size=row_group, compression="snappy")
+    column = pq.ParquetFile(path).metadata.row_group(damaged_group).column(0)
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    for k in range(start + 40, start + column.total_compressed_size - 10):  # past the page header
+        data[k] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("failure", ["corrupt bytes", "ArrowInvalid"])
+def test_a_parquet_file_damaged_mid_way_is_one_line_naming_it(tmp_path, monkeypatch, failure):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = damaged_parquet(tmp_path / "d.parquet")
+    if failure == "ArrowInvalid":  # what a malformed page can raise instead of an I/O error
+        def iter_batches(self, **kwargs):
+            yield pa.record_batch({"text": ["ok"] * 3})
+            raise pa.ArrowInvalid("Invalid column data\nmore detail")
+        monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+    seen = []
+    with pytest.raises(UserError) as e:
+        for where, _ in read_records(path, ReadReport(), what="source"):
+            seen.append(where)
+    message = str(e.value)
+    n = 2048 if failure == "corrupt bytes" else 3
+    assert message.startswith(f"source {path}: damaged Parquet file, unreadable after row {n} (")
+    assert "re-create or re-download it" in message and "\n" not in message
+    assert len(seen) == n  # the rows before the damage were read
+
+
 def test_hub_datasets_through_an_injected_loader_and_spec_parsing():
     calls = []
 

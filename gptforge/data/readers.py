@@ -10,7 +10,8 @@ and the same bad-line policy:
 * Bytes that are not UTF-8 and lone UTF-16 surrogates (`"\\ud800"` in JSON, common in web scrapes; no
   tokenizer or file can hold one) are **replaced by U+FFFD and counted**, with the first places named.
 * It is an error (`UserError`, one line) only when nothing usable is left: a missing, empty or unreadable
-  file, a Parquet file without a requested column, a hub dataset that cannot be loaded, or — decided by the
+  file (a Parquet file damaged partway included: a bad row group cannot be skipped like a bad line), a
+  Parquet file without a requested column, a hub dataset that cannot be loaded, or — decided by the
   caller, who knows what "usable" means — no usable record at all (`ReadReport.nothing_usable`).
 
 Use it like this (the pattern prepare, the evals and SFT data follow):
@@ -288,6 +289,7 @@ def _json_list_records(path: Path, text: str, report: ReadReport, what: str) -> 
 def _parquet_records(path: Path, report: ReadReport, columns: list[str] | None, hint: str,
                      what: str) -> Iterator[tuple[str, Record]]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{what} {path}: reading .parquet files needs the 'pyarrow' package; "
@@ -302,9 +304,23 @@ def _parquet_records(path: Path, report: ReadReport, columns: list[str] | None, 
         if column not in names:
             raise UserError(f"{what} {path}: no column {column!r} (found: {', '.join(names)})"
                             f"{'; ' + hint if hint else ''}")
+    # A damaged column chunk surfaces only when its row group is decoded: OSError (pyarrow's ArrowIOError,
+    # e.g. "Corrupt snappy compressed data") or ArrowInvalid (a ValueError). A row group cannot be skipped
+    # like a bad JSONL line (its extent is unknown once its bytes are wrong), so it is an unreadable file:
+    # one line naming it and where reading stopped.
+    batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)
     n = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
-        for row in batch.to_pylist():
+    while True:
+        try:
+            batch = next(batches, None)
+            rows = batch.to_pylist() if batch is not None else []
+        except (OSError, ValueError, pa.ArrowException) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{what} {path}: damaged Parquet file, unreadable after row {n} ({reason}); "
+                            "re-create or re-download it") from None
+        if batch is None:
+            return
+        for row in rows:
             yield f"{path} row {n}", row
             n += 1
 
