@@ -114,3 +114,61 @@ def test_state_json_is_plain_json(tmp_path, tiny_config):
     path = _save(tmp_path, 3, model, opt)
     state = json.loads((path / "state.json").read_text())
     assert state["step"] == 3 and set(state["rng"]) >= {"python", "numpy", "torch"}
+
+
+class FakeCuda:
+    """torch.cuda's generator functions for `visible` GPUs, on CPU: each generator state is a byte tensor."""
+
+    def __init__(self, monkeypatch, visible: int, current: int = 0) -> None:
+        self.states = {i: torch.full((16,), i + 1, dtype=torch.uint8) for i in range(visible)}
+        self.current = current
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+
+    def _index(self, device):
+        if isinstance(device, int):
+            index = device
+        else:
+            index = torch.device(device).index
+            index = self.current if index is None else index
+        if index not in self.states:
+            raise IndexError(f"no GPU {index}")  # what torch.cuda raises for a device that is not visible
+        return index
+
+    def get(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set(self, state, device="cuda"):
+        self.states[self._index(device)] = state.clone()
+
+
+def test_only_the_training_devices_cuda_generator_is_saved(monkeypatch):
+    """Saving every visible GPU's generator made the state unrestorable where fewer GPUs are visible."""
+    import base64
+    cuda = FakeCuda(monkeypatch, visible=4)
+    state = capture_rng(torch.device("cuda", 2))
+    assert base64.b64decode(state["cuda_device"]) == bytes([3] * 16) and "cuda" not in state
+    cuda.current = 1
+    assert base64.b64decode(capture_rng(torch.device("cuda"))["cuda_device"]) == bytes([2] * 16)
+    assert "cuda_device" not in capture_rng(torch.device("cpu"))
+
+    one_gpu = FakeCuda(monkeypatch, visible=1)  # resumed on a machine with one GPU
+    restore_rng(state, torch.device("cuda", 0))
+    assert one_gpu.states[0].tolist() == [3] * 16
+
+
+def test_a_state_of_every_visible_gpu_written_before_is_still_read(monkeypatch):
+    import base64
+    old = capture_rng()
+    old["cuda"] = [base64.b64encode(bytes([10 + i] * 16)).decode() for i in range(4)]  # 4 GPUs were visible
+    cuda = FakeCuda(monkeypatch, visible=2)
+    restore_rng(old, torch.device("cuda", 1))  # this rank trains on its own GPU: its entry is taken
+    assert cuda.states[1].tolist() == [11] * 16 and cuda.states[0].tolist() == [1] * 16
+    del old["cuda"][1:]
+    with pytest.raises(UserError, match=r"covers 1 GPU\(s\), none for cuda:1 .*CUDA_VISIBLE_DEVICES") as e:
+        restore_rng(old, torch.device("cuda", 1))
+    assert "\n" not in str(e.value)

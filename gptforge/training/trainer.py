@@ -207,7 +207,7 @@ class Trainer:
                 "schedule": {"name": self.tc.schedule, "total_steps": self.plan.total_steps},
                 "precision": self.precision, "world_size": self.world_size, "parallel": self.parallel,
                 "global_batch_tokens": self.plan.full_tokens, "log_window": self.progress.state_dict(),
-                "loader": self.batches.state_dict(), "rng": capture_rng()}
+                "loader": self.batches.state_dict(), "rng": capture_rng(self.device)}
 
     def save(self) -> Path:
         """Checkpoint the current step (a collective; a failure leaves the previous checkpoint as newest)."""
@@ -231,12 +231,15 @@ class Trainer:
             self.progress.load_state_dict(dict(state.get("log_window", {})))
             self.batches.load_state_dict(state["loader"])  # a global cursor: exact for any world size
             per_rank = state.get("rng_per_rank")
-            if per_rank and len(per_rank) == self.world_size:
-                restore_rng(per_rank[self.rank])
-            else:
-                restore_rng(state["rng"])
-                if self.world_size > 1:
-                    torch.manual_seed(self.tc.seed + 1_000_003 * self.rank + 7919 * self.counters.step)
+            try:
+                if per_rank and len(per_rank) == self.world_size:
+                    restore_rng(per_rank[self.rank], self.device)
+                else:
+                    restore_rng(state["rng"], self.device)
+                    if self.world_size > 1:
+                        torch.manual_seed(self.tc.seed + 1_000_003 * self.rank + 7919 * self.counters.step)
+            except UserError as e:  # a state it understood but cannot apply on this machine
+                raise UserError(f"{path / STATE_FILE}: {e}") from None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise UserError(f"{path / STATE_FILE} is missing an entry or has a malformed one ({e!r}); resume "
                             "from an earlier checkpoint (--resume RUN/checkpoints/step_N) or start over with "
