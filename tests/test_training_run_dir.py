@@ -117,3 +117,31 @@ def test_existing_checkpoints_need_resume_or_fresh(finished_run, tmp_path):
     with pytest.raises(UserError, match="--resume .*--fresh"):
         directory.open(tiny_config(run.parent, run), resume=None, fresh=False)
     assert not directory.lock.held  # a refused open leaves the directory unlocked
+
+
+def test_a_missing_metrics_package_is_refused_before_fresh_moves_anything(data, finished_run, tmp_path, monkeypatch):
+    import sys
+
+    from gptforge.training.trainer import Trainer
+
+    run = _copy(finished_run, tmp_path)
+    before = _snapshot(run)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
+    config = tiny_config(data, run, **{"train.tensorboard": True})
+    with pytest.raises(UserError, match="train.tensorboard=true needs the tensorboard package"):
+        Trainer(config, fresh=True, log=lambda m: None)
+    assert _snapshot(run) == before and not (run / PREVIOUS_RUN_DIR).exists()
+    DirectoryLock(run, what="run directory").acquire().release()  # not left locked
+
+
+def test_a_failure_setting_up_metrics_in_fit_releases_the_run_lock(data, tmp_path, monkeypatch):
+    import gptforge.training.trainer as trainer_module
+
+    def broken(*args, **kwargs):
+        raise UserError("metrics backend failed")
+
+    trainer = trainer_module.Trainer(tiny_config(data, tmp_path / "run"), log=lambda m: None)
+    monkeypatch.setattr(trainer_module, "MetricsLogger", broken)
+    with pytest.raises(UserError, match="metrics backend failed"):
+        trainer.fit()
+    assert not trainer.run_dir.lock.held

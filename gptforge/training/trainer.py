@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, TrainConfig
 from ..errors import UserError
 from ..info import flops_per_token
 from ..units import human_count
@@ -132,7 +132,12 @@ class Trainer:
 
         # ---- the run directory (rank 0 alone touches it; every rank learns where to start, or its error) ----
         self.run_dir = RunDirectory(tc.out_dir, self.log)
-        resume_path = D.on_main(lambda: self.run_dir.open(config, resume, fresh))
+
+        def open_run_dir() -> Path | None:
+            check_metrics_backends(tc)  # rank 0 alone logs to them
+            return self.run_dir.open(config, resume, fresh)
+
+        resume_path = D.on_main(open_run_dir)
         try:
             if resume_path is not None:
                 init_state = None  # the checkpoint's weights win
@@ -277,9 +282,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train until max_steps / max_tokens / max_time or a signal; checkpoint and return the outcome."""
         tc = self.tc
-        self.progress.metrics = MetricsLogger(self.run_dir.path, tc.tensorboard, tc.wandb, tc.wandb_project,
-                                              self.config.to_dict()) if self.is_main else None
         try:
+            self.progress.metrics = MetricsLogger(self.run_dir.path, tc.tensorboard, tc.wandb, tc.wandb_project,
+                                                  self.config.to_dict()) if self.is_main else None
             with self.stop.handling_signals():
                 return self._loop()
         finally:
@@ -370,6 +375,23 @@ class Trainer:
             self.progress.report_eval(self.counters.step, self.counters.tokens, results)
             plot_losses(self.run_dir.path)
         return results.get("val_loss")
+
+
+def check_metrics_backends(tc: TrainConfig) -> None:
+    """Import the packages train.tensorboard / train.wandb need, so a missing one is a one-line error before
+    the run directory is touched (MetricsLogger, created in fit(), would find out only after --fresh had moved
+    the previous run aside and config.json was written). The messages are MetricsLogger's."""
+    if tc.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise UserError("train.tensorboard=true needs the tensorboard package: "
+                            "pip install 'gptforge[tensorboard]'") from None
+    if tc.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("train.wandb=true needs the wandb package: pip install 'gptforge[wandb]'") from None
 
 
 def _configure_torch(device: torch.device, deterministic: bool) -> None:
