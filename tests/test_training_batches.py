@@ -44,3 +44,41 @@ def test_chat_data_is_served_by_the_masked_chat_loader():
     from gptforge.layout import CHAT_DATA_KIND
     module, _, name = BATCH_SOURCES[CHAT_DATA_KIND].partition(":")
     assert (module, name) == (ChatLoader.__module__, ChatLoader.__name__)
+
+
+def _train_api(config):
+    from gptforge.training.trainer import train
+    return train(config, log=lambda m: None)
+
+
+def test_a_model_vocabulary_below_the_datas_is_one_line_before_the_run_starts(data, tmp_path):
+    """Through the Python API nothing fits model.vocab_size to the data: the first batch with a larger id
+    was an IndexError traceback from inside the embedding."""
+    import dataclasses
+
+    from _train_helpers import tiny_config
+    config = tiny_config(data, tmp_path / "run")
+    vocab = config.model.vocab_size
+    small = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab - 5))
+    with pytest.raises(UserError, match=rf"model.vocab_size={vocab - 5} is smaller than the tokenizer of {data} "
+                                        rf"\({vocab} ids\)") as e:
+        _train_api(small)
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_ids_past_the_model_in_any_split_are_refused_naming_the_shard(data, tmp_path):
+    """The validation split is read by the same model: an id past it there failed only at the first eval."""
+    import numpy as np
+
+    from _train_helpers import tiny_config
+    from gptforge.data.shards import open_shard, write_shard
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    config = tiny_config(copy, tmp_path / "run")
+    shard = copy / "val_000000.bin"
+    tokens = np.array(open_shard(shard))
+    tokens[5] = config.model.vocab_size + 200  # past the embedding's padded rows too
+    write_shard(shard, tokens, tokens.dtype)
+    with pytest.raises(UserError, match=rf"shard {shard} holds token id {config.model.vocab_size + 200}"):
+        _train_api(config)
+    assert not (tmp_path / "run").exists()

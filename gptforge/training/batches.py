@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
@@ -61,9 +62,36 @@ def data_kind(data_dir: str | os.PathLike) -> str:
     return kind
 
 
+def check_ids_fit_model(data_dir: str | os.PathLike, vocab_size: int) -> None:
+    """Refuse (one line naming the data or the shard) data with token ids the model has no embedding row for.
+
+    An id past the embedding is an IndexError deep inside the first forward pass. Every split is checked,
+    since validation reads `val` with the same model; only shard headers are read. Whatever the kind of data,
+    its manifest lists each split's token shards under `shards`."""
+    from ..data.loader import vocab_limit
+    from ..data.prepare import read_manifest
+    from ..data.shards import check_vocab
+
+    manifest = read_manifest(data_dir)
+    tokenizer = manifest.get("tokenizer")
+    data_vocab = tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None
+    if isinstance(data_vocab, int) and vocab_size < data_vocab:
+        raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer of {data_dir} ({data_vocab} "
+                        f"ids); raise it to at least {data_vocab}")
+    limit = vocab_limit(manifest, vocab_size)
+    for split in manifest.get("splits", {}).values():
+        for entry in split.get("shards", []):
+            check_vocab(Path(data_dir) / entry["file"], *limit)
+
+
 def open_batch_source(data_dir: str | os.PathLike, split: str, seq_len: int, batch_size: int, seed: int = 0,
-                      rank: int = 0, world_size: int = 1) -> BatchSource:
-    """The batch source for `data_dir`'s kind of data (a UserError naming the directory when unusable)."""
+                      rank: int = 0, world_size: int = 1, vocab_size: int | None = None) -> BatchSource:
+    """The batch source for `data_dir`'s kind of data (a UserError naming the directory when unusable).
+
+    `vocab_size`: the model's real vocabulary; with it, no token id of the data may reach past it
+    (`check_ids_fit_model`), checked here for every kind of source."""
     module, _, name = BATCH_SOURCES[data_kind(data_dir)].partition(":")
+    if vocab_size is not None:
+        check_ids_fit_model(data_dir, vocab_size)
     cls = getattr(importlib.import_module(module), name)
     return cls(data_dir, split, seq_len, batch_size, seed=seed, rank=rank, world_size=world_size)

@@ -84,8 +84,8 @@ class Trainer:
 
     `resume`: None (the run directory must have no checkpoints), "auto" (newest valid checkpoint, or a new run
     when there is none) or a checkpoint directory. `fresh=True` starts over, keeping the previous run aside
-    until the first new checkpoint exists. Data, tokenizer, memory and evaluation settings are all checked
-    before the run directory is touched.
+    until the first new checkpoint exists. Data (its token ids against the model's vocabulary too), tokenizer,
+    memory, evaluation and metrics settings are all checked before the run directory is touched.
     """
 
     def __init__(self, config: RunConfig, resume: str | None = None, fresh: bool = False,
@@ -120,7 +120,8 @@ class Trainer:
             self.plan = StepPlan.of(tc, self.seq_len, self.world_size)
         self.config, self.tc = config, tc
         self.batches = open_batch_source(config.data.path, "train", self.seq_len, tc.micro_batch_size,
-                                         seed=config.data.seed, rank=self.rank, world_size=self.world_size)
+                                         seed=config.data.seed, rank=self.rank, world_size=self.world_size,
+                                         vocab_size=config.model.vocab_size)
         data_tokenizer = load_tokenizer_or_none(Path(config.data.path) / TOKENIZER_DIR, strict=True)
         callbacks = list(eval_callbacks)
         if tc.eval_tasks:
