@@ -138,6 +138,8 @@ CASES = [
     Case("train-resume-and-fresh", ["train", "--out", "run", "--resume", "--fresh"], ("--resume", "--fresh")),
     Case("train-resume-missing-checkpoint", ["train", "--out", "run", "--resume", "run/checkpoints/step_99"],
          ("step_99",)),
+    Case("train-resume-older-than-newest", ["train", "--out", "run", "--resume", "run/checkpoints/step_2"],
+         ("step_4", "run/checkpoints", "--out")),
     Case("train-negative-steps", ["train", "--data", "data", "--out", "r2", "--set", "train.max_steps=-5"],
          ("max_steps",)),
     Case("train-lr-nan", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL, "--set", "train.max_steps=2",
