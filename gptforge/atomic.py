@@ -109,16 +109,23 @@ def stop_signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM back for the duration of the block; they are delivered when it ends.
 
     For a few steps that must not be separated (two renames that replace a directory): a handler that
-    raises between them would leave nothing at the final path. Only the main thread runs Python's signal
-    handlers, so only there is blocking needed (and pthread_sigmask exists only on POSIX)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    raises between them would leave nothing at the final path. The block swaps in Python handlers that only
+    note the signal, then restores the real ones and raises the first signal noted again. Why not
+    pthread_sigmask: it blocks the calling thread only, and the kernel hands a process-directed SIGTERM to
+    any thread that does not block it (torch's worker threads), after which Python runs its handler in the
+    main thread anyway. Only the main thread may set handlers (elsewhere the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    noted: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if noted:
+            signal.raise_signal(noted[0])  # now to the real handler (a KeyboardInterrupt, the command's exit)
 
 
 def publish_directory(tmp: Path, final: Path, overwrite: bool = False) -> None:

@@ -101,6 +101,11 @@ def test_a_stop_signal_between_the_two_renames_waits_until_the_new_directory_is_
         seen.append("handled")
         raise KeyboardInterrupt
 
+    # another thread is alive, as torch's are: the kernel may hand it the process's SIGTERM
+    import threading
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, daemon=True)
+    other.start()
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     monkeypatch.setattr(os, "replace", replace)
     try:
@@ -109,5 +114,6 @@ def test_a_stop_signal_between_the_two_renames_waits_until_the_new_directory_is_
                 (tmp / "a").write_text("new")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        done.set()
     assert seen == [False, True, "handled"]  # handled only once both renames were done
     assert (target / "a").read_text() == "new"
