@@ -110,3 +110,31 @@ def tiny_run(tmp_path) -> Path:
             logger.log({"step": step, "tokens": step * 512, "val_loss": 4.5 - step / 100, "val_ppl": 1.0})
     (run / "checkpoints" / "step_300" / "model.safetensors").write_bytes(b"truncated")
     return run
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """Ctrl-C reaches a spawned command as it would at a terminal. A shell that runs the tests in the background
+    (`pytest &`, some CI runners) leaves SIGINT ignored; children inherit that through exec, and Python then
+    installs no KeyboardInterrupt handler, so the command would never see the test's Ctrl-C."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def terminal():
+    """spawn("chat", *args, env=..., prompt="> ") runs `gptforge COMMAND` in a real pseudo-terminal (pexpect)
+    and waits for its prompt; every child is closed (killed if need be) when the test ends, pass or fail,
+    so a failed terminal test leaves no process behind for later tests to trip over."""
+    pexpect = pytest.importorskip("pexpect")
+    children = []
+
+    def spawn(command: str, *args: str, env: dict[str, str], prompt: str):
+        child = pexpect.spawn(sys.executable, ["-m", "gptforge", command, *args], env=env, encoding="utf-8",
+                              timeout=60, dimensions=(50, 200), preexec_fn=_sigint_as_in_a_terminal)
+        children.append(child)
+        child.expect_exact(prompt)
+        return child
+
+    yield spawn
+    for child in children:
+        child.close(force=True)

@@ -69,24 +69,17 @@ def test_bad_sampling_option_is_one_line(chat_model):
 pexpect = pytest.importorskip("pexpect")
 
 
-def _spawn(*args):
-    child = pexpect.spawn(sys.executable, ["-m", "gptforge", "chat", *args], env=_env(), encoding="utf-8",
-                          timeout=60, dimensions=(50, 200))
-    child.expect_exact("> ")
-    return child
-
-
 def _reply_of(child):
     """The text printed between the echoed input line and the next prompt."""
     child.expect_exact("\r\n> ")
     return child.before
 
 
-def test_terminal_conversation_commands_and_history(chat_model, tmp_path):
+def test_terminal_conversation_commands_and_history(chat_model, tmp_path, terminal):
     path, model, tok = chat_model
     first, second = _expected(model, tok, "hello", "the fox?")
     [fresh] = _expected(model, tok, "the fox?")
-    child = _spawn("--model", path, "--temperature", "0")
+    child = terminal("chat", "--model", path, "--temperature", "0", env=_env(), prompt="> ")
     child.sendline("hello")
     child.expect_exact("hello\r\n")  # the terminal echoes the typed line
     assert _reply_of(child) == first.replace("\n", "\r\n")
@@ -115,11 +108,12 @@ def test_terminal_conversation_commands_and_history(chat_model, tmp_path):
     assert json.loads((tmp_path / "talk.jsonl").read_text(encoding="utf-8")) == {"messages": []}
 
 
-def test_ctrl_c_stops_the_reply_not_the_program_and_ctrl_d_quits(tmp_path):
+def test_ctrl_c_stops_the_reply_not_the_program_and_ctrl_d_quits(tmp_path, terminal):
     tok = chat_tokenizer("char")
     model = random_chat_model(tok, end_at=100_000, block_size=8192)  # replies only end at --max-new-tokens
     path = save_chat_checkpoint(tmp_path / "ckpt", model, tok)
-    child = _spawn("--model", path, "--temperature", "0", "--max-new-tokens", "8000")
+    child = terminal("chat", "--model", path, "--temperature", "0", "--max-new-tokens", "8000", env=_env(),
+                     prompt="> ")
     child.sendline("hello")
     child.expect_exact("hello\r\n")
     child.expect(".{20}")  # the reply is streaming (the terminal's buffer soon blocks the writer: it waits)
