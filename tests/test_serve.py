@@ -471,13 +471,7 @@ def test_a_client_that_disconnects_stops_its_row(model, tok):
             for _ in range(5):
                 next(lines)
         # the response is closed: within a step or so the row leaves and the count stops growing
-        deadline = time.monotonic() + 10
-        while batcher.rows:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        stopped_at = batcher.generated_tokens
-        time.sleep(0.3)
-        assert batcher.generated_tokens == stopped_at < 500
+        _assert_generation_stops(batcher)
 
 
 def test_the_batch_going_empty_is_not_an_error(monkeypatch, model, tok):
@@ -563,6 +557,18 @@ def test_a_non_streamed_reply_waiting_over_a_second_is_answered_whole(model, tok
     assert r.choices[0].finish_reason == "stop"
 
 
+def _assert_generation_stops(batcher) -> None:
+    """The row of a client that left is gone within a step or so, and the generated-token count stops growing
+    well before the request's 1000 tokens."""
+    deadline = time.monotonic() + 10
+    while batcher.rows:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    stopped_at = batcher.generated_tokens
+    time.sleep(0.3)
+    assert batcher.generated_tokens == stopped_at < 500
+
+
 def test_a_non_streamed_client_that_disconnects_stops_its_row(tok):
     slow = random_chat_model(tok, end_at=[1023], block_size=1024, n_embd=256)  # ~1 ms a token: 1000 take a while
     app = create_app(slow, tok, name=NAME)
@@ -570,13 +576,7 @@ def test_a_non_streamed_client_that_disconnects_stops_its_row(tok):
         batcher = app.state.batcher
         _post_and_leave(url, {"messages": USER, "max_tokens": 1000, "temperature": 0},
                         until=lambda: batcher.generated_tokens > 0)
-        deadline = time.monotonic() + 10
-        while batcher.rows:
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
-        stopped_at = batcher.generated_tokens
-        time.sleep(0.3)
-        assert batcher.generated_tokens == stopped_at < 500
+        _assert_generation_stops(batcher)
 
 
 @pytest.mark.parametrize("stream", [True, False])
