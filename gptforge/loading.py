@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 
-def _is_hf_dir(path: Path) -> bool:
+def is_hf_dir(path: Path) -> bool:
+    """Whether `path` is a Hugging Face model directory: its config.json names a `model_type`, which a gptforge
+    run's config.json never has. Public because `prepare --chat --tokenizer` must tell models apart exactly
+    as `load_model` does."""
     config = path / "config.json"
     if not config.is_file():
         return False
@@ -103,7 +106,7 @@ def resolve_model_source(spec: str, report: Callable[[str], None] | None = _warn
     """Classify `spec` (the order is the module docstring's), or a UserError naming --model. A run's broken
     newer checkpoints are skipped and each is `report`ed in one line (default: stderr)."""
     path = Path(spec[3:] if spec.startswith("hf:") else spec)
-    if spec.startswith("hf:") or (path.is_dir() and _is_hf_dir(path)):
+    if spec.startswith("hf:") or (path.is_dir() and is_hf_dir(path)):
         return ModelSource(spec, "hf", path)
     if path.is_dir() and (path / CHECKPOINTS_DIR).is_dir():
         return ModelSource(spec, "run", latest_valid_checkpoint(path, report=report), path)

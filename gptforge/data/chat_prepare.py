@@ -181,10 +181,10 @@ def _model_tokenizer(spec: str, path: Path) -> tuple["Tokenizer", int | None]:
     n_positions; otherwise `loading.find_tokenizer_dir` (path/tokenizer, or the run's for RUN/checkpoints/
     step_N) and the run's seq_len (else the checkpoint's block size)."""
     from ..layout import CHECKPOINTS_DIR, WEIGHTS_FILE
-    from ..loading import _is_hf_dir, find_tokenizer_dir  # load_model's own tests, so both agree
+    from ..loading import is_hf_dir, find_tokenizer_dir  # load_model's own tests, so both agree
     from ..tokenizer import load_tokenizer
 
-    if _is_hf_dir(path):
+    if is_hf_dir(path):
         from ..interop.hf import hf_model_config
         from ..interop.hf_tokenizer import read_hf_tokenizer
 
