@@ -51,6 +51,25 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def import_backends(tensorboard: bool, wandb: bool) -> tuple[Any, Any]:
+    """The modules train.tensorboard / train.wandb need (None where not asked for), or a one-line UserError
+    naming the missing package. The trainer calls it before the run directory is touched, so a missing one
+    is reported before --fresh moves the previous run aside; MetricsLogger then uses what it returns."""
+    tensorboard_module = wandb_module = None
+    if tensorboard:
+        try:
+            import torch.utils.tensorboard as tensorboard_module
+        except ImportError:
+            raise UserError("train.tensorboard=true needs the tensorboard package: "
+                            "pip install 'gptforge[tensorboard]'") from None
+    if wandb:
+        try:
+            import wandb as wandb_module
+        except ImportError:
+            raise UserError("train.wandb=true needs the wandb package: pip install 'gptforge[wandb]'") from None
+    return tensorboard_module, wandb_module
+
+
 class MetricsLogger:
     """Appends rows to metrics.jsonl and mirrors scalars to the optional TensorBoard / W&B backends."""
 
@@ -60,18 +79,10 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tb = None
         self._wandb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("train.tensorboard=true needs the tensorboard package: "
-                                "pip install 'gptforge[tensorboard]'") from None
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        if wandb:
-            try:
-                import wandb as wandb_module
-            except ImportError:
-                raise UserError("train.wandb=true needs the wandb package: pip install 'gptforge[wandb]'") from None
+        tensorboard_module, wandb_module = import_backends(tensorboard, wandb)
+        if tensorboard_module is not None:
+            self._tb = tensorboard_module.SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        if wandb_module is not None:
             self._wandb = wandb_module.init(project=wandb_project, dir=str(run_dir), config=run_config,
                                             name=Path(run_dir).name, resume="allow")
 

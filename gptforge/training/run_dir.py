@@ -221,7 +221,7 @@ class RunDirectory:
                  f"{self.path}")
 
     def _start_logs_over(self) -> None:
-        for name in (METRICS_FILE, SAMPLES_FILE, PLOT_FILE):
+        for name in _LOG_FILES:
             (self.path / name).unlink(missing_ok=True)
 
     def trim_logs(self, step: int) -> None:

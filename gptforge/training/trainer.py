@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from ..config import RunConfig, TrainConfig
+from ..config import RunConfig
 from ..errors import UserError
 from ..info import flops_per_token
 from ..units import human_count
@@ -40,7 +40,7 @@ from ..model import GPT
 from . import distributed as D
 from .batches import open_batch_source
 from .checkpointer import Checkpointer
-from .metrics import MetricsLogger, device_peak_flops
+from .metrics import MetricsLogger, device_peak_flops, import_backends
 from .optim import build_optimizer
 from .plot import plot_losses
 from .precision import resolve_device, resolve_precision
@@ -135,7 +135,7 @@ class Trainer:
         self.run_dir = RunDirectory(tc.out_dir, self.log)
 
         def open_run_dir() -> Path | None:
-            check_metrics_backends(tc)  # rank 0 alone logs to them
+            import_backends(tc.tensorboard, tc.wandb)  # missing packages first; rank 0 alone logs to them
             return self.run_dir.open(config, resume, fresh)
 
         resume_path = D.on_main(open_run_dir)
@@ -376,23 +376,6 @@ class Trainer:
             self.progress.report_eval(self.counters.step, self.counters.tokens, results)
             plot_losses(self.run_dir.path)
         return results.get("val_loss")
-
-
-def check_metrics_backends(tc: TrainConfig) -> None:
-    """Import the packages train.tensorboard / train.wandb need, so a missing one is a one-line error before
-    the run directory is touched (MetricsLogger, created in fit(), would find out only after --fresh had moved
-    the previous run aside and config.json was written). The messages are MetricsLogger's."""
-    if tc.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError:
-            raise UserError("train.tensorboard=true needs the tensorboard package: "
-                            "pip install 'gptforge[tensorboard]'") from None
-    if tc.wandb:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("train.wandb=true needs the wandb package: pip install 'gptforge[wandb]'") from None
 
 
 def _configure_torch(device: torch.device, deterministic: bool) -> None:
