@@ -133,6 +133,16 @@ def test_eot_ends_a_sequence_and_is_not_returned():
     assert out == first[:first.index(eot)]
 
 
+def test_any_of_several_end_ids_ends_a_sequence():
+    """A chat reply has several end ids (chat.tokens.reply_end_ids): the first of them to come ends it."""
+    model = make_model()
+    first = reference_greedy(model, [1, 2], 8)
+    ends = {first[5], first[2], 10_000}  # whichever comes first ends it; an id never drawn changes nothing
+    out = generate_ids(model, [[1, 2]], SamplingConfig(max_new_tokens=8, temperature=0), eot_id=ends)[0]
+    cut = min(first.index(t) for t in ends if t in first)
+    assert out == first[:cut]
+
+
 def test_rows_finishing_early_do_not_disturb_the_others():
     model = make_model()
     configs = [GREEDY.replace(max_new_tokens=n) for n in (2, 15, 1, 9)]

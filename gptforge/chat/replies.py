@@ -21,10 +21,9 @@ def chat_replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, 
     import torch
 
     from ..generation import SamplingConfig
-    from ..generation.engine import TokenGenerator, expand_settings
-    from .tokens import chat_token_ids, encode_chat_prompt, reply_end_ids
+    from ..generation.engine import generate_ids
+    from .tokens import encode_chat_prompt, reply_end_ids
 
-    _, im_end = chat_token_ids(tokenizer)
     ends = reply_end_ids(tokenizer)
     block = model.config.block_size
     was_training = model.training
@@ -39,15 +38,7 @@ def chat_replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, 
                     replies.append(f"(the question takes {len(prompt)} tokens: no room left in the context)")
                     continue
                 config = SamplingConfig(max_new_tokens=room, temperature=temperature, top_k=top_k)
-                configs, seeds = expand_settings(1, config, seed + i)  # generate_ids' seeds, as before
-                engine = TokenGenerator(model, [prompt], configs, seeds, eot_id=im_end)
-                ids: list[int] = []
-                for events in engine:
-                    for e in events:
-                        if e.token in ends:
-                            engine.finish(e.index)
-                        else:
-                            ids.append(e.token)
+                ids = generate_ids(model, [prompt], config, seed=seed + i, eot_id=ends)[0]
                 replies.append(tokenizer.decode(ids))
     finally:
         model.train(was_training)

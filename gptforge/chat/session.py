@@ -109,7 +109,6 @@ class ChatSession:
         self.config = config if config is not None else SamplingConfig()
         self.seed = seed
         self.notify = notify
-        self.im_end_id = tokenizer.special_tokens[IM_END]
         self.end_ids = reply_end_ids(tokenizer)
         self.system: str | None = None
         self._turns: list[dict[str, str]] = []  # user/assistant messages, alternating, user first
@@ -259,8 +258,7 @@ class ChatSession:
         seed = None if self.seed is None else row_seed(self.seed, self._sent)
         self._sent += 1
         stats = self.last = ReplyStats(prompt_tokens=len(prompt))
-        # The engine stops at its one end id (here end-of-turn); the other end ids are stopped below.
-        engine = TokenGenerator(self.model, [prompt], [config], [seed], eot_id=self.im_end_id)
+        engine = TokenGenerator(self.model, [prompt], [config], [seed], eot_id=self.end_ids)  # it stops at each
         stream = TextStream(self.tokenizer.decode_bytes, config.stop)
         shown = ""
         start = time.perf_counter()
@@ -271,9 +269,7 @@ class ChatSession:
                         stats.first_token_s = time.perf_counter() - start
                     stats.generated_tokens += 1
                     reason = e.finish_reason
-                    if e.token in self.end_ids:
-                        reason = "stop"
-                        engine.finish(e.index)
+                    if e.token in self.end_ids:  # the engine has ended the row (reason "stop"); not text
                         piece = ""
                     else:
                         stats.reply_tokens += 1

@@ -12,7 +12,7 @@ cut when its own sequence overflows, so its tokens are the same as when it is ge
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +43,13 @@ class TokenGenerator:
     """Iterate over steps of batched generation; each step yields the TokenEvents of the rows still going.
 
     `finish(index)` ends a row early (a stop string seen by the caller); its next steps are not computed.
+    `eot_id`: the id that ends a row whose config has `stop_at_eot`, or several (a chat reply ends at
+    `<|im_end|>`, `<|im_start|>` or end-of-text: `gptforge.chat.tokens.reply_end_ids`).
     """
 
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], configs: Sequence[SamplingConfig],
-                 seeds: Sequence[int | None], eot_id: int | None = None, context_keep: int | None = None,
+                 seeds: Sequence[int | None], eot_id: int | Collection[int] | None = None,
+                 context_keep: int | None = None,
                  static: bool = False, cuda_graph: bool = False, vocab_size: int | None = None) -> None:
         block = model.config.block_size
         # Ids the caller can turn back into text: a model may have more (an HF import with a padded
@@ -61,7 +64,7 @@ class TokenGenerator:
         self.context_keep = block // 2 if context_keep is None else context_keep
         if not 1 <= self.context_keep <= block:
             raise ValueError(f"context_keep must be in [1, {block}], got {context_keep}")
-        self.eot_id = eot_id
+        self.end_ids = end_id_set(eot_id)
         self.static = static or cuda_graph  # fixed-shape decode steps (see KVCache)
         self.cuda_graph = cuda_graph
         self._decode = None
@@ -115,7 +118,7 @@ class TokenGenerator:
                 self.histories[index].append(token)
                 self.generated[index] += 1
                 reason = None
-                if self.configs[index].stop_at_eot and token == self.eot_id:
+                if self.configs[index].stop_at_eot and token in self.end_ids:
                     reason = "stop"
                 elif self.generated[index] >= self.configs[index].max_new_tokens:
                     reason = "length"
@@ -173,21 +176,29 @@ class TokenGenerator:
 
 
 def generate_ids(model: GPT, prompt_ids: Sequence[Sequence[int]], config: SamplingConfig | Sequence[SamplingConfig] = SamplingConfig(),
-                 seed: int | Sequence[int | None] | None = None, eot_id: int | None = None,
+                 seed: int | Sequence[int | None] | None = None, eot_id: int | Collection[int] | None = None,
                  context_keep: int | None = None, static: bool = False, cuda_graph: bool = False,
                  vocab_size: int | None = None) -> list[list[int]]:
-    """Tokenizer-free batched generation: the new token ids of each prompt (an end-of-text token that ended
-    a sequence is not included). `seed` is one base seed (sample i gets a seed derived from it and i) or
+    """Tokenizer-free batched generation: the new token ids of each prompt (the end id, of `eot_id`'s, that
+    ended a sequence is not included). `seed` is one base seed (sample i gets a seed derived from it and i) or
     one seed per prompt. `static`/`cuda_graph`: fixed-shape decode steps, replayed as a CUDA graph on a GPU.
     `vocab_size`: only ids below it are ever produced (default: the model's vocabulary)."""
     configs, seeds = expand_settings(len(prompt_ids), config, seed)
     out: list[list[int]] = [[] for _ in prompt_ids]
-    for events in TokenGenerator(model, prompt_ids, configs, seeds, eot_id, context_keep,
+    end_ids = end_id_set(eot_id)
+    for events in TokenGenerator(model, prompt_ids, configs, seeds, end_ids, context_keep,
                                  static=static, cuda_graph=cuda_graph, vocab_size=vocab_size):
         for e in events:
-            if not (e.finish_reason == "stop" and e.token == eot_id):
+            if not (e.finish_reason == "stop" and e.token in end_ids):
                 out[e.index].append(e.token)
     return out
+
+
+def end_id_set(eot_id: int | Collection[int] | None) -> frozenset[int]:
+    """`eot_id` as TokenGenerator and generate_ids take it (one id, several, or none) -> the set of them."""
+    if eot_id is None:
+        return frozenset()
+    return frozenset((eot_id,)) if isinstance(eot_id, int) else frozenset(eot_id)
 
 
 def expand_settings(n: int, config: SamplingConfig | Sequence[SamplingConfig],
