@@ -91,6 +91,14 @@ def test_targets_are_scored_exactly_where_the_mask_says(chat_data):
             at += n
 
 
+def _assert_same_batches(a: ChatLoader, b: ChatLoader) -> None:
+    """The next epoch's worth of batches (so across an epoch boundary) are equal, x and y."""
+    for _ in range(a.sequences_per_epoch):
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert xa.equal(xb) and ya.equal(yb)
+
+
 def test_resume_mid_epoch_continues_the_same_batches(chat_data):
     data, _, _ = chat_data
     a = ChatLoader(data, "train", seq_len=63, batch_size=2, seed=1)
@@ -99,10 +107,7 @@ def test_resume_mid_epoch_continues_the_same_batches(chat_data):
     state = json.loads(json.dumps(a.state_dict()))
     b = ChatLoader(data, "train", seq_len=63, batch_size=2, seed=1)
     b.load_state_dict(state)
-    for _ in range(a.sequences_per_epoch):  # across the epoch boundary too
-        xa, ya = a.next_batch()
-        xb, yb = b.next_batch()
-        assert xa.equal(xb) and ya.equal(yb)
+    _assert_same_batches(a, b)
 
 
 def test_resume_with_another_seed_serves_the_saved_runs_order(chat_data):
@@ -118,10 +123,7 @@ def test_resume_with_another_seed_serves_the_saved_runs_order(chat_data):
     b.next_batch()  # a batch served before the state arrives caches seed 2's packing too
     b.load_state_dict(state)
     assert b.seed == 1
-    for _ in range(a.sequences_per_epoch):  # the rest of epoch 0, then epoch 1
-        xa, ya = a.next_batch()
-        xb, yb = b.next_batch()
-        assert xa.equal(xb) and ya.equal(yb)
+    _assert_same_batches(a, b)  # the rest of epoch 0, then epoch 1
     assert [x.equal(y) for (x, _), (y, _) in zip(a.iter_sequential(), b.iter_sequential())] == \
         [True] * -(-a.sequences_per_epoch // 2)
 
