@@ -12,10 +12,10 @@ become their special ids only where the template puts them, never from text a us
 encoded one by one (the markers split the text anyway), which is what lets old exchanges be dropped.
 
 A reply ends at `<|im_end|>` (end of turn), `<|endoftext|>` or `<|im_start|>` (the model opening the next
-message; `gptforge.chat.tokens.reply_end_ids` says why it stops rather than being banned); none is printed. Pieces are released
-through an incremental UTF-8 decoder, so a byte-level token that ends inside a character never shows up
-as a broken character. A reply stopped early (Ctrl-C in the CLI: the consumer closes the iterator, or
-the exception passes through it) keeps what was shown, so the conversation stays well formed.
+message; `gptforge.chat.tokens.reply_end_ids` says why it stops rather than being banned); none is printed.
+Pieces are released through an incremental UTF-8 decoder, so a byte-level token that ends inside a character
+never shows up as a broken character. A reply stopped early (Ctrl-C in the CLI: the consumer closes the
+iterator, or the exception passes through it) keeps what was shown, so the conversation stays well formed.
 
 Past the context: the positions are learned and absolute, and sliding a window over a rendered chat would
 cut a turn (or the system message) in half. Instead, before each turn, the oldest exchanges are dropped

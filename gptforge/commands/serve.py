@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="model id clients use (default: the --model argument's last part)")
     p.add_argument("--max-batch", type=int, default=16, metavar="ROWS",
                    help="most sequences generated together (default 16; 1 = one request at a time)")
-    p.add_argument("--max-queued", type=int, default=64, help="prompts that may wait for a row (a completions request may carry several); more get 429 "
+    p.add_argument("--max-queued", type=int, default=64,
+                   help="prompts that may wait for a row (a completions request may carry several); more get 429 "
                         "(default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     add_device_options(p)
