@@ -105,6 +105,21 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
+class OutputHead(nn.Linear):
+    """The output projection (..., C) -> (..., V) onto the real vocabulary only, so padded ids are never
+    sampled or scored. Its weight is the token embedding (tied, padding rows included); slicing the weight's
+    first rows (contiguous) rather than the logits (strided) avoids a copy of the logits forward and a
+    zero-filled padded gradient backward. A module, not a function, so decoding code can swap in a faster
+    product for the same weight (gptforge.generation.prepare_for_decoding)."""
+
+    def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int) -> None:
+        super().__init__(n_embd, padded_vocab_size, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight[: self.vocab_size])
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -145,7 +160,7 @@ class GPT(nn.Module):
             ln_f=(nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
                   if config.norm == "pre" else nn.Identity()),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = OutputHead(config.n_embd, V, config.vocab_size)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one (padded V, C) matrix, in and out
         if init_weights:
             self.apply(self._init_weights)
@@ -198,10 +213,8 @@ class GPT(nn.Module):
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and output projection (..., C) -> (..., V) onto the real vocabulary only, so padded ids
-        are never sampled or scored. Slicing the weight's first rows (contiguous) rather than the logits
-        (strided) avoids a copy of the logits forward and a zero-filled padded gradient backward."""
-        return F.linear(self.transformer.ln_f(x), self.lm_head.weight[: self.config.vocab_size])
+        """Final norm and output projection (..., C) -> (..., V), the real vocabulary only (OutputHead)."""
+        return self.lm_head(self.transformer.ln_f(x))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 ignore_index: int = IGNORE_INDEX, *, return_logits: bool = True,

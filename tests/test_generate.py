@@ -278,28 +278,3 @@ def test_ids_the_tokenizer_cannot_decode_are_never_produced():
     assert all(0 <= t < 257 for row in restricted for t in row)
     events = list(generate(model, tok, ["ab"] * 2, config, seed=0))  # the text API limits to the tokenizer
     assert len(events) == 40 and all(0 <= e.token < 257 for e in events)
-
-
-def test_decoding_layout_changes_storage_not_values(tmp_path):
-    """prepare_for_decoding re-lays fp32 weights column-major: same values, logits, tokens and saved file."""
-    from gptforge.generation import prepare_for_decoding
-    from gptforge.weights import read_weights, save_weights
-
-    model = make_model("alternating")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    prompts = [[3, 14, 15], [9, 2, 6, 5, 3, 5]]
-    expected = generate_ids(model, prompts, GREEDY.replace(max_new_tokens=12))
-    idx = torch.tensor([[1, 2, 3, 4, 5]])
-    logits = model(idx)[0]
-    prepare_for_decoding(model)
-    assert not model.transformer.h[0].attn.c_attn.weight.is_contiguous()  # the layout did change
-    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert torch.allclose(model(idx)[0], logits, atol=1e-5)
-    assert generate_ids(model, prompts, GREEDY.replace(max_new_tokens=12)) == expected
-    save_weights(model, tmp_path / "m.safetensors")
-    _, saved = read_weights(tmp_path / "m.safetensors")
-    assert all(torch.equal(saved[k], before[k]) for k in saved)
-    bf16 = make_model().to(torch.bfloat16)
-    prepare_for_decoding(bf16)
-    assert bf16.transformer.h[0].attn.c_attn.weight.is_contiguous()  # bf16 kernels prefer row-major
