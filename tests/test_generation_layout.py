@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_generate import GREEDY, make_model
 
-from gptforge.generation import generate_ids, prepare_for_decoding
-from gptforge.generation import layout
+from gptforge.generation import generate_ids, layout, prepare_for_decoding
 from gptforge.generation.layout import PrepackedLinear
 from gptforge.model import GPT
 from gptforge.weights import read_weights, save_weights
-from test_generate import GREEDY, make_model
 
 PROMPTS = [[3, 14, 15], [9, 2, 6, 5, 3, 5]]
 DTYPES = [torch.float32, torch.bfloat16]
