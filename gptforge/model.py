@@ -210,12 +210,23 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=idx.device)  # (T,), broadcast over the batch
         else:
             positions = kv_cache.start_step(T)  # (T,) or (B, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x = self.transformer.drop(self.embed_tokens(idx) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return x
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T) -> (B, T, C). With the head tied on a CPU, the lookup's gradient is sparse:
+        its B*T rows are added into the head's dense gradient of the same matrix, where the default dense
+        gradient is a zero-filled (V, C) tensor every step, page-faulted in afresh (154 MB for GPT-2: 13% of
+        a gpt2 bf16 CPU training step). Dense under torch.compile and for sharded (DTensor) weights, and
+        wherever the head is not tied (a sparse gradient alone is one AdamW cannot take)."""
+        weight = self.transformer.wte.weight
+        sparse = (weight.device.type == "cpu" and self.lm_head.weight is weight and torch.is_grad_enabled()
+                  and type(weight) is nn.Parameter and not torch.compiler.is_compiling())
+        return F.embedding(idx, weight, sparse=sparse)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection (..., C) -> (..., V), the real vocabulary only (OutputHead)."""

@@ -219,3 +219,39 @@ def test_cpu_training_attention_runs_in_fp32_under_bf16_autocast(tiny_config, mo
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
     assert seen and set(seen) == {(torch.bfloat16,) * 3}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_tied_embedding_gradient_is_sparse_rows_added_into_the_heads(tiny_config, monkeypatch, fused):
+    """On CPU the tied embedding's gradient comes as sparse rows, summed by autograd into the head's dense
+    gradient: the parameter's gradient is dense and equals an untied copy's two gradients added up. An untied
+    embedding keeps the dense gradient (an optimizer could not take a sparse one alone)."""
+    modes = []
+    real_embedding = F.embedding
+
+    def spy(idx, weight, *args, **kwargs):
+        if weight.size(0) == tiny_config.padded_vocab_size:  # token embeddings (not positions)
+            modes.append(kwargs.get("sparse", False))
+        return real_embedding(idx, weight, *args, **kwargs)
+
+    monkeypatch.setattr(F, "embedding", spy)
+    torch.manual_seed(0)
+    tied = GPT(tiny_config)
+    untied = GPT(tiny_config)
+    untied.load_state_dict(tied.state_dict())
+    untied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())
+    x = torch.randint(0, tiny_config.vocab_size, (3, 17))
+    x[:, :4] = 7  # repeated ids: their rows add up in the sparse gradient too
+    for model in (tied, untied):
+        _, loss = model(x[:, :-1], x[:, 1:], return_logits=not fused)
+        loss.backward()
+    assert modes == [True, False]
+    grad = tied.transformer.wte.weight.grad
+    assert not grad.is_sparse and not untied.transformer.wte.weight.grad.is_sparse
+    expected = untied.transformer.wte.weight.grad + untied.lm_head.weight.grad
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+    assert grad[7].abs().sum() > 0
+    modes.clear()
+    with torch.no_grad():
+        tied(x)
+    assert modes == [False]
