@@ -4,7 +4,7 @@ GPT2LMHeadModel.generate (same weights), and `gptforge sample`'s start-up agains
 Decode. Our random GPT-2 124M weights are copied into the HF model (nn.Linear -> Conv1D transposed, padded
 vocabulary rows dropped); before timing, the two models' logits on one prompt are compared (the max
 difference is printed; greedy tokens are not, since random weights give near-ties that verify nothing).
-Ours runs as `gptforge sample` runs it (weights re-laid by `prepare_for_decoding`: column-major in fp32 on
+Ours runs as `gptforge sample` runs it (`prepare_for_decoding`: linear layers through oneDNN with prepacked weights on
 CPU). HF gets its best settings: the fused `gelu_pytorch_tanh` (the same function as GPT-2's `gelu_new`, one
 kernel), SDPA attention (its default), its KV cache. Both decode greedily a fixed number of new tokens from
 the same random prompts, alternating A/B `--samples` times per cell; the table shows each one's median
@@ -137,7 +137,7 @@ def decode_table(args: argparse.Namespace, device: torch.device) -> None:
           f"streaming read {bandwidth / 1e9:.1f} GB/s", flush=True)
     rows = []
     for dtype_name in dtypes:
-        # what `gptforge sample` runs: the loaded model, re-laid for decoding (fp32 on CPU: column-major)
+        # what `gptforge sample` runs: the loaded model, prepared for decoding (CPU: oneDNN prepacked weights)
         model = prepare_for_decoding(copy.deepcopy(base).to(device=device, dtype=DTYPES[dtype_name]))
         hf = None if hf_base is None else hf_base.to(device=device, dtype=DTYPES[dtype_name])
         roofline_step = bandwidth / decode_bytes(model)

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("standard input is empty; pipe a message, use -p TEXT, or run on a terminal to chat")
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    prepare_for_decoding(model)  # fp32 on CPU: weights column-major, ~2x faster batch-1 products
+    prepare_for_decoding(model)  # on CPU: products through oneDNN with prepacked weights (faster decoding)
     require_chat_model(tokenizer, f"--model {args.model}")
     session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed,
                           notify=lambda text: print(f"[{text}]", file=sys.stderr, flush=True))
