@@ -220,9 +220,10 @@ class GPT(nn.Module):
     def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T) -> (B, T, C). With the head tied on a CPU, the lookup's gradient is sparse:
         its B*T rows are added into the head's dense gradient of the same matrix, where the default dense
-        gradient is a zero-filled (V, C) tensor every step, page-faulted in afresh (154 MB for GPT-2: 13% of
-        a gpt2 bf16 CPU training step). Dense under torch.compile and for sharded (DTensor) weights, and
-        wherever the head is not tied (a sparse gradient alone is one AdamW cannot take)."""
+        gradient is a zero-filled (V, C) tensor every step, page-faulted in afresh (154 MB for GPT-2, whose
+        2-core CPU step at B 4, T 128 went 3.31 -> 2.93 s in fp32, 2.11 -> 2.04 s in bf16). Dense under
+        torch.compile, for sharded (DTensor) weights and wherever the head is not tied (a sparse gradient
+        alone is one AdamW cannot take)."""
         weight = self.transformer.wte.weight
         sparse = (weight.device.type == "cpu" and self.lm_head.weight is weight and torch.is_grad_enabled()
                   and type(weight) is nn.Parameter and not torch.compiler.is_compiling())
