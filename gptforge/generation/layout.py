@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..model import GPT
 
 # The batch size oneDNN blocks a reordered weight for: fp32 layouts blocked for 16 rows are as fast at one row
-# and 1.4-3x faster at 16 (GPT-2's head, dev-17m's); bf16 ones are fastest blocked for one row.
+# and 1.2-1.6x faster at 16 (GPT-2's blocks and head, dev-17m's head); bf16 ones are fastest blocked for one row.
 PACK_BATCH = {torch.float32: 16, torch.bfloat16: 1}
 
 
