@@ -107,20 +107,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.mm(g.T, rows_h * m, out=partial)
                     _add_into(grad_w, partial, first=start == 0)
-        ctx.save_for_backward(grad_h, grad_w, n_valid)
+        # On ctx, not save_for_backward (which is for inputs and outputs): backward hands autograd the only
+        # reference to grad_w, so when GPT's tied embedding adds its gradient rows autograd adds them in
+        # place. A tensor still saved on ctx counts as shared, and autograd then copies the whole V x d sum.
+        ctx.grads = (grad_h, grad_w, n_valid)
         ctx.dtypes = (h.dtype, weight.dtype)
-        ctx.spent = False
         return loss_sum / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         # Scaled in place: a fresh V×d tensor would cost as much again (on a CPU, new pages to fault in).
         # The stored gradients are then spent, so a second backward through the same graph is refused.
-        if ctx.spent:
+        if ctx.grads is None:
             raise RuntimeError("the fused loss does not support a second backward through the same graph "
                                "(retain_graph=True); use GPT.forward(..., return_logits=True) for that")
-        ctx.spent = True
-        grad_h, grad_w, n_valid = ctx.saved_tensors
+        (grad_h, grad_w, n_valid), ctx.grads = ctx.grads, None
         h_dtype, w_dtype = ctx.dtypes
         scale = grad_loss.float() / n_valid
         return grad_h.mul_(scale).to(h_dtype), grad_w.mul_(scale).to(w_dtype), None, None, None, None, None

@@ -125,6 +125,28 @@ class OutputHead(nn.Linear):
         return F.linear(x, self.weight[: self.vocab_size])
 
 
+class _SumTiedGradients(torch.autograd.Function):
+    """Two views of the tied (V, C) matrix, one for the token embedding and one for the output head, whose
+    gradients this adds up itself: the embedding's sparse rows into the head's dense gradient, in place.
+    Autograd's own sum of a dense and a sparse gradient is out of place, a copy of the whole matrix every
+    step (154 MB for GPT-2; its 2-core CPU step at B 4, T 128 went 1,822 -> 1,758 ms in fp32 and 976 -> 946
+    in bf16 without it). The dense gradient is the fused loss's, which hands over its only reference, so
+    adding into it is safe."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.set_materialize_grads(False)  # a use that got no gradient stays None
+        return weight.view_as(weight), weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_tokens: torch.Tensor | None, grad_head: torch.Tensor | None) -> torch.Tensor | None:
+        if grad_tokens is None or grad_head is None:
+            return grad_head if grad_tokens is None else grad_tokens
+        if grad_tokens.is_sparse and not grad_head.is_sparse:  # the embedding's B*T rows, repeats included
+            return grad_head.index_add_(0, grad_tokens._indices()[0], grad_tokens._values().to(grad_head.dtype))
+        return grad_head + grad_tokens
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -197,12 +219,14 @@ class GPT(nn.Module):
             n -= self.config.vocab_size * self.config.n_embd + self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor, kv_cache: "KVCache | None" = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, kv_cache: "KVCache | None" = None, *,
+                      token_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> the last block's output (B, T, C), before the final norm.
 
         Without a cache, idx is a whole sequence from position 0. With one, idx holds the tokens that follow
         what the cache holds (the prompt first, then one per row per step); the cache says their positions,
-        which differ per row in a left-padded batch."""
+        which differ per row in a left-padded batch. `token_weight`: the token embedding matrix to look up
+        (default wte's; `forward` passes a view of it, see `embed_tokens`)."""
         T = idx.size(1)
         if kv_cache is None:
             if T > self.config.block_size:
@@ -210,24 +234,30 @@ class GPT(nn.Module):
             positions = torch.arange(T, device=idx.device)  # (T,), broadcast over the batch
         else:
             positions = kv_cache.start_step(T)  # (T,) or (B, T)
-        x = self.transformer.drop(self.embed_tokens(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        x = self.transformer.drop(self.embed_tokens(idx, token_weight) + self.transformer.wpe(positions))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         return x
 
-    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (B, T) -> (B, T, C). With the head tied on a CPU, the lookup's gradient is sparse:
-        its B*T rows are added into the head's dense gradient of the same matrix, where the default dense
-        gradient is a zero-filled (V, C) tensor every step, page-faulted in afresh (154 MB for GPT-2, whose
-        2-core CPU step at B 4, T 128 went 3.31 -> 2.93 s in fp32, 2.11 -> 2.04 s in bf16). Dense under
-        torch.compile, for sharded (DTensor) weights and wherever the head is not tied (a sparse gradient
-        alone is one AdamW cannot take)."""
+    def embed_tokens(self, idx: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T) -> (B, T, C), looked up in `weight` (default: wte's). With the head tied
+        on a CPU, the lookup's gradient is sparse: its B*T rows are added into the head's dense gradient of
+        the same matrix, where the default dense gradient is a zero-filled (V, C) tensor every step,
+        page-faulted in afresh (154 MB for GPT-2, whose 2-core CPU step at B 4, T 128 went 3.31 -> 2.93 s in
+        fp32, 2.11 -> 2.04 s in bf16). Autograd's own dense + sparse sum still copies the whole matrix;
+        `forward`'s training path avoids that too (`_SumTiedGradients`)."""
+        return F.embedding(idx, self.transformer.wte.weight if weight is None else weight,
+                           sparse=self._sparse_tied_gradient())
+
+    def _sparse_tied_gradient(self) -> bool:
+        """Whether the token embedding's gradient is sparse rows (see `embed_tokens`): on a CPU with the head
+        tied, while autograd records. Dense under torch.compile, for sharded (DTensor) weights and wherever
+        the head is not tied (a sparse gradient alone is one AdamW cannot take)."""
         weight = self.transformer.wte.weight
-        sparse = (weight.device.type == "cpu" and self.lm_head.weight is weight and torch.is_grad_enabled()
-                  and type(weight) is nn.Parameter and not torch.compiler.is_compiling())
-        return F.embedding(idx, weight, sparse=sparse)
+        return (weight.device.type == "cpu" and self.lm_head.weight is weight and torch.is_grad_enabled()
+                and type(weight) is nn.Parameter and not torch.compiler.is_compiling())
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection (..., C) -> (..., V), the real vocabulary only (OutputHead)."""
@@ -243,13 +273,16 @@ class GPT(nn.Module):
         projection and the loss run in row chunks (`gptforge.fused_loss`), with the gradients computed in
         the same pass when autograd needs them. Same loss; far less memory and copying at GPT-2's vocabulary.
         """
-        x = self.hidden_states(idx, kv_cache)
         if not return_logits:
             if targets is None:
                 raise ValueError("return_logits=False needs targets: the loss is all it returns")
-            h = self.transformer.ln_f(x).flatten(0, 1)  # (B*T, C)
-            return None, linear_cross_entropy(h, self.lm_head.weight, targets.reshape(-1), self.config.vocab_size,
-                                              ignore_index)
+            token_weight, head_weight = None, self.lm_head.weight
+            if self._sparse_tied_gradient():  # the tied matrix's two uses summed in place (see the class)
+                token_weight, head_weight = _SumTiedGradients.apply(head_weight)
+            h = self.transformer.ln_f(self.hidden_states(idx, kv_cache, token_weight=token_weight))  # (B, T, C)
+            return None, linear_cross_entropy(h.flatten(0, 1), head_weight, targets.reshape(-1),
+                                              self.config.vocab_size, ignore_index)
+        x = self.hidden_states(idx, kv_cache)
         logits = self.head(x)  # (B, T, V)
         loss = None
         if targets is not None:

@@ -255,3 +255,47 @@ def test_tied_embedding_gradient_is_sparse_rows_added_into_the_heads(tiny_config
     with torch.no_grad():
         tied(x)
     assert modes == [False]
+
+
+def test_training_path_adds_the_embedding_rows_into_the_fused_losss_gradient_in_place(tiny_config, monkeypatch):
+    """forward(return_logits=False) sums the tied matrix's two gradients itself: the parameter's gradient is
+    the very tensor the fused loss handed back (no V x C copy), equal to an untied copy's two gradients, also
+    through torch.autograd.grad and when two backward passes accumulate."""
+    from gptforge import fused_loss
+
+    handed = []
+    real_backward = fused_loss._FusedLinearCrossEntropy.backward
+
+    def spy(ctx, grad_loss):
+        grads = real_backward(ctx, grad_loss)
+        handed.append(grads[1].data_ptr())
+        return grads
+
+    monkeypatch.setattr(fused_loss._FusedLinearCrossEntropy, "backward", staticmethod(spy))
+    torch.manual_seed(0)
+    tied = GPT(tiny_config)
+    untied = GPT(tiny_config)
+    untied.load_state_dict(tied.state_dict())
+    untied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())
+    batches = [torch.randint(0, tiny_config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(s))
+               for s in (1, 2)]
+    batches[0][:, :3] = 5  # repeated ids
+    wte = tied.transformer.wte.weight
+
+    def loss_of(model, x):
+        return model(x[:, :-1], x[:, 1:], return_logits=False)[1]
+
+    loss_of(tied, batches[0]).backward()
+    assert handed and wte.grad.data_ptr() == handed[-1]  # no copy: the fused loss's own tensor
+    loss_of(tied, batches[1]).backward()  # accumulates into .grad
+    for x in batches:
+        loss_of(untied, x).backward()
+    expected = untied.transformer.wte.weight.grad + untied.lm_head.weight.grad
+    torch.testing.assert_close(wte.grad, expected, rtol=1e-5, atol=1e-7)
+    assert wte.grad[5].abs().sum() > 0
+
+    (by_grad,) = torch.autograd.grad(loss_of(tied, batches[0]), [wte])
+    untied.zero_grad(set_to_none=True)
+    loss_of(untied, batches[0]).backward()
+    torch.testing.assert_close(by_grad, untied.transformer.wte.weight.grad + untied.lm_head.weight.grad,
+                               rtol=1e-5, atol=1e-7)
