@@ -6,7 +6,9 @@ settings: the fused `gelu_pytorch_tanh` activation (the same function as GPT-2's
 instead of several) and SDPA attention (its default). Each measurement runs in a fresh subprocess (so its
 peak RSS is its own) with pinned threads; the two implementations alternate, `--samples` times per cell,
 and the table shows each one's median tokens/s and the median of the per-sample ratios, so one sample
-disturbed by a busy machine does not decide a cell.
+disturbed by a busy machine does not decide a cell. On a CPU gptforge's process keeps freed memory for reuse
+as `gptforge train` does (gptforge.host_memory); HF's does not, unless `--hf-keeps-freed-memory`, which
+shows how much of the ratio that setting is.
 
 Cases: `gpt2` (124M, 12 layers of 768) and `small` (4 layers of 256 with GPT-2's 50,257-token vocabulary).
 In `small` the output head (256 x 50,257 weights against 4 x 12 x 256^2 in the blocks) is ~80% of the FLOPs, so that row
@@ -15,6 +17,7 @@ is the row that measures the transformer itself.
 
     python benchmarks/train_throughput.py                 # CPU: gpt2 @ T=128, B=4 and small @ T=64, B=16
     python benchmarks/train_throughput.py --samples 5     # steadier medians
+    python benchmarks/train_throughput.py --hf-keeps-freed-memory   # HF gets gptforge's CPU malloc setting too
     python benchmarks/train_throughput.py --cuda          # GPU: gpt2 @ T=1024, bf16, torch.compile, MFU
 """
 
@@ -49,15 +52,19 @@ def _models(impl: str, name: str, block: int):
 
 
 def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, steps: int, device: str,
-            compile_model: bool) -> dict:
-    """Runs in the child process: time `steps` training steps after two warm-up steps."""
+            compile_model: bool, keep_freed: bool = False) -> dict:
+    """Runs in the child process: time `steps` training steps after two warm-up steps. `keep_freed`: malloc
+    keeps freed blocks for reuse (gptforge.host_memory), as `gptforge train` sets it on a CPU."""
     import torch
 
     from gptforge.config import TrainConfig
+    from gptforge.host_memory import keep_freed_memory
     from gptforge.training.optim import build_optimizer
     from gptforge.training.precision import autocast
 
     dev = torch.device(device)
+    if keep_freed:
+        keep_freed_memory()
     model, config = _models(impl, name, seq_len)
     model.to(dev).train()
     opt = build_optimizer(model, TrainConfig(), dev)  # same AdamW (fused, decay groups) for both
@@ -116,6 +123,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of each sample")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--only", choices=["gpt2", "small"], help="one model only")
+    p.add_argument("--hf-keeps-freed-memory", action="store_true",
+                   help="give HF's process the malloc setting `gptforge train` makes on a CPU (host_memory)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -129,7 +138,8 @@ def main() -> None:
     if a.only:
         cases = [c for c in cases if c[0] == a.only]
     print(f"{a.samples} interleaved samples per cell of {a.steps} timed steps; medians; "
-          f"OMP_NUM_THREADS={a.threads}", flush=True)
+          f"OMP_NUM_THREADS={a.threads}; on CPU gptforge keeps freed memory as `gptforge train` does, HF "
+          f"{'too' if a.hf_keeps_freed_memory else 'does not (--hf-keeps-freed-memory: it does too)'}", flush=True)
     print(f"{'model':6} {'T':>5} {'B':>3} {'dtype':5} | {'gptforge tok/s':>14} {'HF tok/s':>9} {'ratio':>6} "
           f"{'(min-max)':>11} | {'gptforge RSS':>12} {'HF RSS':>8}" + (" | MFU ours / HF" if a.cuda else ""))
     for name, T, B, prec, device, comp in cases:
@@ -137,7 +147,8 @@ def main() -> None:
         for i in range(a.samples):  # alternate which goes first, so neither always follows the other
             pair = (("gptforge", ours), ("hf", hf)) if i % 2 == 0 else (("hf", hf), ("gptforge", ours))
             for impl, results in pair:
-                results.append(_child([impl, name, T, B, prec, a.steps, device, comp], a.threads))
+                keep_freed = device == "cpu" and (impl == "gptforge" or a.hf_keeps_freed_memory)
+                results.append(_child([impl, name, T, B, prec, a.steps, device, comp, keep_freed], a.threads))
         ratios = [o["tok_s"] / h["tok_s"] for o, h in zip(ours, hf)]
 
         def med(runs: list[dict], key: str) -> float:

@@ -33,6 +33,7 @@ import torch
 
 from ..config import RunConfig
 from ..errors import UserError
+from ..host_memory import keep_freed_memory
 from ..info import flops_per_token
 from ..units import human_count
 from ..layout import STATE_FILE, TOKENIZER_DIR
@@ -385,6 +386,8 @@ def _configure_torch(device: torch.device, deterministic: bool) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
+    elif device.type == "cpu":
+        keep_freed_memory()  # a CPU step reallocates the same large tensors: reuse them, no fresh pages
 
 
 def train(config: RunConfig, resume: str | None = None, fresh: bool = False,
