@@ -107,9 +107,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.mm(g.T, rows_h * m, out=partial)
                     _add_into(grad_w, partial, first=start == 0)
-        # On ctx, not save_for_backward (which is for inputs and outputs): backward hands autograd the only
-        # reference to grad_w, so when GPT's tied embedding adds its gradient rows autograd adds them in
-        # place. A tensor still saved on ctx counts as shared, and autograd then copies the whole V x d sum.
+        # On ctx, not save_for_backward (which is for inputs and outputs): backward hands over the only
+        # reference to grad_w, so whatever sums it with the tied embedding's gradient (GPT's
+        # _SumTiedGradients, or autograd's own accumulation) may add in place. A tensor still saved on ctx
+        # counts as shared, and autograd then copies the whole V x d sum.
         ctx.grads = (grad_h, grad_w, n_valid)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss_sum / n_valid
