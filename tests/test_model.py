@@ -299,3 +299,24 @@ def test_training_path_adds_the_embedding_rows_into_the_fused_losss_gradient_in_
     loss_of(untied, batches[0]).backward()
     torch.testing.assert_close(by_grad, untied.transformer.wte.weight.grad + untied.lm_head.weight.grad,
                                rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_training_forward_matches_eager(monkeypatch, tmp_path):
+    """torch.compile on a CPU (what `train.compile = true` runs) through the fused loss: the same loss and
+    the same tied gradient as eager, which there takes the sparse, summed-in-place path instead."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    x = torch.randint(0, 100, (2, 17))
+    _, eager = model(x[:, :-1], x[:, 1:], return_logits=False)
+    eager.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    try:
+        _, compiled = torch.compile(model)(x[:, :-1], x[:, 1:], return_logits=False)
+        compiled.backward()
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
