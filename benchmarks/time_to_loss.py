@@ -308,8 +308,8 @@ def run_gptforge(data: str, iters: int, recipe: str, target) -> dict:
         def snapshot_instead_of_evaluating() -> dict:
             if not snaps:  # called once before the first step: the clock starts now
                 snaps.append(Snapshots())
-            elif trainer.step % every == 0 or trainer.step == steps:
-                snaps[0].take(trainer.step, trainer.raw_model)
+            elif trainer.counters.step % every == 0 or trainer.counters.step == steps:
+                snaps[0].take(trainer.counters.step, trainer.raw_model)
             return {}
 
         trainer.evaluate = snapshot_instead_of_evaluating  # the benchmark scores, outside the clock
