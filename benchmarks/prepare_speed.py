@@ -39,10 +39,10 @@ def generate_corpus(source: Path, folder: Path, size_mb: float, seed: int = 0) -
     paragraphs = [p for p in source.read_text(encoding="utf-8").split("\n\n") if p.strip()]
     rng = np.random.default_rng(seed)
     target, written, index = int(size_mb * 1e6), 0, 0
-    while written < target:
+    doc: list[str] = []
+    size = 0
+    while written < target:  # a document may span several passes: the source can be smaller than one
         order = rng.permutation(len(paragraphs))
-        doc: list[str] = []
-        size = 0
         for i in order:
             doc.append(paragraphs[i])
             size += len(paragraphs[i]) + 2
