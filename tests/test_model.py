@@ -221,6 +221,16 @@ def test_cpu_training_attention_runs_in_fp32_under_bf16_autocast(tiny_config, mo
     assert seen and set(seen) == {(torch.bfloat16,) * 3}
 
 
+def _tied_and_untied_copy(config: ModelConfig) -> tuple[GPT, GPT]:
+    """A GPT and a copy with the same weights whose head is its own Parameter: the tied matrix's gradient
+    must equal the copy's two gradients added up."""
+    tied = GPT(config)
+    untied = GPT(config)
+    untied.load_state_dict(tied.state_dict())
+    untied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())
+    return tied, untied
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_tied_embedding_gradient_is_sparse_rows_added_into_the_heads(tiny_config, monkeypatch, fused):
     """On CPU the tied embedding's gradient comes as sparse rows, summed by autograd into the head's dense
@@ -236,10 +246,7 @@ def test_tied_embedding_gradient_is_sparse_rows_added_into_the_heads(tiny_config
 
     monkeypatch.setattr(F, "embedding", spy)
     torch.manual_seed(0)
-    tied = GPT(tiny_config)
-    untied = GPT(tiny_config)
-    untied.load_state_dict(tied.state_dict())
-    untied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())
+    tied, untied = _tied_and_untied_copy(tiny_config)
     x = torch.randint(0, tiny_config.vocab_size, (3, 17))
     x[:, :4] = 7  # repeated ids: their rows add up in the sparse gradient too
     for model in (tied, untied):
@@ -273,10 +280,7 @@ def test_training_path_adds_the_embedding_rows_into_the_fused_losss_gradient_in_
 
     monkeypatch.setattr(fused_loss._FusedLinearCrossEntropy, "backward", staticmethod(spy))
     torch.manual_seed(0)
-    tied = GPT(tiny_config)
-    untied = GPT(tiny_config)
-    untied.load_state_dict(tied.state_dict())
-    untied.lm_head.weight = torch.nn.Parameter(tied.lm_head.weight.detach().clone())
+    tied, untied = _tied_and_untied_copy(tiny_config)
     batches = [torch.randint(0, tiny_config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(s))
                for s in (1, 2)]
     batches[0][:, :3] = 5  # repeated ids
