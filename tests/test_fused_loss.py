@@ -52,7 +52,7 @@ def chunk_bytes(request, monkeypatch):
 
 
 def test_chunk_rows_respect_the_budget_and_split_evenly():
-    assert chunk_rows(1024, 50257) == 256  # 333 fit in 64 MB -> 4 chunks of 256, not 333+333+333+25
+    assert chunk_rows(2048, 50257) == 512  # 667 fit in 128 MB -> 4 chunks of 512, not 667+667+667+47
     assert chunk_rows(48, VOCAB, chunk_bytes=4 * VOCAB * 7) == 7
     assert chunk_rows(10, 50257, chunk_bytes=1) == 1  # a budget below one row still makes progress
     assert chunk_rows(5, 50257) == 5
