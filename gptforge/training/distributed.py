@@ -3,10 +3,10 @@
 Why this module exists: the trainer should not care whether it runs as one process or as rank 3 of 64. It asks
 this module for a `DistContext` (rank, world size, device), wraps its model with `wrap_model`, enters
 `grad_sync(model, last)` around each micro-batch so gradients are all-reduced once per optimizer step (not
-once per micro-batch), averages logged numbers with `all_reduce_mean`, and clips with `clip_grad_norm`, which
-is correct for FSDP2's sharded DTensor gradients too. Nothing here re-implements communication: DDP is
-`torch.nn.parallel.DistributedDataParallel`, FSDP2 is `fully_shard` (see `fsdp_api`) applied per
-transformer block and then to the root, and the launcher is `torchrun`.
+once per micro-batch), averages logged numbers with `all_reduce_mean`, and measures the gradient for
+clipping with `grad_norm`, which is correct for FSDP2's sharded DTensor gradients too. Nothing here
+re-implements communication: DDP is `torch.nn.parallel.DistributedDataParallel`, FSDP2 is `fully_shard`
+(see `fsdp_api`) applied per transformer block and then to the root, and the launcher is `torchrun`.
 
 Backends: NCCL on CUDA (one GPU per local rank), gloo on CPU. A single process (no torchrun, or
 WORLD_SIZE=1) never calls `init_process_group`, so the plain `gptforge train` path has no distributed cost.
@@ -333,14 +333,24 @@ def grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     yield
 
 
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip by the global gradient norm; returns the norm before clipping as a plain (local) tensor.
+def grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, as a plain (local) tensor; gradients are not touched.
 
-    `torch.nn.utils.clip_grad_norm_` handles FSDP2's DTensor gradients: the per-shard norms are reduced
-    across ranks, so the norm is that of the whole model, the same on every rank, and equal (to rounding)
-    to the single-process norm; it comes back as a replicated DTensor, which we make an ordinary tensor.
+    FSDP2's gradients are DTensor shards: the per-shard norms are reduced across ranks, so the norm is that
+    of the whole model, the same on every rank, and equal (to rounding) to the single-process norm; it comes
+    back as a replicated DTensor, which we make an ordinary tensor. It is the norm
+    `torch.nn.utils.clip_grad_norm_` computes before it clips (to rounding: on a CPU the squares are summed
+    by BLAS).
     """
-    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads and all(g.device.type == "cpu" and not hasattr(g, "full_tensor") for g in grads):
+        # A CPU's BLAS dot sums the squares 2.5x faster than vector_norm (GPT-2's 154 MB head gradient: 4.3
+        # vs 10.7 ms on 2 cores; the whole model's norm was ~30 ms of a ~650 ms bf16 step at B 4, T 128)
+        return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach norms where the device has them
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 

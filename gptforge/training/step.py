@@ -94,18 +94,49 @@ def forward_backward(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
 
 def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                   grad_clip: float) -> tuple[bool, float, float]:
-    """Clip the global grad norm, then step unless loss or gradient is non-finite.
+    """Clip the global grad norm to `grad_clip` (0: no clipping), then step unless loss or gradient is
+    non-finite.
 
-    Returns (stepped, loss, grad_norm) with one host sync for both numbers.
+    Returns (stepped, loss, grad_norm) with one host sync for both numbers. The norm is read before any
+    gradient is changed, so clipping costs one read of the gradients rather than also a multiply over all
+    of them: nothing is multiplied when the norm is within `grad_clip`, and a fused optimizer applies the
+    clip factor as it reads each gradient (`step_with_scaled_gradients`). For GPT-2 on a 2-core CPU that
+    multiply was ~25 ms of a ~700 ms bf16 step.
     """
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    norm = D.clip_grad_norm(model.parameters(), max_norm)  # global norm, FSDP2's sharded grads included
-    numbers = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
-    ok = all(math.isfinite(v) for v in numbers)
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = D.grad_norm(params)  # global norm, FSDP2's sharded grads included
+    loss_value, norm_value = torch.stack([loss.float(), norm.float().to(loss.device)]).tolist()
+    ok = math.isfinite(loss_value) and math.isfinite(norm_value)
     if ok:
-        optimizer.step()
+        # torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), never above 1
+        factor = min(1.0, grad_clip / (norm_value + 1e-6)) if grad_clip > 0 else 1.0
+        step_with_scaled_gradients(optimizer, params, factor)
     optimizer.zero_grad(set_to_none=True)
-    return ok, numbers[0], numbers[1]
+    return ok, loss_value, norm_value
+
+
+def step_with_scaled_gradients(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                               factor: float) -> None:
+    """optimizer.step() as if every gradient of `params` had first been multiplied by `factor`.
+
+    Fused Adam/AdamW (`_step_supports_amp_scaling`) divide each gradient by the optimizer's `grad_scale`
+    tensor inside their one kernel: the protocol torch's GradScaler uses to unscale fp16 gradients, here
+    carrying 1 / factor. Other optimizers, and FSDP2's DTensor parameters (whose fused step takes no plain
+    tensor beside them), get the gradients multiplied first.
+    """
+    if factor == 1.0:
+        optimizer.step()
+        return
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and not any(hasattr(p, "full_tensor") for p in params):
+        optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=params[0].device)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale
+        return
+    for p in params:
+        p.grad.mul_(factor)
+    optimizer.step()
 
 
 def is_oom(error: BaseException) -> bool:
