@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import gptforge.model
 from gptforge.config import ModelConfig, get_preset
 from gptforge.model import GPT, CausalSelfAttention, band_mask
 
@@ -193,8 +194,9 @@ def test_forward_with_a_kv_cache_equals_the_whole_sequence(attention):
 
 
 def test_cpu_training_attention_runs_in_fp32_under_bf16_autocast(tiny_config, monkeypatch):
-    """On CPU the flash-attention backward is several times slower in bf16 than in fp32, so under autocast
-    training computes attention in fp32; without autograd (scoring, generation) it keeps autocast's dtype.
+    """On CPU the flash-attention backward is several times slower in bf16 than in fp32 for short sequences,
+    so under autocast training computes their attention in fp32; without autograd (scoring, generation) it
+    keeps autocast's dtype, and so do sequences longer than CPU_FP32_ATTENTION_MAX (T x head width).
     The loss stays the bf16 path's loss to bf16 precision."""
     seen = []
     real_sdpa = F.scaled_dot_product_attention
@@ -219,6 +221,13 @@ def test_cpu_training_attention_runs_in_fp32_under_bf16_autocast(tiny_config, mo
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
     assert seen and set(seen) == {(torch.bfloat16,) * 3}
+    # T x head width is 16 x 8 here: at the limit still fp32, one below it the sequence counts as long
+    for limit, dtype in ((16 * 8, torch.float32), (16 * 8 - 1, torch.bfloat16)):
+        monkeypatch.setattr(gptforge.model, "CPU_FP32_ATTENTION_MAX", limit)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, x, return_logits=False)[1].backward()
+        assert seen and set(seen) == {(dtype,) * 3}
 
 
 def _tied_and_untied_copy(config: ModelConfig) -> tuple[GPT, GPT]:
