@@ -1,7 +1,8 @@
 """Training-step throughput and peak memory: gptforge vs Hugging Face GPT2LMHeadModel, same run.
 
 One step = forward + backward + global grad-norm clip + AdamW step on the same random batch, with the same
-AdamW settings (fused where supported, GPT-3 betas) and the same autocast dtype for both. HF gets its best
+AdamW settings (fused where supported, GPT-3 betas) and the same autocast dtype for both; each clips as its
+trainer does (gptforge: `training.step.clip_and_step`; HF: `torch.nn.utils.clip_grad_norm_`). HF gets its best
 settings: the fused `gelu_pytorch_tanh` activation (the same function as GPT-2's `gelu_new`, one kernel
 instead of several) and SDPA attention (its default). Each measurement runs in a fresh subprocess (so its
 peak RSS is its own) with pinned threads; the two implementations alternate, `--samples` times per cell,
@@ -13,9 +14,12 @@ shows how much of the ratio that setting is.
 Cases: `gpt2` (124M, 12 layers of 768) and `small` (4 layers of 256 with GPT-2's 50,257-token vocabulary).
 In `small` the output head (256 x 50,257 weights against 4 x 12 x 256^2 in the blocks) is ~80% of the FLOPs, so that row
 mostly measures gptforge's fused chunked output-projection + cross-entropy against HF's full logits; `gpt2`
-is the row that measures the transformer itself.
+is the case that measures the transformer itself: at T=128, B=4 (512 tokens a step) the passes over every
+parameter that both pay alike (autocast's weight copies, the gradient norm, AdamW's read and write of 124M
+weights and two moments) are a large share of the step; at T=1024, B=2 (GPT-2's own context) the step is
+mostly matmuls, attention and the output head.
 
-    python benchmarks/train_throughput.py                 # CPU: gpt2 @ T=128, B=4 and small @ T=64, B=16
+    python benchmarks/train_throughput.py                 # CPU: gpt2 @ T=128, B=4 and T=1024, B=2; small @ T=64, B=16
     python benchmarks/train_throughput.py --samples 5     # steadier medians
     python benchmarks/train_throughput.py --hf-keeps-freed-memory   # HF gets gptforge's CPU malloc setting too
     python benchmarks/train_throughput.py --cuda          # GPU: gpt2 @ T=1024, bf16, torch.compile, MFU
@@ -61,6 +65,7 @@ def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, step
     from gptforge.host_memory import keep_freed_memory
     from gptforge.training.optim import build_optimizer
     from gptforge.training.precision import autocast
+    from gptforge.training.step import clip_and_step
 
     dev = torch.device(device)
     if keep_freed:
@@ -80,9 +85,12 @@ def measure(impl: str, name: str, seq_len: int, batch: int, precision: str, step
             else:
                 loss = fwd(input_ids=x, labels=x).loss  # HF shifts the labels itself
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if impl == "gptforge":
+            clip_and_step(model, opt, loss, 1.0)  # as the trainer clips and steps
+        else:  # as HF's Trainer does (through accelerate)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     for _ in range(2):
         step()
@@ -133,7 +141,7 @@ def main() -> None:
     if a.cuda:
         cases = [("gpt2", 1024, 8, "bf16", "cuda", True)]
     else:
-        cases = [(m, t, b, prec, "cpu", False) for m, t, b in (("gpt2", 128, 4), ("small", 64, 16))
+        cases = [(m, t, b, prec, "cpu", False) for m, t, b in (("gpt2", 128, 4), ("gpt2", 1024, 2), ("small", 64, 16))
                  for prec in ("fp32", "bf16")]
     if a.only:
         cases = [c for c in cases if c[0] == a.only]
