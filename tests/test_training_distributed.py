@@ -2,9 +2,9 @@
 
 What must hold: DDP and FSDP2 on 2 ranks follow the single-process loss curve for the same global batch;
 the ranks read disjoint data that together cover the epoch; a 2-rank DDP run killed and resumed ends with
-the same weights as one that never stopped; an FSDP2 sharded checkpoint consolidates into a safetensors
-file whose logits equal the sharded model's and which `gptforge sample` loads; a resume that would change
-the global batch stops with a message. Tiny models, fp32, deterministic, so differences are only the
+the same weights as one that never stopped; fused AdamW takes the clip factor on FSDP2's sharded
+parameters; an FSDP2 sharded checkpoint consolidates into a safetensors file whose logits equal the sharded
+model's and which `gptforge sample` loads; a resume that would change the global batch stops with a message. Tiny models, fp32, deterministic, so differences are only the
 order of floating-point sums.
 """
 
@@ -352,6 +352,52 @@ def test_consolidate_refuses_a_non_sharded_directory(tmp_path):
 
 
 # ---- single-process pieces ---------------------------------------------------------------------------------
+
+
+SCALED_STEP_WORKER = textwrap.dedent('''
+    """2 ranks: fused AdamW on FSDP2's DTensor parameters steps on gradients scaled by
+    step_with_scaled_gradients exactly as on gradients multiplied by hand, and not as on unscaled ones."""
+    import copy, json, sys
+    import torch
+    import torch.distributed as dist
+    from gptforge.training import distributed as D
+    from gptforge.training.step import step_with_scaled_gradients
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    weights = {}
+    for mode in ("scaled", "multiplied", "unscaled"):
+        model = copy.deepcopy(base)
+        D.fsdp_api().fully_shard(model)
+        # eps 1.0: Adam's update depends on the gradient's scale (with eps ~0 it nearly would not)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, eps=1.0, fused=True)
+        model(x).sum().backward()
+        params = list(model.parameters())
+        if mode == "scaled":
+            step_with_scaled_gradients(opt, params, 0.25)
+        else:
+            for p in params:
+                p.grad.mul_(0.25 if mode == "multiplied" else 1.0)
+            opt.step()
+        weights[mode] = [p.full_tensor() for p in params]
+    if dist.get_rank() == 0:
+        def same(a, b):
+            return all(torch.allclose(u, v, rtol=1e-6, atol=1e-7) for u, v in zip(weights[a], weights[b]))
+        with open(sys.argv[1], "w") as f:
+            json.dump({"as_multiplied": same("scaled", "multiplied"), "as_unscaled": same("scaled", "unscaled"),
+                       "dtensor": hasattr(params[0], "full_tensor")}, f)
+    D.exit_worker(0)
+''')
+
+
+def test_scaled_step_on_fsdp2_parameters_equals_multiplied_gradients(tmp_path):
+    """Clipping hands the factor to fused AdamW as grad_scale on FSDP2's sharded parameters too."""
+    script, report = tmp_path / "worker.py", tmp_path / "report.json"
+    script.write_text(SCALED_STEP_WORKER)
+    _run(_torchrun() + [str(script), str(report)])
+    assert json.loads(report.read_text()) == {"as_multiplied": True, "as_unscaled": False, "dtensor": True}
 
 
 def test_single_process_context_has_no_process_group(monkeypatch):

@@ -121,13 +121,13 @@ def step_with_scaled_gradients(optimizer: torch.optim.Optimizer, params: list[to
 
     Fused Adam/AdamW (`_step_supports_amp_scaling`) divide each gradient by the optimizer's `grad_scale`
     tensor inside their one kernel: the protocol torch's GradScaler uses to unscale fp16 gradients, here
-    carrying 1 / factor. Other optimizers, and FSDP2's DTensor parameters (whose fused step takes no plain
-    tensor beside them), get the gradients multiplied first.
+    carrying 1 / factor. That holds for FSDP2's DTensor parameters too (a one-element tensor beside them is
+    taken as replicated). Other optimizers get the gradients multiplied first.
     """
     if factor == 1.0:
         optimizer.step()
         return
-    if getattr(optimizer, "_step_supports_amp_scaling", False) and not any(hasattr(p, "full_tensor") for p in params):
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=params[0].device)
         try:
             optimizer.step()
