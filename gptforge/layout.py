@@ -19,7 +19,7 @@ live without importing each other.
       manifest.json              counts, splits, tokenizer (MANIFEST_FILE)
       tokenizer/                 the tokenizer the shards were made with
       train_000000.bin, val_000000.bin, ...
-    .DATA.lock                   beside DATA while a prepare builds it (data_lock_file)
+    .DATA.lock                   beside DATA while a prepare builds it (output_lock_file; exports too)
       train_mask_000000.bin, train_conversations.npy, ...   chat data: loss masks, conversation lengths
 """
 
@@ -84,11 +84,11 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (path / RUN_CONFIG_FILE).is_file() and (path / CHECKPOINTS_DIR).is_dir()
 
 
-def data_lock_file(out_dir: str | os.PathLike) -> Path:
-    """The lock `gptforge prepare` holds while it builds `out_dir`: beside it (the directory itself is only
-    renamed into place at the end), hidden, and removed when the prepare ends."""
-    out_dir = Path(out_dir)
-    return out_dir.parent / f".{out_dir.name}{LOCK_FILE}"
+def output_lock_file(out: str | os.PathLike) -> Path:
+    """The lock a writer (`prepare`, `export`, `tokenizer train`, ...) holds while it builds `out`: beside it
+    (the output itself is only renamed into place at the end), hidden, and removed when the writer ends."""
+    out = Path(out)
+    return out.parent / f".{out.name}{LOCK_FILE}"
 
 
 def is_data_dir(path: str | os.PathLike) -> bool:

@@ -291,8 +291,8 @@ def test_out_on_another_filesystem_is_refused_before_any_work(tmp_path, monkeypa
         raise AssertionError("tokenizer work started")
     monkeypatch.setattr(prepare_module, "build_tokenizer", no_work)
     for force in (False, True):
-        with pytest.raises(UserError, match=rf"--out {out} is a mount point .*pass a subdirectory, e.g. --out "
-                                            rf"{out / 'data'}") as e:
+        with pytest.raises(UserError, match=rf"--out {out} is a mount point .*pass a subfolder, e.g. --out "
+                                            rf"{out / 'out'}") as e:
             prepare([source], "char", out, workers=1, force=force)
         assert "\n" not in str(e.value)
     assert list(out.iterdir()) == [] and leftovers(tmp_path) == []
@@ -446,8 +446,8 @@ def test_second_prepare_into_the_same_out_is_refused_then_cleans_up_after_a_kill
         result = run_cli("d.jsonl", "--tokenizer", "char", "--out", "out", "--quiet", "--workers", "1", cwd=tmp_path)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
-            f"gptforge prepare: error: --out out: this prepared-data directory is in use by another gptforge "
-            f"process (PID {holder.pid}); wait for it to finish or stop it, or choose another --out"]
+            f"gptforge prepare: error: --out out: in use by another gptforge process (PID {holder.pid}); wait for "
+            f"it to finish or stop it, or choose another --out"]
         assert not (tmp_path / "out").exists()
     finally:
         holder.kill()  # SIGKILL: the kernel drops the lock, the temporary stays behind
@@ -458,21 +458,6 @@ def test_second_prepare_into_the_same_out_is_refused_then_cleans_up_after_a_kill
     assert "removed 1 temporary director(ies) left by an interrupted prepare into out" in result.stderr
     assert leftovers(tmp_path) == [] and read_manifest(tmp_path / "out")["counts"]["documents"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "out"]  # the lock file went too
-
-
-def test_only_provably_stale_temporaries_are_removed(tmp_path):
-    from gptforge.data.prepare import remove_stale_temporaries
-
-    for name in (".tmp-out.abcd1234", ".tmp-out.old.k2j4h5g6", ".tmp-out.v2.abcd1234", ".tmp-out2.abcd1234",
-                 ".tmp-other.abcd1234"):
-        (tmp_path / name).mkdir()
-    (tmp_path / ".tmp-out.zzzz9999").write_text("a file, not ours")
-    # out is missing: the .old directory may hold the only copy of the previous data
-    assert remove_stale_temporaries(tmp_path / "out") == [".tmp-out.abcd1234"]
-    (tmp_path / "out").mkdir()
-    assert remove_stale_temporaries(tmp_path / "out") == [".tmp-out.old.k2j4h5g6"]
-    assert leftovers(tmp_path) == [".tmp-other.abcd1234", ".tmp-out.v2.abcd1234", ".tmp-out.zzzz9999",
-                                   ".tmp-out2.abcd1234"]
 
 
 SLOW_PREPARE = """

@@ -117,16 +117,24 @@ def test_post_ln_model_is_refused(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def test_non_empty_out_needs_force(tmp_path):
+def test_force_replaces_an_earlier_export_and_nothing_else(tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     model = random_model(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(UserError, match="is not empty; choose a new directory or pass --force"):
+        export_hf(model, None, out)
+    with pytest.raises(UserError, match="holds files gptforge did not write, and --force replaces only a Hugging "
+                                        "Face export"):
+        export_hf(model, None, out, force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_hf(model, None, out)  # an empty directory: nothing to lose
+    first = (out / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="--force"):
         export_hf(model, None, out)
-    assert (out / "keep.txt").read_text() == "mine"
-    export_hf(model, None, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    export_hf(random_model(model.config, seed=1), None, out, force=True)
+    assert (out / "model.safetensors").read_bytes() != first
 
 
 @pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("f32", "float32")])

@@ -342,7 +342,7 @@ def test_cli_train_encode_and_errors(tmp_path, capsys):
     assert main(["tokenizer", "encode", "--tokenizer", str(out), "the fox"]) == 0
     assert capsys.readouterr().out.split() == [str(i) for i in tok.encode("the fox")]
     assert main(["tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "is not empty; choose a new directory or pass --overwrite" in capsys.readouterr().err
     assert main(["tokenizer", "train", str(corpus), "--vocab-size", "100", "--out", str(tmp_path / "t2")]) == 2
     assert "too small" in capsys.readouterr().err
     assert main(["tokenizer", "train", str(corpus), "--kind", "char", "--out", str(tmp_path / "c")]) == 0

@@ -76,7 +76,7 @@ def test_fresh_keeps_the_previous_run_aside_until_the_first_checkpoint(finished_
     run = _copy(finished_run, tmp_path)
     old_metrics = (run / METRICS_FILE).read_text()
     directory = RunDirectory(run, log=lambda m: None)
-    assert directory.open(tiny_config(run.parent, run), resume=None, fresh=True) is None
+    assert directory.open(tiny_config(run.parent / "data", run), resume=None, fresh=True) is None
     try:
         aside = run / PREVIOUS_RUN_DIR
         assert [s for s, _ in list_checkpoints(aside)] == [2, 4]
@@ -92,7 +92,7 @@ def test_a_second_fresh_after_a_failed_one_keeps_the_original_run(finished_run, 
     run = _copy(finished_run, tmp_path)
     for _ in range(2):  # the first new run dies before its first checkpoint; a second --fresh follows
         directory = RunDirectory(run, log=lambda m: None)
-        directory.open(tiny_config(run.parent, run), resume=None, fresh=True)
+        directory.open(tiny_config(run.parent / "data", run), resume=None, fresh=True)
         (run / METRICS_FILE).write_text('{"step": 1}\n')
         directory.close()
     assert [s for s, _ in list_checkpoints(run / PREVIOUS_RUN_DIR)] == [2, 4]
@@ -109,7 +109,7 @@ def test_resume_with_no_valid_checkpoint_starts_over_keeping_the_old_run_until_a
     old_metrics = (run / METRICS_FILE).read_text()
     directory = RunDirectory(run, log=lambda m: None)
     try:
-        assert directory.open(tiny_config(run.parent, run), resume="auto", fresh=False) is None
+        assert directory.open(tiny_config(run.parent / "data", run), resume="auto", fresh=False) is None
         assert not (run / METRICS_FILE).exists() and not (run / SAMPLES_FILE).exists()
         aside = run / PREVIOUS_RUN_DIR
         assert (aside / METRICS_FILE).read_text() == old_metrics and (aside / SAMPLES_FILE).exists()
@@ -125,7 +125,7 @@ def test_existing_checkpoints_need_resume_or_fresh(finished_run, tmp_path):
     run = _copy(finished_run, tmp_path)
     directory = RunDirectory(run, log=lambda m: None)
     with pytest.raises(UserError, match="--resume .*--fresh"):
-        directory.open(tiny_config(run.parent, run), resume=None, fresh=False)
+        directory.open(tiny_config(run.parent / "data", run), resume=None, fresh=False)
     assert not directory.lock.held  # a refused open leaves the directory unlocked
 
 

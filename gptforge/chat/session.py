@@ -174,12 +174,15 @@ class ChatSession:
         return True
 
     def save(self, path: str | Path) -> Path:
-        """Write the conversation as one `{"messages": [...]}` JSON line, the format `prepare --chat` reads."""
+        """Write the conversation as one `{"messages": [...]}` JSON line, the format `prepare --chat` reads.
+
+        A new file in an existing folder only: a transcript never replaces a file, and a mistyped folder is
+        reported rather than created (gptforge.outputs.TRANSCRIPT)."""
         from ..atomic import write_text
+        from ..outputs import TRANSCRIPT, check_output
 
         path = Path(path)
-        if path.is_dir():
-            raise UserError(f"{path} is a directory; give a file name such as chat.jsonl")
+        check_output(path, TRANSCRIPT, option="/save")
         write_text(path, json.dumps({"messages": self.messages}, ensure_ascii=False) + "\n")
         return path
 

@@ -35,21 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_output_file(path: str, option: str) -> None:
-    """Refuse an output path that cannot be written before spending minutes on the evaluation: its nearest
-    existing ancestor must be a directory (missing directories are created when the file is written)."""
-    from pathlib import Path
-
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{option} {path}: is a directory; give a file name")
-    ancestor = target.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if ancestor.exists() and not ancestor.is_dir():
-        raise UserError(f"{option} {path}: {ancestor} is a file, not a directory; choose another path")
-
-
 def run(args: argparse.Namespace) -> int:
     from ..devices import dtype_name, resolve_device, resolve_dtype
     from ..evals import runner
@@ -62,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.json:
-        check_output_file(args.json, "--json")
+        from ..outputs import EVAL_REPORT, check_output
+        # an earlier report is replaced (eval's own output); any other file, or what eval reads, never is
+        check_output(args.json, EVAL_REPORT, replace=True, option="--json",
+                     inputs={"--model": args.model, "--data": list(data.values())})
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for task in tasks:  # read every task's data before spending time on the model

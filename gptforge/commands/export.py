@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, help="run dir, checkpoint dir, .safetensors, hf:DIR or preset")
     parser.add_argument("--format", required=True, help="hf (a transformers directory) or gguf (one .gguf file)")
     parser.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
-    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export of the same format at --out")
     parser.add_argument("--dtype", default=None,
                         help="weights precision: hf f32|f16|bf16 (default f32); gguf f32|f16|bf16|q8_0 (default f16)")
     parser.add_argument("--tokenizer", default=None,
@@ -35,11 +35,12 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer is not None:
         tokenizer = get_tokenizer(args.tokenizer)
     tokenizer = tokenizer or default_tokenizer(model, args.model, hint=" or pass --tokenizer")
+    inputs = {"--model": args.model, "--tokenizer": args.tokenizer}  # never written over (gptforge.outputs)
     if args.format == "hf":
         from ..interop.hf import export_hf
-        out = export_hf(model, tokenizer, args.out, force=args.force, dtype=args.dtype or "f32")
+        out = export_hf(model, tokenizer, args.out, force=args.force, dtype=args.dtype or "f32", inputs=inputs)
     else:
         from ..interop.gguf import export_gguf
-        out = export_gguf(model, tokenizer, args.out, force=args.force, dtype=args.dtype or "f16")
+        out = export_gguf(model, tokenizer, args.out, force=args.force, dtype=args.dtype or "f16", inputs=inputs)
     print(f"exported {args.model} as {args.format} to {out}")
     return 0

@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("source", help="a local HF model directory, or a hub repo id such as gpt2 (needs network)")
     parser.add_argument("--out", required=True, help="the gptforge checkpoint directory to write")
-    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    parser.add_argument("--force", action="store_true", help="replace an earlier import at --out")
     parser.set_defaults(func=run)
 
 

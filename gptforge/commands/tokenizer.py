@@ -18,13 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("sources", nargs="+", metavar="SOURCE")
     train.add_argument("--vocab-size", type=int, default=None,
                        help="total ids incl. 256 bytes and special tokens (required for bpe)")
-    train.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
+    train.add_argument("--out", required=True, help="directory to write (new or empty; --overwrite replaces a tokenizer directory)")
     train.add_argument("--kind", choices=["bpe", "char"], default="bpe")
     train.add_argument("--glob", default=None, help="only files in folders matching this pattern, e.g. '*.py'")
     train.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
                        help="extra special token besides <|endoftext|> (repeatable), e.g. <|im_start|>")
     train.add_argument("--min-frequency", type=int, default=2, help="bpe: least count for a merge (default 2)")
-    train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    train.add_argument("--overwrite", action="store_true", help="replace --out if it holds a tokenizer")
     train.set_defaults(func=run_train)
 
     fetch = actions.add_parser("fetch-gpt2", help="get GPT-2's BPE ranks through pip (openai-whisper sdist)",
@@ -50,11 +50,12 @@ def run_train(args: argparse.Namespace) -> int:
 
     from ..data.sources import DocumentReader
     from ..errors import UserError
+    from ..outputs import TOKENIZER, check_output, owned_output
     from ..tokenizer import CharTokenizer, train_bpe
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"--out {out} already exists; choose another directory or pass --overwrite")
+    inputs = {"SOURCE": args.sources}
+    check_output(out, TOKENIZER, replace=args.overwrite, inputs=inputs)  # before the training; again when saving
     start = time.perf_counter()
     reader = DocumentReader(args.sources, glob=args.glob)
     documents = reader.documents()
@@ -68,7 +69,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise UserError("--min-frequency must be at least 1")
         tokenizer = train_bpe(documents, args.vocab_size, special_tokens=["<|endoftext|>", *args.special_token],
                               min_frequency=args.min_frequency, show_progress=sys.stderr.isatty())
-    tokenizer.save(out, overwrite=args.overwrite)
+    with owned_output(out, TOKENIZER, replace=args.overwrite, inputs=inputs, command="tokenizer train") as tmp:
+        tokenizer.write_into(tmp)
     seconds = time.perf_counter() - start
     note = ""
     if args.kind == "bpe" and tokenizer.vocab_size < args.vocab_size:

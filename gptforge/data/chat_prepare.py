@@ -36,11 +36,12 @@ from ..atomic import write_text
 from ..errors import UserError
 from ..layout import (CHAT_DATA_KIND, MANIFEST_FILE, RUN_CONFIG_FILE, TOKENIZER_DIR, chat_index_file,
                       chat_mask_prefix)
+from ..outputs import PREPARED_DATA, check_output
 from .chat_formats import FORMATS, BadRecord, Messages, detect_format, to_messages
 from .chat_packing import pack_report
 from .readers import ReadReport, is_record_file, read_records
 from .prepare import (DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS,
-                      _check_out_dir, prepared_output, split_of)
+                      prepared_output, split_of)
 from .shards import ShardWriter, dtype_for_vocab
 from .workers import WorkerPool
 
@@ -335,12 +336,13 @@ def prepare_chat(sources: list[str], tokenizer_spec: str, out_dir: str | os.Path
         raise UserError(f"--context {context}: must be at least 2 tokens")
     for spec in sources:
         check_chat_source(spec)
-    _check_out_dir(out_dir, force)  # fail before the tokenizer work; prepared_output checks again, locked
+    inputs = {"SOURCE": sources, "--tokenizer": tokenizer_spec}
+    check_output(out_dir, PREPARED_DATA, replace=force, inputs=inputs)  # before the tokenizer work; again, locked
     started = time.monotonic()
     tokenizer, run_context = chat_tokenizer(tokenizer_spec)
     context = context or run_context or DEFAULT_CONTEXT
     stats = RecordStats()
-    with prepared_output(out_dir, force) as tmp:
+    with prepared_output(out_dir, force, inputs) as tmp:
         tokenizer_dir = tmp / TOKENIZER_DIR
         tokenizer.save(tokenizer_dir)
         dtype = dtype_for_vocab(tokenizer.vocab_size)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import numpy as np
 
 from .._version import __version__
-from ..atomic import TMP_PREFIX, atomic_directory, write_text
+from ..atomic import write_text
 from ..errors import UserError
-from ..layout import MANIFEST_FILE, TOKENIZER_DIR, data_lock_file
-from ..runlock import DirectoryLock
+from ..layout import MANIFEST_FILE, TOKENIZER_DIR
+from ..outputs import PREPARED_DATA, Inputs, check_output, owned_output
 from .shards import ShardWriter, dtype_for_vocab
 from .sources import DocumentReader, Source, SourceStats, resolve_sources
 from .split import SplitPlan, split_of  # noqa: F401  (split_of: chat_prepare draws conversations with it)
@@ -188,75 +186,13 @@ class _SplitWriters:
         return self.val if split else self.train
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> bool:
-    """Whether an existing out_dir may be replaced; refuse a non-empty one unless forced, and one that no
-    rename can replace."""
-    if not out_dir.exists():
-        return False
-    if not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; choose a directory path")
-    _check_same_filesystem(out_dir)
-    if any(out_dir.iterdir()) and not force:
-        raise UserError(f"--out {out_dir} is not empty; choose a new directory or pass --force to replace it")
-    return True
-
-
-def _check_same_filesystem(out_dir: Path) -> None:
-    """Refuse an existing `out_dir` on another filesystem than its parent (a mount point, typically).
-
-    The data is built in a temporary directory beside `out_dir`, on the parent's filesystem, and renamed
-    over `out_dir` at the end; that rename fails across a filesystem boundary (EXDEV, or EBUSY for a mount
-    point), which would throw the whole tokenization away. A subdirectory of the mount has no such boundary."""
-    absolute = Path(os.path.abspath(out_dir))
-    try:
-        crosses = os.path.ismount(absolute) or os.stat(absolute).st_dev != os.stat(absolute.parent).st_dev
-    except OSError:
-        return  # unreadable: the lock and the temporary directory report it in their own words
-    if crosses:
-        raise UserError(f"--out {out_dir} is a mount point (or on another filesystem than {absolute.parent}), and "
-                        "prepare replaces its output by renaming a finished directory into place, which cannot "
-                        f"cross filesystems; pass a subdirectory, e.g. --out {out_dir / 'data'}")
-
-
-def remove_stale_temporaries(out_dir: Path) -> list[str]:
-    """Delete the temporary directories a killed prepare into `out_dir` left beside it; return their names.
-
-    Call only while holding `out_dir`'s lock: every prepare into `out_dir` holds it while its temporary
-    exists, so any temporary of `out_dir` found then belongs to a process that is gone (SIGKILL, power
-    loss). The `.old` directory of an interrupted replace holds the previous data; it goes only when
-    `out_dir` itself exists again (the replace had finished), so no data is deleted that is not replaced.
-    """
-    parent = out_dir.parent
-    if not parent.is_dir():
-        return []
-    ours = re.compile(rf"^{re.escape(TMP_PREFIX + out_dir.name)}\.(old\.)?[a-z0-9_]{{8}}$")
-    removed = []
-    for child in parent.iterdir():
-        match = ours.match(child.name)
-        if not match or not child.is_dir() or child.is_symlink():
-            continue
-        if match.group(1) and not out_dir.is_dir():
-            continue
-        shutil.rmtree(child, ignore_errors=True)
-        removed.append(child.name)
-    return sorted(removed)
-
-
 @contextlib.contextmanager
-def prepared_output(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Own `out_dir` for one prepare: lock it (a second prepare into it fails in one line naming this PID),
-    clear temporaries of killed runs, check it may be written, and yield a temporary directory that becomes
-    `out_dir` only when the block completes (an error or a signal leaves `out_dir` as it was)."""
-    lock = DirectoryLock(out_dir.parent, what="prepared-data directory", option="--out",
-                         lock_name=data_lock_file(out_dir).name, shown=out_dir, remove_on_release=True)
-    with lock:
-        removed = remove_stale_temporaries(out_dir)
-        if removed:
-            print(f"gptforge prepare: removed {len(removed)} temporary director(ies) left by an interrupted "
-                  f"prepare into {out_dir}", file=sys.stderr)
-        replace = _check_out_dir(out_dir, force)
-        with atomic_directory(out_dir, overwrite=replace) as tmp:
-            yield tmp
+def prepared_output(out_dir: Path, force: bool, inputs: Inputs | None = None) -> Iterator[Path]:
+    """Own `out_dir` for one prepare (`gptforge.outputs.owned_output`): one prepare at a time, temporaries of
+    killed runs cleared, prepared data replaced only with `force` and never anything else, and a temporary
+    directory that becomes `out_dir` only when the block completes."""
+    with owned_output(out_dir, PREPARED_DATA, replace=force, inputs=inputs, command="prepare") as tmp:
+        yield tmp
 
 
 def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike, *, glob: str | None = None,
@@ -276,11 +212,12 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
-    _check_out_dir(out_dir, force)  # fail before any work; prepared_output checks again, locked
+    inputs = {"SOURCE": sources, "--tokenizer": tokenizer_spec}
+    check_output(out_dir, PREPARED_DATA, replace=force, inputs=inputs)  # before any work; checked again, locked
     resolved = resolve_sources(sources, glob)
     started = time.monotonic()
 
-    with prepared_output(out_dir, force) as tmp:
+    with prepared_output(out_dir, force, inputs) as tmp:
         tokenizer = build_tokenizer(tokenizer_spec, resolved, glob, text_field)
         tokenizer_dir = tmp / TOKENIZER_DIR
         tokenizer.save(tokenizer_dir)

@@ -25,10 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import atomic
 from ..errors import UserError
 from ..model import GPT
-from . import check_output
+from ..outputs import GGUF_FILE, Inputs, check_output, owned_output
 from .hf import full_state
 
 if TYPE_CHECKING:
@@ -141,7 +140,7 @@ def _encode_tensor(name: str, data: np.ndarray, dtype: str) -> tuple[np.ndarray,
 
 
 def export_gguf(model: GPT, tokenizer: "Tokenizer", out: str | os.PathLike, force: bool = False,
-                dtype: str = "f16") -> Path:
+                dtype: str = "f16", inputs: Inputs | None = None) -> Path:
     """Write `model` and its tokenizer as one GGUF file for llama.cpp (atomically)."""
     gguf = _import_gguf()
 
@@ -150,7 +149,7 @@ def export_gguf(model: GPT, tokenizer: "Tokenizer", out: str | os.PathLike, forc
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; a GGUF export is one file, e.g. --out model.gguf")
-    check_output(out, force)
+    check_output(out, GGUF_FILE, replace=force, inputs=inputs)
     if tokenizer is None:
         raise UserError("GGUF embeds the tokenizer and this model has none; pass --tokenizer gpt2 or a tokenizer "
                         "directory")
@@ -159,7 +158,7 @@ def export_gguf(model: GPT, tokenizer: "Tokenizer", out: str | os.PathLike, forc
     tokens, types, merges = _vocab(tokenizer, config.vocab_size)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-    with atomic.atomic_file(out) as tmp:
+    with owned_output(out, GGUF_FILE, replace=force, inputs=inputs, command="export") as tmp:
         writer = gguf.GGUFWriter(str(tmp), ARCH)
         writer.add_name(out.stem)
         writer.add_context_length(config.block_size)

@@ -27,12 +27,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import atomic
 from ..config import ModelConfig
 from ..errors import UserError
 from ..model import GPT
+from ..outputs import HF_EXPORT, MODEL_DIR, Inputs, check_output, owned_output
 from ..weights import model_from_state
-from . import check_output
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
@@ -170,22 +169,24 @@ def hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def export_hf(model: GPT, tokenizer: "Tokenizer | None", out: str | os.PathLike, force: bool = False,
-              dtype: str = "f32") -> Path:
+              dtype: str = "f32", inputs: Inputs | None = None) -> Path:
     """Write `model` (and `tokenizer`'s transformers files) as a Hugging Face directory at `out`.
 
     The directory appears whole or not at all. Without a tokenizer only the model is written (the CLI
-    insists on one, since AutoTokenizer would fail on such a directory).
+    insists on one, since AutoTokenizer would fail on such a directory). `force` replaces an earlier HF
+    export only; `inputs` (option -> path) are what the export reads, which it never writes over.
     """
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not available for the hf format; choose one of {', '.join(DTYPES)}")
-    out = check_output(out, force)
+    out = Path(out)
+    check_output(out, HF_EXPORT, replace=force, inputs=inputs)
     torch_dtype = DTYPES[dtype]
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in hf_tensors(model).items()}
     config = hf_config(model.config, tokenizer.eot_id if tokenizer is not None else None, torch_dtype)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {model.config.vocab_size}; "
                         "pass the tokenizer the model was trained with (--tokenizer)")
-    with atomic.atomic_directory(out, overwrite=True) as tmp:
+    with owned_output(out, HF_EXPORT, replace=force, inputs=inputs, command="export") as tmp:
         save_file(tensors, str(tmp / HF_WEIGHTS), metadata={"format": "pt"})
         (tmp / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
@@ -376,9 +377,11 @@ def import_hf(source: str | os.PathLike, out: str | os.PathLike, force: bool = F
     from ..layout import TOKENIZER_DIR, WEIGHTS_FILE
     from ..weights import save_weights
 
-    out = check_output(out, force)
+    out = Path(out)
+    inputs = {"SOURCE": os.fspath(source)}
+    check_output(out, MODEL_DIR, replace=force, inputs=inputs)
     model, tokenizer = load_hf_model(source)
-    with atomic.atomic_directory(out, overwrite=True) as tmp:
+    with owned_output(out, MODEL_DIR, replace=force, inputs=inputs, command="import-hf") as tmp:
         save_weights(model, tmp / WEIGHTS_FILE)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)

@@ -183,14 +183,19 @@ class Tokenizer(ABC):
         if directory.exists() and not overwrite:
             raise UserError(f"tokenizer directory {directory} already exists; choose another path or delete it")
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            extra = self._save_files(tmp)
-            if self.chat_template is not None:
-                write_text(tmp / CHAT_TEMPLATE_FILE, self.chat_template)
-                extra["chat_template_file"] = CHAT_TEMPLATE_FILE
-            config = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_token": EOT,
-                      "special_tokens": self.special_tokens, **extra}
-            write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+            self.write_into(tmp)
         return directory
+
+    def write_into(self, directory: Path) -> None:
+        """Write the tokenizer's files into the existing, empty `directory` (for a caller that publishes the
+        directory itself, such as `tokenizer train` through gptforge.outputs)."""
+        extra = self._save_files(directory)
+        if self.chat_template is not None:
+            write_text(directory / CHAT_TEMPLATE_FILE, self.chat_template)
+            extra["chat_template_file"] = CHAT_TEMPLATE_FILE
+        config = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_token": EOT,
+                  "special_tokens": self.special_tokens, **extra}
+        write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_json(path: Path, what: str) -> Any:

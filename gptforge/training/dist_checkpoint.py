@@ -41,6 +41,7 @@ from ..errors import UserError
 from ..layout import (CHECKSUMS_FILE, DCP_METADATA, MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDED_DIR, STATE_FILE,
                       WEIGHTS_FILE, is_sharded_checkpoint, sha256_file, verify_checkpoint)
 from ..model import GPT
+from ..outputs import WEIGHTS_FILE_KIND, check_output
 from ..weights import TIED_KEYS, read_weights, save_weights
 from . import distributed as D
 from .checkpoint import json_default, model_config_differences, read_state
@@ -188,6 +189,8 @@ def consolidate(path: str | os.PathLike, out: str | os.PathLike | None = None) -
     import torch.distributed.checkpoint as dcp
 
     path = Path(path)
+    if out is not None:  # its own file inside the checkpoint by default; anywhere else, nothing is replaced
+        check_output(out, WEIGHTS_FILE_KIND, inputs={"CKPT_DIR": path})
     if not is_sharded_checkpoint(path):
         if (path / WEIGHTS_FILE).is_file():
             raise UserError(f"{path} already holds {WEIGHTS_FILE} and no shards: nothing to consolidate")

@@ -40,6 +40,7 @@ from ..config import RunConfig
 from ..errors import UserError
 from ..layout import (CHECKPOINTS_DIR, METRICS_FILE, PLOT_FILE, RUN_CONFIG_FILE, SAMPLES_FILE, STATE_FILE,
                       TOKENIZER_DIR, list_checkpoints, verify_checkpoint)
+from ..outputs import RUN, Inputs, OutputKind, check_output
 from ..resolve import read_run_config
 from ..runlock import DirectoryLock
 from .checkpoint import check_resume_state, model_config_differences, remove_partial_saves
@@ -68,7 +69,13 @@ class RunDirectory:
         self.lock = DirectoryLock(self.path, what="run directory", option="--out")
         self.previous: Path | None = None  # the run --fresh moved aside, until the first checkpoint
 
-    def open(self, config: RunConfig, resume: str | None, fresh: bool) -> Path | None:
+    def open(self, config: RunConfig, resume: str | None, fresh: bool, kind: OutputKind = RUN,
+             inputs: Inputs | None = None) -> Path | None:
+        """Lock the directory, finish what a killed process left, and decide where training starts. First of
+        all gptforge.outputs decides whether this path may hold this run: never over the run's own data,
+        --init or `inputs`, never a folder holding another command's output (prepared data, an export)."""
+        reads = {"--data": config.data.path, "--init": config.train.init_from or None, **(inputs or {})}
+        check_output(self.path, kind, replace=fresh or resume is not None, inputs=reads)
         self.lock.acquire()
         try:
             self._recover()

@@ -30,6 +30,7 @@ from ..config import RunConfig, TrainConfig, apply_overrides
 from ..errors import UserError
 from ..layout import (CHAT_DATA_KIND, RUN_CONFIG_FILE, TOKENIZER_DIR, is_data_dir, latest_valid_checkpoint,
                       list_checkpoints)
+from ..outputs import CHAT_RUN, check_output
 from ..resolve import parse_set
 
 DEFAULT_EPOCHS = 3
@@ -208,13 +209,14 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
         raise UserError("--resume and --fresh contradict each other; pass one of them")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = Path(out)
+    check_output(run_dir, CHAT_RUN, inputs={"--model": model, "--data": data})  # before the base is read
     continuing = resume is not None and latest_valid_checkpoint(run_dir) is not None
     if continuing:
         from ..resolve import read_run_config
         config = read_run_config(run_dir / RUN_CONFIG_FILE)
-        pairs = parse_set(list(overrides))
-        if pairs:
-            config = apply_overrides(config, pairs)
+        # the run is the directory the user named: its config's out_dir is where it was, not where it goes
+        pairs = {"train.out_dir": str(run_dir), **parse_set(list(overrides))}
+        config = apply_overrides(config, pairs)
         base = None
     else:
         if not model or not data:
@@ -229,7 +231,8 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
     init = base_initializer(base, config.data.path) if base is not None else None
     prompts = _sample_prompts(config)
     trainer = Trainer(config, resume=resume if continuing else None, fresh=fresh, log=log, init_model=init,
-                      sampler=chat_sampler(prompts) if prompts else None)
+                      sampler=chat_sampler(prompts) if prompts else None, run_kind=CHAT_RUN,
+                      inputs={"--model": model})
     if base is not None:
         log(f"fine-tuning {model} on {data}: {trainer.batches.describe()}")
     try:

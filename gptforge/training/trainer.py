@@ -38,6 +38,7 @@ from ..info import flops_per_token
 from ..units import human_count
 from ..layout import STATE_FILE, TOKENIZER_DIR
 from ..model import GPT
+from ..outputs import RUN, Inputs, OutputKind
 from . import distributed as D
 from .batches import open_batch_source
 from .checkpointer import Checkpointer
@@ -91,9 +92,12 @@ class Trainer:
 
     def __init__(self, config: RunConfig, resume: str | None = None, fresh: bool = False,
                  eval_callbacks: Iterable[EvalCallback] = (), log: Callable[[str], None] | None = None,
-                 init_model: Callable[[GPT], None] | None = None, sampler: Sampler | None = None) -> None:
+                 init_model: Callable[[GPT], None] | None = None, sampler: Sampler | None = None,
+                 run_kind: OutputKind = RUN, inputs: Inputs | None = None) -> None:
         """`init_model(model)` sets a new run's initial weights in place (SFT: the base model's plus the chat
-        markers' new rows); `sampler` writes samples.txt's texts instead of `train.sample_prompts`."""
+        markers' new rows); `sampler` writes samples.txt's texts instead of `train.sample_prompts`.
+        `run_kind` and `inputs` (what the run reads besides its data and --init, e.g. sft's base model) are
+        for gptforge.outputs, which decides whether the run directory may be opened at all."""
         tc = config.train
         self.log = log or console_log()
         # Under torchrun: join the process group; a single process is rank 0 of 1 with no group.
@@ -137,7 +141,7 @@ class Trainer:
 
         def open_run_dir() -> Path | None:
             import_backends(tc.tensorboard, tc.wandb)  # missing packages first; rank 0 alone logs to them
-            return self.run_dir.open(config, resume, fresh)
+            return self.run_dir.open(config, resume, fresh, run_kind, inputs)
 
         resume_path = D.on_main(open_run_dir)
         try:
