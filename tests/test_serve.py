@@ -188,6 +188,76 @@ def test_chat_logprobs_are_the_models_log_softmax(client, model, tok):
     assert "".join(e.token for e in content) == r.choices[0].message.content
 
 
+@pytest.mark.parametrize("kind", ["chat", "base"])
+def test_the_end_token_has_its_logprobs_entry_like_every_counted_token(kind):
+    """lm-evaluation-harness's local-completions scores a text with echo, logprobs 1 and max_tokens 1 and drops
+    the LAST entry as the generated token's: when that token is an end token (<|im_end|> of a chat model,
+    <|endoftext|> of a base model) it must be listed (as OpenAI, vLLM and llama.cpp list it, under its
+    marker text), or the real last token of the text is dropped. Chat logprobs likewise: one entry per
+    token counted in usage.completion_tokens, the end token's last."""
+    from chat_models import scripted_model
+
+    from gptforge.tokenizer import CharTokenizer
+
+    tok = chat_tokenizer("char") if kind == "chat" else CharTokenizer.train(["hello world, the quick brown fox"])
+    end = tok.special_tokens["<|im_end|>"] if kind == "chat" else tok.eot_id
+    marker = "<|im_end|>" if kind == "chat" else "<|endoftext|>"
+    text = "the quick brown fox"
+    ids = tok.encode(text)
+    chat_prompt = encode_chat_prompt(tok, USER) if kind == "chat" else []
+    # greedy: after the echoed text comes the end token; a chat reply is "ab" then the end token
+    script = {len(ids) - 1: end}
+    if kind == "chat":
+        a, b = tok.encode("ab")
+        script.update({len(chat_prompt) - 1: a, len(chat_prompt): b, len(chat_prompt) + 1: end})
+    model = scripted_model(tok.vocab_size, script, block_size=64, default=tok.encode("x")[0])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids]))[0][0, :, : tok.vocab_size].float(), -1)
+    with serving(create_app(model, tok, name=NAME)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        request = dict(model=NAME, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        for r in (client.completions.create(**request),
+                  _streamed_completion(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                                 **request))):
+            lp = r.choices[0].logprobs
+            assert r.choices[0].text == text and r.choices[0].finish_reason == "stop"
+            assert lp.tokens == [tok.decode([t]) for t in ids] + [marker]
+            assert lp.token_logprobs[1:] == pytest.approx([float(logprobs[i, t]) for i, t in
+                                                           enumerate(ids[1:] + [end])], abs=1e-5)
+            assert lp.text_offset[-1] == len(text)
+            # what lm-eval sums: every entry but the last (the generated token's) scores the text
+            assert len(lp.tokens) - len(ids) == 1 == r.usage.completion_tokens
+        if kind == "chat":
+            chat = dict(model=NAME, messages=USER, temperature=0, max_tokens=10, logprobs=True, top_logprobs=2)
+            whole = client.chat.completions.create(**chat)
+            entries = whole.choices[0].logprobs.content
+            assert whole.choices[0].message.content == "ab" and whole.choices[0].finish_reason == "stop"
+            assert [e.token for e in entries] == ["a", "b", marker] and bytes(entries[-1].bytes) == marker.encode()
+            assert len(entries) == whole.usage.completion_tokens == 3
+            with torch.no_grad():
+                last = torch.log_softmax(model(torch.tensor([chat_prompt + [a, b]]))[0][0, -1, : tok.vocab_size], -1)
+            assert entries[-1].logprob == pytest.approx(float(last[end]), abs=1e-5)
+            chunks = client.chat.completions.create(stream=True, **chat)
+            streamed = [e.token for chunk in chunks for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+            assert streamed == ["a", "b", marker]
+
+
+def _streamed_completion(chunks):
+    """A streamed completion (one choice) put back together: its text, logprobs and usage."""
+    from types import SimpleNamespace
+
+    text, fields, reason, usage = "", {"tokens": [], "token_logprobs": [], "text_offset": []}, None, None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.text
+            reason = c.finish_reason or reason
+            for f in fields:
+                fields[f] += getattr(c.logprobs, f) if c.logprobs else []
+    return SimpleNamespace(choices=[SimpleNamespace(text=text, finish_reason=reason,
+                                                    logprobs=SimpleNamespace(**fields))], usage=usage)
+
+
 def _a_reply_to_cut(client, request):
     """(its logprobs entries, k, stop): a seeded reply with a stop string of two ASCII tokens starting at
     token k (after an ASCII token, so no character straddles the cut), found nowhere earlier."""

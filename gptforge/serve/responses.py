@@ -189,7 +189,8 @@ class Reply:
                 yield self._chunk([], self.usage(sum(counts)), True)
             yield "data: [DONE]\n\n"
         except APIError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': e.code}})}\n\n"
+            error = {"message": e.message, "type": e.type, "param": None, "code": e.code}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             await events.aclose()
 
