@@ -48,7 +48,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     max_messages: int = 512  # messages in one chat request
     max_prompts: int = 64  # completions: prompts x n in one request
-    body_timeout_s: float = 30.0  # a client that takes longer to send its body gets 408
+    request_timeout_s: float = 30.0  # a client that takes longer to send its request (head and body) gets 408
     api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
 
 
@@ -71,7 +71,8 @@ class _Served:
             from ..chat.template import CHAT_TEMPLATE
             if chat_template(tokenizer) != CHAT_TEMPLATE:
                 self.is_chat = False
-                self.chat_error = "this model's chat template is not gptforge's ChatML; it is served for /v1/completions only"
+                self.chat_error = ("this model's chat template is not gptforge's ChatML; it is served for "
+                                   "/v1/completions only")
         else:
             self.chat_error = (f"this is a base model without a chat template (no {IM_START}/{IM_END} tokens), so it "
                                "serves /v1/completions only; fine-tune it into a chat model with `gptforge sft`")

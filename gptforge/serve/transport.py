@@ -1,6 +1,9 @@
 """The HTTP transport's guards, as ASGI middleware: the API key on /v1/*, and the request body read whole
 before the app sees it, with a size limit (413) and a time limit (408), so a client cannot hold a row, a
-queue place or a handler by sending slowly or too much."""
+queue place or a handler by sending slowly or too much. The time limit is one deadline for the whole
+request: under `server.server_config` the clock started with the request's first byte (its head has the
+same deadline there, before any app runs) and `scope["extensions"][REQUEST_START]` says when; under another
+server, with the app's first call."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from .responses import error_response
 
 if TYPE_CHECKING:
     from .app import ServeSettings
+
+REQUEST_START = "gptforge.request_start"  # scope["extensions"] key: time.monotonic() when the request began
 
 class BodyAndAuth:
     """ASGI middleware: the API key on /v1/*, and the request body read here with a size limit (413) and a
@@ -45,13 +50,15 @@ class BodyAndAuth:
             if int(declared) > limit:
                 return await _too_large(limit)(scope, receive, send)
         chunks, size = [], 0
-        deadline = time.monotonic() + self.settings.body_timeout_s
+        timeout = self.settings.request_timeout_s
+        started = (scope.get("extensions") or {}).get(REQUEST_START, time.monotonic())
+        deadline = started + timeout
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                return await error_response(408, f"the request body took longer than {self.settings.body_timeout_s:g} s "
-                                                 "to arrive")(scope, receive, send)
+                return await error_response(408, f"the request took longer than {timeout:g} s to arrive",
+                                            code="request_timeout")(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
