@@ -465,6 +465,35 @@ def test_bad_fields_are_400_naming_the_field(client, fields, param):
     assert _error(e, 400)["param"].startswith(param)
 
 
+PROMPT_TYPES = "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
+@pytest.mark.parametrize("path, fields, message", [
+    ("/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop: at most 4 stop sequences, got 5"),
+    ("/v1/chat/completions", {"stop": 5}, "stop: must be a string or a list of at most 4 strings"),
+    ("/v1/chat/completions", {"stop": ["a", 1]}, "stop: must be a string or a list of at most 4 strings"),
+    ("/v1/completions", {"prompt": {"a": 1}}, PROMPT_TYPES),
+    ("/v1/completions", {"prompt": [1.5]}, PROMPT_TYPES),
+    ("/v1/completions", {"prompt": [[1, 2], "a"]}, PROMPT_TYPES),
+    ("/v1/completions", {"prompt": [True]}, PROMPT_TYPES),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     'messages.0.content: must be a string or a list of text parts ({"type": "text", "text": "..."})'),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content: part 0 is of type 'image_url': only text parts"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     'messages.0.content: part 0 has no "text" string'),
+])
+def test_a_field_of_several_types_says_what_it_takes(server, path, fields, message):
+    """A union-typed field's error says what the field takes (pydantic alone reported each type in turn:
+    five stop strings were 'stop.str: Input should be a valid string')."""
+    body = {"messages": USER, "prompt": "hi", "max_tokens": 2, **fields}
+    r = httpx.post(server[0] + path, json=body, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["message"].startswith(message), error
+    assert error["param"] == message.split(":")[0]
+    assert not any(t in error["message"] for t in (".str", "list[", "Input should")), error
+
+
 def test_chat_on_a_base_model_says_to_run_sft():
     from gptforge.tokenizer import CharTokenizer
 
