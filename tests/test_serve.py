@@ -494,6 +494,34 @@ def test_a_field_of_several_types_says_what_it_takes(server, path, fields, messa
     assert not any(t in error["message"] for t in (".str", "list[", "Input should")), error
 
 
+@pytest.mark.parametrize("fields", [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+    {"tool_choice": "required"},
+    {"logit_bias": {"1": 5}},
+])
+def test_fields_not_supported_yet_are_refused_by_name(client, fields):
+    """Ignoring them answered free text to a client that asked for JSON (LangChain's JSON mode then failed on
+    its own side): the official client raises BadRequestError naming the field."""
+    field = next(iter(fields))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=USER, max_tokens=2, **fields)
+    body = _error(e, 400)
+    assert body["param"] == field and body["message"].startswith(field) and "not supported" in body["message"]
+    if field == "logit_bias":
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=NAME, prompt="hi", max_tokens=2, logit_bias={"1": 5})
+        assert _error(e, 400)["param"] == "logit_bias"
+
+
+def test_the_off_values_of_unsupported_fields_are_fine(client):
+    r = client.chat.completions.create(model=NAME, messages=USER, max_tokens=2, response_format={"type": "text"},
+                                       tools=[], tool_choice="none", logit_bias={})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert client.completions.create(model=NAME, prompt="hi", max_tokens=2, logit_bias={}).choices
+
+
 def test_chat_on_a_base_model_says_to_run_sft():
     from gptforge.tokenizer import CharTokenizer
 

@@ -36,6 +36,28 @@ def completion_prompts(tokenizer: "Tokenizer", prompt: Any) -> list[list[int]]:
     return [list(ids) for ids in lists]
 
 
+def refuse_unsupported(body: Any) -> None:
+    """A 400 naming a field this server cannot honour yet, rather than an answer that ignores it (a client
+    asking for JSON would get free text and fail on its own side). Each field in its "off" value (null,
+    an empty list or object, {"type": "text"}, "none") is fine. The one place these fields are judged: where
+    one becomes supported (constrained decoding for response_format), its check here gives way to building it."""
+    format = getattr(body, "response_format", None)
+    if format is not None and format != {"type": "text"}:
+        kind = format.get("type") if isinstance(format, dict) else None
+        raise APIError(400, f"response_format {kind or format!r} is not supported by this server yet; only "
+                            '{"type": "text"} (leave it out for free text)', param="response_format")
+    for field, what in (("tools", "tool calls"), ("functions", "function calls")):
+        if getattr(body, field, None):
+            raise APIError(400, f"{field}: {what} are not supported by this server yet; leave {field} out",
+                           param=field)
+    for field in ("tool_choice", "function_call"):
+        if getattr(body, field, None) not in (None, "none"):
+            raise APIError(400, f"{field}: tool calls are not supported by this server yet; leave it out or send "
+                                '"none"', param=field)
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server yet; leave it out", param="logit_bias")
+
+
 def build_jobs(body: Any, prompts: list[list[int]], *, block_size: int, end_ids: frozenset[int], max_rows: int,
                max_queued: int, max_prompts: int, limit: int | None, limit_param: str, logprobs: int | None,
                echo: bool) -> list[Job]:
@@ -47,6 +69,7 @@ def build_jobs(body: Any, prompts: list[list[int]], *, block_size: int, end_ids:
     from ..generation import SamplingConfig
     from ..generation.sampling import row_seed
 
+    refuse_unsupported(body)
     n = body.n
     if n > max_rows:
         raise APIError(400, f"n = {n}: this server generates at most {max_rows} choices at once", param="n")

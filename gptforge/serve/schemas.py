@@ -1,7 +1,8 @@
 """Request bodies of the OpenAI protocol, as pydantic models: what a field may hold, checked before anything
 runs. Unknown fields are ignored (clients send many we do not use); types are strict (a string where a
 number belongs is an error, not a guess). Limits that depend on the model (context, rows) are checked in
-jobs.py, which knows it."""
+jobs.py, which knows it. Fields the server cannot honour yet (response_format, tools, logit_bias) are read
+here only so that jobs.py can refuse them by name instead of ignoring them."""
 
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class _Sampling(_Body):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    logit_bias: Any = None  # not supported yet: jobs.refuse_unsupported
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -115,6 +117,11 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: Any = None  # not supported yet beyond {"type": "text"}: jobs.refuse_unsupported
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None  # the older names of tools and tool_choice
+    function_call: Any = None
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
