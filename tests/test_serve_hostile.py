@@ -92,7 +92,8 @@ def hostile_requests():
     for extra in [{"top_logprobs": 30, "logprobs": True}, {"top_logprobs": 2}, {"logprobs": 50}, {"stop": [""]},
                   {"stop": ["a"] * 5}, {"temperature": 1e308}, {"stream_options": {"include_usage": "yes"}}]:
         add(f"chat {extra}", chat, {"messages": USER, **extra})
-    add("echo with max_tokens 0 without logprobs is fine, -1 is not", comp, {"prompt": "hi", "echo": True, "max_tokens": -1})
+    add("echo with max_tokens 0 without logprobs is fine, -1 is not", comp,
+        {"prompt": "hi", "echo": True, "max_tokens": -1})
     add("n x prompts over the limit", comp, {"prompt": ["a"] * 40, "n": 4})
     return cases
 
