@@ -2,7 +2,7 @@
 
 Nothing else imports them, so a renamed attribute breaks them silently: time_to_loss.py read
 `trainer.step` for several stops after the trainer's counters moved, and prepare_speed.py never finished
-once the shipped text fixture shrank below one of its documents. Tiny sizes: ~12 s for both.
+once the shipped text fixture shrank below one of its documents. Tiny sizes: ~12 s for the first two.
 """
 
 import subprocess
@@ -28,3 +28,10 @@ def test_time_to_loss_runs_both_arms(tmp_path):
 def test_prepare_speed_generates_a_corpus_from_the_small_fixture_and_measures(tmp_path, gpt2_ranks):
     out = _run("prepare_speed.py", "--size-mb", "0.3", "--repeats", "1", cwd=tmp_path)
     assert "single-process tiktoken tokens/s" in out and "peak memory" in out
+
+
+def test_quantized_decode_times_every_arm_and_kernel(tmp_path):
+    out = _run("quantized_decode.py", "--preset", "char-small", "--rounds", "1", "--new-tokens", "3",
+               "--arms", "fp32,bf16,int8,int4-bf16", "--shapes", "128x96", "--threads", "1", "--clock", "cpu",
+               cwd=tmp_path)
+    assert "| int4-bf16 |" in out and "| int8 x bf16 |" in out and "| int4 g128 |" in out

@@ -102,3 +102,20 @@ def test_val_data_without_the_split_in_its_manifest(chat_data, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "splits": {"train": manifest["splits"]["train"]}}))
     with pytest.raises(UserError, match="lists no val split"):
         val.resolve_val_source(str(tmp_path))
+
+
+def test_chat_val_of_a_quantized_model_scores_through_its_quantized_head(chat_data):
+    """`eval --quantize int8`: the masked loss is the quantized model's own, output head included (the fused
+    loss would read the head's exact weight and leave it out)."""
+    import copy
+
+    from gptforge.generation import prepare_for_decoding
+
+    data, tok, model = chat_data
+    quantized = prepare_for_decoding(copy.deepcopy(model), quantize="int8")
+    loader = ChatLoader(data, "val", BLOCK, 1)
+    nats, count = _by_hand(quantized, loader)
+    exact_nats, _ = _by_hand(model, loader)
+    (result,) = run_tasks(quantized, tok, ["val"], {"val": str(data)}, batch_size=3)
+    assert result.n == count and abs(nats - exact_nats) / count > 1e-4  # quantizing did change the loss
+    assert result.metrics["loss"] == pytest.approx(nats / count, rel=1e-5)

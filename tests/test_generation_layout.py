@@ -70,6 +70,24 @@ def test_prepacked_rows_do_not_depend_on_their_batch(dtype):
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantized_rows_do_not_depend_on_their_batch(kind, dtype):
+    """The int8/int4 kernels keep the rule too: a row's logits are the same alone, among 15 others, or as the
+    first of 1..16 rows, and so are its greedy tokens."""
+    model = prepare_for_decoding(make_model(dtype=dtype, vocab=300), quantize=kind)
+    torch.manual_seed(1)
+    x = torch.randn(16, 1, 16).to(dtype)
+    with torch.inference_mode():
+        together = model.head(model.transformer.h[0](x))
+        alone = torch.cat([model.head(model.transformer.h[0](x[r:r + 1])) for r in range(16)])
+        firsts = [model.head(model.transformer.h[0](x[:n]))[0] for n in range(1, 17)]
+    assert torch.equal(together, alone) and all(torch.equal(f, together[0]) for f in firsts)
+    prompts = [[3, 14, 15, 9], [2, 6, 5, 3], [5, 8, 9, 7], [9, 3, 2, 3]]
+    config = GREEDY.replace(max_new_tokens=8)
+    assert generate_ids(model, prompts, config) == [generate_ids(model, [p], config)[0] for p in prompts]
+
+
 def test_prepared_model_still_takes_gradients():
     """With autograd recording, the plain product runs: gradients reach the (shared) parameters."""
     model = make_model()

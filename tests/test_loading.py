@@ -123,3 +123,20 @@ def test_preset_weights_are_drawn_from_the_seed():
     for name, tensor in a.state_dict().items():
         assert torch.equal(tensor, b.state_dict()[name]), name
     assert not torch.equal(a.transformer.h[0].attn.c_attn.weight, c.transformer.h[0].attn.c_attn.weight)
+
+
+def test_export_of_a_preset_is_drawn_from_its_seed(tmp_path, gpt2_ranks):
+    """`export --model PRESET --seed N` writes the weights `sample --model PRESET --seed N` runs, every time
+    (before --seed existed, two exports of one preset differed)."""
+    from gptforge.cli import main
+
+    for name in ("a", "b"):
+        assert main(["export", "--model", "char-small", "--seed", "3", "--format", "hf", "--out",
+                     str(tmp_path / name)]) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    exported, _ = load_model(f"hf:{tmp_path / 'a'}")
+    sampled, _ = load_model("char-small", seed=3)  # what `sample --model char-small --seed 3` loads
+    theirs, ours = exported.state_dict(), sampled.state_dict()
+    assert list(theirs) == list(ours)
+    vocab = sampled.config.vocab_size  # the padded embedding rows are not exported
+    assert all(torch.equal(theirs[name][:vocab], ours[name][:vocab]) for name in ours)

@@ -7,8 +7,11 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..devices import DTYPE_CHOICES
+from ..errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from ..generation import SamplingConfig
 
 
@@ -17,6 +20,26 @@ def add_device_options(p: argparse.ArgumentParser, dtype_note: str = "") -> None
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help=f"weights dtype (default: bfloat16 on CUDA, float32 on CPU){dtype_note}")
+
+
+def add_quantize_option(p: argparse.ArgumentParser) -> None:
+    """--quantize, for the commands that run a model without training it (sample, chat, serve, eval)."""
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="CPU only: linear weights (and the output head) as int8 with a scale per output row, or "
+                        "int4 with a scale and zero per 32 inputs, for faster decoding; the token embedding "
+                        "stays exact (default: off)")
+
+
+def resolve_device_for(args: argparse.Namespace) -> "torch.device":
+    """--device resolved (gptforge.devices), for a command with --quantize: quantized weights run on the CPU,
+    so there --device defaults to cpu, and another device is refused before any time goes into loading."""
+    from ..devices import resolve_device
+
+    device = resolve_device("cpu" if args.quantize is not None and args.device is None else args.device)
+    if args.quantize is not None and device.type != "cpu":
+        raise UserError(f"--quantize {args.quantize}: the int8/int4 kernels run on CPU only, and --device is "
+                        f"{device}; add --device cpu or leave --quantize out")
+    return device
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from ..errors import UserError
-from ._options import add_device_options, add_sampling_options, sampling_config
+from ._options import add_device_options, add_quantize_option, add_sampling_options, resolve_device_for, sampling_config
 
 if TYPE_CHECKING:
     from ..chat.session import ChatSession
@@ -43,12 +43,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", action="store_true",
                    help="after each reply, print its token count, time to first token and tokens/s to stderr")
     add_device_options(p)
+    add_quantize_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..chat.session import ChatSession, require_chat_model
-    from ..devices import resolve_device, resolve_dtype
+    from ..devices import resolve_dtype
     from ..generation import prepare_for_decoding
     from ..loading import load_model
 
@@ -58,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
         message = sys.stdin.read()
         if not message.strip():
             raise UserError("standard input is empty; pipe a message, use -p TEXT, or run on a terminal to chat")
-    device = resolve_device(args.device)
+    device = resolve_device_for(args)
     model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    prepare_for_decoding(model)  # on CPU: products through oneDNN with prepacked weights (faster decoding)
+    prepare_for_decoding(model, quantize=args.quantize)  # on CPU: faster products (prepacked or quantized)
     require_chat_model(tokenizer, f"--model {args.model}")
     session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed,
                           notify=lambda text: print(f"[{text}]", file=sys.stderr, flush=True))

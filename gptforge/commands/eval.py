@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._options import add_device_options
+from ._options import add_device_options, add_quantize_option, resolve_device_for
 from ..errors import UserError
 
 
@@ -31,12 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="OUT", help="write the results (and provenance) to this JSON file")
     p.add_argument("--samples", action="store_true", help="include per-item log-likelihoods in the JSON")
     add_device_options(p, dtype_note="; log-probs are fp32 anyway")
+    add_quantize_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..devices import dtype_name, resolve_device, resolve_dtype
+    from ..devices import dtype_name, resolve_dtype
     from ..evals import runner
     from ..evals.report import format_table, to_json, write_json
     from ..loading import default_tokenizer, load_model, resolve_model_source
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         # an earlier report is replaced (eval's own output); any other file, or what eval reads, never is
         check_output(args.json, EVAL_REPORT, replace=True, option="--json",
                      inputs={"--model": args.model, "--data": list(data.values())})
-    device = resolve_device(args.device)
+    device = resolve_device_for(args)
     dtype = resolve_dtype(args.dtype, device)
     for task in tasks:  # read every task's data before spending time on the model
         runner.load_task(task, data.get(task), args.limit, options)
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model_source(args.model)
     model, tokenizer = load_model(source, device, dtype)
     tokenizer = tokenizer or default_tokenizer(model, args.model)
+    if args.quantize is not None:  # scored as `sample --quantize` would generate
+        from ..generation import prepare_for_decoding
+        prepare_for_decoding(model, quantize=args.quantize)
 
     results = runner.run_tasks(model, tokenizer, tasks, data, args.limit, args.batch_size, options,
                                progress=not args.no_progress and sys.stderr.isatty())
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                   f"(the first {len(result.skipped.examples)} are listed above)", file=sys.stderr)
     if args.json:
         meta = {"model": args.model, **source.provenance(), "device": str(device), "dtype": dtype_name(dtype),
-                "batch_size": args.batch_size, "limit": args.limit, "shots": args.shots}
+                "batch_size": args.batch_size, "limit": args.limit, "shots": args.shots,
+                "quantize": args.quantize}
         write_json(args.json, to_json(results, meta, samples=args.samples))
         print(f"results written to {args.json}")
     return 0

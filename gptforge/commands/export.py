@@ -20,6 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to include: gpt2 or a directory (default: the one saved with the model, else "
                              "gpt2 for a model with GPT-2's 50,257-id vocabulary)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of a preset's random weights (default 0), as `sample`/`serve --model PRESET "
+                             "--seed N` draw them")
     parser.set_defaults(func=run)
 
 
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import default_tokenizer, load_model
     from ..tokenizer import get_tokenizer
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, seed=args.seed)
     if args.tokenizer is not None:
         tokenizer = get_tokenizer(args.tokenizer)
     tokenizer = tokenizer or default_tokenizer(model, args.model, hint=" or pass --tokenizer")

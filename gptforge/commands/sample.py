@@ -9,7 +9,7 @@ import re
 import secrets
 import sys
 
-from ._options import add_device_options, add_sampling_options, sampling_config
+from ._options import add_device_options, add_quantize_option, add_sampling_options, resolve_device_for, sampling_config
 from ..errors import UserError
 
 
@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: one JSON object (with --stream: one JSON line per token)")
     add_device_options(p)
+    add_quantize_option(p)
     p.set_defaults(func=run)
 
 
@@ -86,7 +87,7 @@ def unescape(text: str, option: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device, resolve_dtype
+    from ..devices import resolve_dtype
     from ..generation import prepare_for_decoding
     from ..loading import default_tokenizer, load_model, resolve_model_source
 
@@ -95,11 +96,11 @@ def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise UserError(f"--num-samples: must be a positive integer, got {args.num_samples}")
     prompt = read_prompt(args)
-    device = resolve_device(args.device)
+    device = resolve_device_for(args)
     source = resolve_model_source(args.model)
     seeds = args.seed or [fresh_seed()]  # chosen first: a preset's random weights are drawn from it too
     model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device), seed=seeds[0])
-    prepare_for_decoding(model)  # on CPU: products through oneDNN with prepacked weights (faster decoding)
+    prepare_for_decoding(model, quantize=args.quantize)  # on CPU: faster products (prepacked or quantized)
     # Everything alive now (torch's modules, the model) lives until exit: freezing it keeps the collector off
     # those objects, and the interpreter's final collection then takes ~0.2 s instead of ~0.8 s.
     gc.freeze()

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..errors import UserError
-from ._options import add_device_options
+from ._options import add_device_options, add_quantize_option, resolve_device_for
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
     add_device_options(p)
+    add_quantize_option(p)
     p.set_defaults(func=run)
 
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
                         "pip install 'gptforge[serve]'") from None
     from pathlib import Path
 
-    from ..devices import resolve_device, resolve_dtype
+    from ..devices import resolve_dtype
     from ..generation import prepare_for_decoding
     from ..loading import default_tokenizer, load_model, resolve_model_source
 
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr, flush=True)
-    device = resolve_device(args.device)
+    device = resolve_device_for(args)
     dtype = resolve_dtype(args.dtype, device)
     source = resolve_model_source(args.model)  # a bad --model is one line and exit 2, before anything listens
     check_address(args.host, args.port)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(source, device, dtype, seed=args.seed)
         if tokenizer is None:
             tokenizer = default_tokenizer(model, args.model)
-        prepare_for_decoding(model)
+        prepare_for_decoding(model, quantize=args.quantize)
         return model, tokenizer
 
     def failed(e: BaseException) -> None:  # loading (or setting up what it loaded) failed: stop serving

@@ -225,6 +225,25 @@ def count_chat_rows(source: ValSource, block_size: int, limit: int | None = None
     return min(rows, limit) if limit else rows
 
 
+def _masked_loss(model: "GPT", x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+    """The model's own masked loss (`model(x, y)`: the fused head + loss reads the head's exact weight), or,
+    for a model whose head is quantized (`eval --quantize`), the same mean through that head, on the scored
+    positions only and in row chunks (the full logits of a batch would not fit)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..generation.quantize import QuantizedLinear
+    from ..model import IGNORE_INDEX
+
+    if not isinstance(model.lm_head, QuantizedLinear):
+        return model(x, y, return_logits=False)[1]
+    scored = y != IGNORE_INDEX
+    hidden, targets = model.hidden_states(x)[scored], y[scored]
+    total = sum(F.cross_entropy(model.head(hidden[c:c + 256]).float(), targets[c:c + 256], reduction="sum")
+                for c in range(0, len(targets), 256))
+    return torch.as_tensor(total) / len(targets)
+
+
 def evaluate_chat_val(model: "GPT", tokenizer: "Tokenizer", source: ValSource, batch_size: int = 16,
                       limit: int | None = None, stride: int | None = None,
                       progress: Callable[[int], None] | None = None) -> TaskResult:
@@ -259,8 +278,7 @@ def evaluate_chat_val(model: "GPT", tokenizer: "Tokenizer", source: ValSource, b
                 rows += x.shape[0]
                 scored = int((y != IGNORE_INDEX).sum())
                 if scored:
-                    _, loss = model(x.to(device), y.to(device), return_logits=False)
-                    nats += float(loss) * scored
+                    nats += float(_masked_loss(model, x.to(device), y.to(device))) * scored
                     n_tokens += scored
                     targets = y[y != IGNORE_INDEX].tolist()
                     n_bytes += len(tokenizer.decode_bytes([t for t in targets if t not in special]))

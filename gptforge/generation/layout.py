@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT
+from .quantize import QuantizedLinear, quantize_model
 
 # The batch size oneDNN blocks a reordered weight for: fp32 layouts blocked for 16 rows are as fast at one row
 # and 1.2-1.6x faster at 16 (GPT-2's blocks and head, dev-17m's head); bf16 ones are fastest blocked for one row.
@@ -62,12 +63,16 @@ class PrepackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def prepare_for_decoding(model: GPT) -> GPT:
+def prepare_for_decoding(model: GPT, quantize: str | None = None) -> GPT:
     """Make `model`'s CPU linear layers (the tied output head included) compute faster at decoding's small
     batches, in place: every parameter, name and shape stays as it was, and outputs agree to float rounding.
-    For inference: prepare after loading, and do not train a prepared model. Returns `model`."""
+    `quantize` "int8" or "int4": their products use quantized copies of the weights instead (CPU only;
+    gptforge.generation.quantize says how, and what it costs in fidelity). For inference: prepare after
+    loading, and do not train a prepared model. Returns `model`."""
+    if quantize is not None:
+        return quantize_model(model, quantize)
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or isinstance(module, PrepackedLinear):
+        if not isinstance(module, nn.Linear) or isinstance(module, (PrepackedLinear, QuantizedLinear)):
             continue
         w = module.weight
         if w.device.type != "cpu" or w.dtype not in PACK_BATCH:

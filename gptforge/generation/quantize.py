@@ -1,0 +1,151 @@
+"""Weight-only quantization for generation on a CPU: linear weights stored as int8 or int4, products by
+torch's own weight-only kernels (`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`).
+
+Decoding one token reads every weight once, so its speed is bounded by the bytes read: int8 halves bf16's,
+int4 quarters it. Layer norms, attention, the KV cache and the token embedding lookup stay in the model's
+own dtype (exact); only nn.Linear products change, the tied output head through a quantized copy of the
+embedding matrix (the lookup keeps reading the exact one).
+
+Formats (what `dequantize_*` computes, exactly what the kernels read):
+  int8  W[n, k] = q[n, k] * scale[n]               symmetric, one scale per output row, q in -127..127
+  int4  W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]   per group g of INT4_GROUP inputs of row n,
+        q in 0..15; zero = min + 8 * scale, so the group's min..max maps onto the 16 levels
+Scales and zeros are stored in bfloat16, the kernels' activation dtype, and the integers are computed from
+the bf16-rounded scales, so dequantize(quantize(W)) is what the product multiplies by. Activations are cast
+to bf16 for the product (the kernels have no fast fp32 path: 7-15x slower measured) and the result back to
+the input's dtype, with the bias added in that dtype.
+
+Measured (benchmarks/quantized_decode.py has the commands; 2-core AMD EPYC, AVX2, shared and loaded):
+the int8 kernel with bf16 activations is the fastest int8 candidate at batch 1 and 16; dequantizing int8
+blocks of 512 rows into an fp32 or bf16 matmul is 1.5-3x slower at batch 1 (faster only for the fp32 case
+at batch 16 on some shapes). int4 groups of 32 and 128 run within noise of each other, so groups of 32
+(better fidelity) are kept. Both kernels give a row the same bits whatever else is in the batch (checked
+for 1..16 rows): a quantized model keeps the batch-invariance rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+QUANTIZE_CHOICES = ("int8", "int4")
+INT4_GROUP = 32  # inputs sharing one int4 scale and zero; the kernel takes 32, 64, 128 or 256
+INT4_ROWS = 16  # the int4 packer needs the output rows in multiples of this (zero rows pad the rest)
+COMPUTE_DTYPE = torch.bfloat16
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) int8 in -127..127, scale (N,) bf16: the row's largest |w| maps to 127."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(COMPUTE_DTYPE)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight an int8 product multiplies by."""
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float with K a multiple of `group` -> q (N, K) int32 in 0..15, scale and zero (N, K / group) bf16."""
+    n, k = weight.shape
+    if k % group:
+        raise ValueError(f"int4 groups of {group} need the input width to be a multiple of it, got {k}")
+    w = weight.detach().float().reshape(n, k // group, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12).to(COMPUTE_DTYPE)
+    zero = (low + 8 * scale.float()).to(COMPUTE_DTYPE)
+    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None]) + 8
+    return q.clamp(0, 15).to(torch.int32).reshape(n, k), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight an int4 product multiplies by."""
+    group = q.shape[1] // scale.shape[1]
+    return (q.float() - 8) * scale.float().repeat_interleave(group, 1) + zero.float().repeat_interleave(group, 1)
+
+
+class QuantizedLinear(nn.Linear):
+    """`linear`'s product with its weight quantized (`kind`: int8 or int4; `rows`: only the first `rows`
+    output rows, an OutputHead's real vocabulary). Its parameters stay as they were (state_dict, ties and
+    saving are unchanged; the tied embedding lookup stays exact); the quantized copy is a snapshot taken
+    here, so quantize after loading the weights. Inference only: the product has no gradient."""
+
+    def __init__(self, linear: nn.Linear, kind: str, rows: int | None = None) -> None:
+        nn.Module.__init__(self)
+        if kind not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize: {kind!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias  # the same Parameter objects
+        self.kind = kind
+        self.rows = linear.out_features if rows is None else rows
+        weight = self.weight.detach()[: self.rows].float()
+        if kind == "int8":
+            q, scale = quantize_int8(weight)
+            self.register_buffer("qweight", q, persistent=False)
+            self.register_buffer("scale", scale, persistent=False)
+            return
+        # int4: zero rows up to a multiple of INT4_ROWS, zero inputs up to a multiple of the group (the
+        # activations get the same zero columns in forward): any layer width quantizes
+        self.pad_in = -self.in_features % INT4_GROUP
+        weight = F.pad(weight, (0, self.pad_in, 0, -self.rows % INT4_ROWS))
+        q, scale, zero = quantize_int4(weight)
+        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
+        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K / group, N, 2)
+        self.register_buffer("scale_zero", scale_zero, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        h = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        if self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(h, self.qweight, self.scale)
+        else:
+            if self.pad_in:
+                h = F.pad(h, (0, self.pad_in))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, self.qweight, INT4_GROUP, self.scale_zero)
+            y = y[:, : self.rows]
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[: self.rows].to(x.dtype)
+        return y.reshape(*shape[:-1], self.rows)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (rows, in) fp32 weight this product multiplies by (for tests and error reports)."""
+        if self.kind == "int8":
+            return dequantize_int8(self.qweight, self.scale)
+        n_pad = self.qweight.shape[0]
+        k_pad = self.in_features + self.pad_in
+        q = unpack_int4(self.qweight, n_pad, k_pad)
+        scale, zero = self.scale_zero[..., 0].t(), self.scale_zero[..., 1].t()
+        return dequantize_int4(q, scale, zero)[: self.rows, : self.in_features]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.rows}, kind={self.kind}"
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (n, k) int32 levels back from the CPU kernel's packed layout, read through the kernel itself:
+    multiplying by identity rows with scale 1 and zero 8 returns q exactly (levels are small integers)."""
+    eye = torch.eye(k, dtype=COMPUTE_DTYPE)
+    ones = torch.ones(k // INT4_GROUP, n, 1, dtype=COMPUTE_DTYPE)
+    scale_zero = torch.cat([ones, ones * 8], dim=-1)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, INT4_GROUP, scale_zero).t().round().int()
+
+
+def quantize_model(model: nn.Module, kind: str) -> nn.Module:
+    """Swap every CPU nn.Linear of `model` (the tied output head included, on its real vocabulary) for a
+    QuantizedLinear of `kind`, in place; already quantized ones are left alone. Returns `model`."""
+    if kind not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize: {kind!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, QuantizedLinear):
+            continue
+        if module.weight.device.type != "cpu":
+            raise ValueError(f"quantize: {name} is on {module.weight.device}; weight-only int8/int4 runs on CPU")
+        parent, _, attr = name.rpartition(".")
+        # an OutputHead projects onto its real vocabulary (a PrepackedLinear of one knows it as `rows`)
+        rows = getattr(module, "rows", getattr(module, "vocab_size", None))
+        setattr(model.get_submodule(parent) if parent else model, attr, QuantizedLinear(module, kind, rows))
+    return model
