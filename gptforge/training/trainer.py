@@ -95,6 +95,9 @@ class Trainer:
         """`init_model(model)` sets a new run's initial weights in place (SFT: the base model's plus the chat
         markers' new rows); `sampler` writes samples.txt's texts instead of `train.sample_prompts`."""
         tc = config.train
+        if not config.data.path:
+            raise UserError("no training data named: pass --data DIR (a `gptforge prepare` output) or --set "
+                            "data.path=DIR; `gptforge train` with no arguments runs the demo on its own data")
         self.log = log or console_log()
         # Under torchrun: join the process group; a single process is rank 0 of 1 with no group.
         self._owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
