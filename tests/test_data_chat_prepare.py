@@ -171,3 +171,12 @@ def test_records_with_unhashable_or_non_text_fields_are_counted_and_skipped(tmp_
     assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in chat["bad_examples"]] == ["2", "3", "5"]
     assert "turn 0 'from' is list, not a string" in chat["bad_examples"][0]
     assert manifest["splits"]["train"]["conversations"] == 2
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.json"])
+def test_a_byte_order_mark_costs_no_conversation(tmp_path, tok_dir, name):
+    src = tmp_path / name
+    body = (json.dumps(GOOD) + "\n") * 2 if name.endswith(".jsonl") else json.dumps([GOOD, GOOD])
+    src.write_bytes("\ufeff".encode() + body.encode())
+    manifest = prepare_chat([str(src)], str(tok_dir), tmp_path / "out", val_fraction=0, workers=1, context=64)
+    assert (manifest["chat"]["conversations"], manifest["chat"]["bad_records"]) == (2, 0)

@@ -595,3 +595,16 @@ def test_a_parallel_prepare_leaves_no_process_behind(tmp_path, monkeypatch):
     prepare([source], "char", tmp_path / "one", workers=1, val_fraction=0.2)
     two, one = split_tokens(tmp_path / "two"), split_tokens(tmp_path / "one")
     assert all(np.array_equal(two[name], one[name]) for name in ("train", "val")) and one["val"].size
+
+
+@pytest.mark.parametrize("name, content, documents", [
+    ("a.txt", "def f(x):\n    return x\n", 1),
+    ("a.jsonl", '{"text": "one"}\n{"text": "two"}\n', 2),
+])
+def test_a_byte_order_mark_is_not_text_and_costs_no_record(tmp_path, name, content, documents):
+    from gptforge.tokenizer import load_tokenizer
+    (tmp_path / name).write_bytes("\ufeff".encode() + content.encode())
+    manifest = prepare([str(tmp_path / name)], "char", tmp_path / "out", val_fraction=0, workers=1)
+    assert manifest["counts"]["documents"] == documents and manifest["warnings"] == []
+    text = load_tokenizer(tmp_path / "out" / "tokenizer").decode(split_tokens(tmp_path / "out")["train"].tolist())
+    assert "\ufeff" not in text and text.startswith("def f" if name.endswith(".txt") else "one")

@@ -134,13 +134,20 @@ class CountingReplace:
 codecs.register_error(CountingReplace.name, CountingReplace.handle)
 
 
+#: Text files are read as "utf-8-sig": a byte-order mark (Windows editors, PowerShell and Excel write one) at
+#: the start is dropped, not read as U+FEFF, which made a JSONL file's first record invalid JSON and a .json
+#: array file unreadable.
+TEXT_ENCODING = "utf-8-sig"
+
+
 def decode_counting(raw: bytes) -> tuple[str, int]:
-    """`raw` decoded as UTF-8 with invalid sequences replaced by U+FFFD; (text, replacements)."""
+    """`raw` decoded as UTF-8 (a leading byte-order mark dropped) with invalid sequences replaced by U+FFFD;
+    (text, replacements)."""
     try:
-        return raw.decode("utf-8"), 0
+        return raw.decode(TEXT_ENCODING), 0
     except UnicodeDecodeError:
         before = CountingReplace.count
-        text = raw.decode("utf-8", errors=CountingReplace.name)
+        text = raw.decode(TEXT_ENCODING, errors=CountingReplace.name)
         return text, CountingReplace.count - before
 
 
@@ -347,7 +354,7 @@ def read_records(source: str | Path, report: ReadReport, *, columns: list[str] |
         return
     if suffix == JSON_SUFFIX:
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
         if head.startswith(b"["):
             raw = path.read_bytes()
             report.bytes += len(raw)

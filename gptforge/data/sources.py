@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
-from .readers import (HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, CountingReplace, ReadReport, load_hf, parse_hf_spec,
-                      read_records)
+from .readers import (HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_ENCODING, CountingReplace, ReadReport, load_hf,
+                      parse_hf_spec, read_records)
 
 #: Longest piece of a document handed out at once (characters). Small enough that a worker's task
 #: and a split unit stay small, large enough that cutting costs nothing measurable.
@@ -288,7 +288,7 @@ class DocumentReader:
                 self.stats.invalid_utf8_examples.append(str(path))
 
     def _decoded_chunks(self, path: Path) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors=CountingReplace.name)
+        decoder = codecs.getincrementaldecoder(TEXT_ENCODING)(errors=CountingReplace.name)
         before = CountingReplace.count
         with open(path, "rb") as f:
             while block := f.read(READ_BYTES):
