@@ -190,6 +190,26 @@ def _has_nul(path: Path) -> bool:
     return False
 
 
+def single_document_chars(sources: list[Source]) -> int | None:
+    """The number of characters of a corpus that is one document (a single plain text file, named or the
+    only file of a folder), as DocumentReader decodes it; None for any other corpus. It lets the split take
+    the file's tail in one streaming pass (split.SplitPlan); counting costs one more read of the file."""
+    files = [path for source in sources for path in source.files]
+    if len(files) != 1 or any(source.kind not in ("text", "dir") for source in sources):
+        return None
+    path = files[0]
+    if _file_kind(path) != "text":
+        return None
+    decoder = codecs.getincrementaldecoder(TEXT_ENCODING)(errors="replace")  # one U+FFFD each, as the reader
+    chars = 0
+    with open(path, "rb") as f:
+        while block := f.read(READ_BYTES):
+            if b"\0" in block:
+                return None  # binary: the reader skips it
+            chars += len(decoder.decode(block))
+    return chars + len(decoder.decode(b"", final=True))
+
+
 def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
     """Cut complete pieces of at most `limit` chars off the front of `text`; return (pieces, remainder).
 
