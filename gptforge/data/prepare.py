@@ -31,6 +31,7 @@ from ..atomic import TMP_PREFIX, atomic_directory, write_text
 from ..errors import UserError
 from ..layout import MANIFEST_FILE, TOKENIZER_DIR, data_lock_file
 from ..runlock import DirectoryLock
+from .readers import repair_warnings
 from .shards import ShardWriter, dtype_for_vocab
 from .sources import DocumentReader, Source, SourceStats, resolve_sources, single_document_chars
 from .split import SplitPlan, split_of  # noqa: F401  (split_of: chat_prepare draws conversations with it)
@@ -324,12 +325,9 @@ def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", d
     counts = stats.to_dict()
     if counts["skipped_binary_files"]:
         warnings.append(f"skipped {counts['skipped_binary_files']} binary file(s) (NUL bytes)")
-    if counts["invalid_utf8_replacements"]:
-        warnings.append(f"replaced {counts['invalid_utf8_replacements']} invalid UTF-8 sequence(s) in "
-                        f"{counts['invalid_utf8_files']} file(s) (first: {counts['invalid_utf8_examples'][0]})")
-    if counts["lone_surrogates"]:
-        warnings.append(f"replaced {counts['lone_surrogates']} lone surrogate(s) by U+FFFD "
-                        f"(first: {counts['lone_surrogate_examples'][0]})")
+    warnings += repair_warnings(counts["invalid_utf8_replacements"], counts["invalid_utf8_examples"],
+                                counts["lone_surrogates"], counts["lone_surrogate_examples"],
+                                files=counts["invalid_utf8_files"])
     if counts["skipped_records"]:
         warnings.append(f"skipped {counts['skipped_records']} malformed record(s) "
                         f"(first: {counts['skipped_record_examples'][0]})")

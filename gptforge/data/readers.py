@@ -118,6 +118,19 @@ class ReadReport:
 # ------------------------------------------------------------------------------------------- text repair
 
 
+def repair_warnings(invalid_utf8: int, invalid_utf8_examples: list[str], lone_surrogates: int,
+                    lone_surrogate_examples: list[str], files: int | None = None) -> list[str]:
+    """The manifest warnings for text repaired while reading, naming the first file:line of each kind: one
+    wording for `prepare` and `prepare --chat`. `files`: how many files had invalid UTF-8, when known."""
+    warnings = []
+    if invalid_utf8:
+        where = f" in {files} file(s)" if files else ""
+        warnings.append(f"replaced {invalid_utf8} invalid UTF-8 sequence(s){where} (first: {invalid_utf8_examples[0]})")
+    if lone_surrogates:
+        warnings.append(f"replaced {lone_surrogates} lone surrogate(s) by U+FFFD (first: {lone_surrogate_examples[0]})")
+    return warnings
+
+
 class CountingReplace:
     """A codec error handler: U+FFFD for each invalid sequence, as errors="replace", counted (the readers
     here and the plain-text source reader share it)."""
