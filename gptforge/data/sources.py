@@ -21,13 +21,13 @@ from __future__ import annotations
 import codecs
 import fnmatch
 import os
-import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
+from ..tokenizer.base import SAFE_CUT
 from .readers import (HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_ENCODING, CountingReplace, ReadReport, load_hf,
                       parse_hf_spec, read_records)
 
@@ -42,12 +42,6 @@ CHAT_BUILTIN_SOURCES = ("builtin:pystdlib-qa",)  # conversations (gptforge.data.
 _PYSTDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                                      "encodings"})
 _MAX_EXAMPLES = 10
-
-# A safe cut: just after a lone newline between two non-space characters, or just before a lone space
-# between two non-space characters. At such a point GPT-2's pre-tokenizer regex (and the byte-level one
-# of HF tokenizers) ends one piece and starts the next whether or not the text is cut there, so encoding
-# the pieces separately gives exactly the tokens of the whole.
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
 
 
 @dataclass
@@ -213,8 +207,8 @@ def single_document_chars(sources: list[Source]) -> int | None:
 def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
     """Cut complete pieces of at most `limit` chars off the front of `text`; return (pieces, remainder).
 
-    Cuts fall at safe boundaries (see _SAFE_CUT) in the second half of each window; only a window with
-    no whitespace at all is cut hard. The remainder (< limit chars) waits for more text.
+    Cuts fall at safe boundaries (tokenizer.base.SAFE_CUT: encoding the pieces apart gives the tokens of the
+    whole) in the second half of each window; only a window with no whitespace at all is cut hard. The remainder (< limit chars) waits for more text.
     """
     pieces: list[str] = []
     start = 0
@@ -222,7 +216,7 @@ def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
         window_lo, window_hi = start + limit // 2, start + limit
         cut = None
         for lo in (window_hi - 256, window_hi - 4096, window_lo):  # look near the end first: cheap
-            for match in _SAFE_CUT.finditer(text, max(lo, window_lo), window_hi):
+            for match in SAFE_CUT.finditer(text, max(lo, window_lo), window_hi):
                 cut = match.start()
             if cut is not None:
                 break
@@ -234,13 +228,13 @@ def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
 
 
 def safe_cut_near(text: str, position: int) -> int:
-    """The safe cut (see _SAFE_CUT) of `text` closest to `position`; `position` itself when there is none
-    (a run without whitespace is cut hard). Encoding text[:cut] and text[cut:] apart gives the tokens of
+    """The safe cut (tokenizer.base.SAFE_CUT) of `text` closest to `position`; `position` itself when there is
+    none (a run without whitespace is cut hard). Encoding text[:cut] and text[cut:] apart gives the tokens of
     the whole at a safe cut."""
     position = max(0, min(len(text), position))
     for radius in (256, 4096, len(text)):
         lo, hi = max(0, position - radius), min(len(text), position + radius)
-        cuts = [m.start() for m in _SAFE_CUT.finditer(text, lo, hi)]
+        cuts = [m.start() for m in SAFE_CUT.finditer(text, lo, hi)]
         if cuts:
             return min(cuts, key=lambda c: (abs(c - position), c))
         if lo == 0 and hi == len(text):
