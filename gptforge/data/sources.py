@@ -208,7 +208,8 @@ def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
     """Cut complete pieces of at most `limit` chars off the front of `text`; return (pieces, remainder).
 
     Cuts fall at safe boundaries (tokenizer.base.SAFE_CUT: encoding the pieces apart gives the tokens of the
-    whole) in the second half of each window; only a window with no whitespace at all is cut hard. The remainder (< limit chars) waits for more text.
+    whole) in the second half of each window; only a window with no whitespace at all is cut hard. The
+    remainder (< limit chars) waits for more text.
     """
     pieces: list[str] = []
     start = 0
