@@ -331,9 +331,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 @dataclass
 class DataConfig:
-    """Where the prepared token shards are (a `gptforge prepare` output directory)."""
+    """Where the prepared token shards are (a `gptforge prepare` output directory).
 
-    path: str = "data/pystdlib"
+    No default directory: a relative default would make a preset's shape (its vocabulary follows the data's
+    tokenizer) depend on whatever the working directory holds. "" means none named; training asks for one."""
+
+    path: str = ""
     seed: int = 0  # order of sequences within each epoch (the loader's seed)
 
 

@@ -166,3 +166,33 @@ def default_tokenizer(model: GPT, spec: str, hint: str = "") -> "Tokenizer":
     raise UserError(f"--model {spec}: no tokenizer saved with it and its vocabulary ({model.config.vocab_size:,} "
                     f"ids) is not GPT-2's ({GPT2_VOCAB_SIZE:,}); use a run or checkpoint directory with its "
                     f"tokenizer/{hint}")
+
+
+def chosen_tokenizer(model: GPT, own: "Tokenizer | None", spec: str, choice: str | None = None,
+                     option: str = "--tokenizer", hint: str = "") -> "Tokenizer":
+    """The tokenizer to use with `model` (loaded from `spec` with tokenizer `own`, None when it has none):
+    `choice` (gpt2, char, a directory...) when given, checked to fit; else `own`, else `default_tokenizer`.
+
+    A tokenizer that does not fit writes a model that decodes to the wrong text, or a chat model without its
+    markers and template that can no longer chat; so `choice` must have as many ids as `own` (without one:
+    no more than the model's vocabulary) and the same special tokens and chat template. Fitting is all a
+    replacement can do: export a model's own tokenizer in another form, or give bare weights one."""
+    if choice is None:
+        return own or default_tokenizer(model, spec, hint=hint)
+    from .tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(choice)
+    name = f"{option} {choice}"
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise UserError(f"{name} has {tokenizer.vocab_size:,} ids but the model {spec} only "
+                        f"{model.config.vocab_size:,}; pass the tokenizer the model was trained with")
+    if own is None:
+        return tokenizer
+    if tokenizer.vocab_size != own.vocab_size:
+        raise UserError(f"{name} has {tokenizer.vocab_size:,} ids but the model {spec} was trained with a "
+                        f"{own.vocab_size:,}-id tokenizer; leave {option} out to use the one saved with it")
+    if tokenizer.special_tokens != own.special_tokens or tokenizer.chat_template != own.chat_template:
+        what = "chat markers and template" if own.chat_template or tokenizer.chat_template else "special tokens"
+        raise UserError(f"{name} does not have the {what} of the model {spec}'s own tokenizer; leave {option} "
+                        "out to use the one saved with it")
+    return tokenizer

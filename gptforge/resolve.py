@@ -13,7 +13,9 @@ model everywhere. Order, later wins:
 A preset sets the model's shape and, for GPT-3 sizes, Table 2.1's peak learning rate (char-small: its
 training recipe, config.PRESET_TRAIN). The model's
 vocab_size follows the data's tokenizer unless set explicitly, since a model cannot use ids its tokenizer
-never produces (nor read ids beyond its embedding).
+never produces (nor read ids beyond its embedding). Only data the config names counts (--data, a [data]
+path, --set data.path, a run's own config.json): there is no default data directory, so a preset means the
+same model whatever the working directory holds.
 
 Light on import (no torch): `gptforge info` resolves configs too.
 """
@@ -144,6 +146,18 @@ def resolve_run_config(config_file: str | None = None, preset: str | None = None
     return fit_vocab_to_data(config, explicit_vocab="model.vocab_size" in explicit or bool(init_from))
 
 
+def vocab_source(config: RunConfig) -> str | None:
+    """What decided model.vocab_size, in words, when it was the data's tokenizer (None: the preset or config).
+
+    So `gptforge info` can say so: the same preset has another vocabulary once a data directory is named."""
+    if not config.data.path or not (Path(config.data.path) / MANIFEST_FILE).is_file():
+        return None
+    vocab = data_vocab_size(config.data.path)
+    if vocab == config.model.vocab_size:
+        return f"vocab {vocab} from the tokenizer of data.path {config.data.path}"
+    return f"vocab {config.model.vocab_size} set explicitly (the tokenizer of data.path {config.data.path} has {vocab})"
+
+
 def init_model_config(spec: str) -> ModelConfig:
     """The model shape of `spec` (anything --model accepts), for `train --init`."""
     from .loading import load_model  # torch: only when a run starts from pretrained weights
@@ -166,7 +180,11 @@ def data_vocab_size(data_dir: str | os.PathLike) -> int:
 
 
 def fit_vocab_to_data(config: RunConfig, explicit_vocab: bool) -> RunConfig:
-    """`config` with model.vocab_size taken from its data's tokenizer (checked, when set explicitly)."""
+    """`config` with model.vocab_size taken from its data's tokenizer (checked, when set explicitly).
+
+    Only data the config names counts: with none named (""), the preset's own vocabulary stands."""
+    if not config.data.path:
+        return config
     data_dir = Path(config.data.path)
     if not (data_dir / MANIFEST_FILE).is_file():
         return config  # checked when training starts; --print-config and info may run before `prepare`

@@ -53,6 +53,14 @@ if _ranks is not None:
     _pin_gpt2_ranks(_ranks)
 
 
+@pytest.fixture(autouse=True)
+def _empty_working_directory(tmp_path_factory, monkeypatch):
+    """Every test (and every command it spawns) starts in an empty directory of its own, so what the user's
+    checkout holds (the README's main job leaves data/pystdlib, data/pystdlib-qa and runs/ in it) can never
+    change a result, and no test can write into the checkout by a relative path."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def tiny_config():
     from gptforge.config import ModelConfig

@@ -295,3 +295,44 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, prepared, tmp_pat
         assert needle in lines[0], (needle, lines[0])
     assert _tree(work) == before, "files were created, changed or removed"
     assert list(systmp.iterdir()) == [], "a temporary directory was left behind"
+
+
+# ---- issue 22: inputs (items 9, 12, 13, 14) ----
+
+def _demo_data_in_the_working_directory(work: Path) -> None:
+    """What the README's main job leaves in the directory it runs in: data/pystdlib."""
+    shutil.copytree(work / "data", work / "pystdlib")
+    shutil.move(work / "pystdlib", work / "data" / "pystdlib")
+
+
+def _markers_without_template(work: Path) -> None:
+    from gptforge.chat.tokens import CHAT_TOKENS
+    from gptforge.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(work / "run" / "tokenizer")
+    tokenizer.add_special_tokens(CHAT_TOKENS)  # as `gptforge tokenizer train --special-token ...` gives them
+    shutil.rmtree(work / "run" / "tokenizer")
+    tokenizer.save(work / "run" / "tokenizer")
+
+
+def _small_tokenizer(work: Path) -> None:
+    from gptforge.tokenizer import CharTokenizer
+    CharTokenizer.train(["abc"]).save(work / "tok")
+
+
+INPUT_CASES = [
+    Case("train-without-data-named", ["train", "--preset", "dev-17m", "--out", "r2"], ("--data",),
+         setup=_demo_data_in_the_working_directory),
+    Case("chat-empty-message", ["chat", "--model", "run", "-p", ""], ("-p", "empty")),
+    Case("chat-markers-without-template", ["chat", "--model", "run", "-p", "hi"], ("a base model", "gptforge sft"),
+         setup=_markers_without_template),
+    Case("export-tokenizer-does-not-fit", ["export", "--model", "run", "--format", "hf", "--out", "o",
+                                           "--tokenizer", "tok"], ("--tokenizer tok", "ids"),
+         setup=_small_tokenizer),
+]
+CASES += INPUT_CASES  # counted by test_the_sweep_is_broad; run here, since the sweep's parameters are fixed above
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in INPUT_CASES])
+def test_bad_input_about_inputs_is_one_line_exit_2_and_leaves_nothing(case, prepared, tmp_path, monkeypatch, capsys):
+    test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, prepared, tmp_path, monkeypatch, capsys)

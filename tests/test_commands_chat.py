@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from chat_models import chat_tokenizer, random_chat_model, save_chat_checkpoint
+from chat_models import chat_tokenizer, random_chat_model, save_chat_checkpoint, scripted_model
 
 from gptforge.chat import ChatSession
 from gptforge.generation import SamplingConfig
@@ -59,6 +59,56 @@ def test_a_base_model_is_one_line_naming_sft(tmp_path):
     proc = _run("--model", path, "-p", "hi")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "gptforge sft" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_base_model_whose_tokenizer_merely_has_the_markers_is_one_line_naming_sft(tmp_path):
+    """`gptforge tokenizer train --special-token '<|im_start|>' ...` gives a base model the markers but no
+    chat template: it was never taught to answer, so chat refuses it as it refuses any base model."""
+    from gptforge.chat.tokens import CHAT_TOKENS
+    from gptforge.tokenizer import CharTokenizer
+
+    base = CharTokenizer.train(["hello world"])
+    base.add_special_tokens(CHAT_TOKENS)
+    path = save_chat_checkpoint(tmp_path / "base", random_chat_model(chat_tokenizer("char"), end_at=10), base)
+    proc = _run("--model", path, "-p", "hi")
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "a base model" in proc.stderr and "gptforge sft" in proc.stderr
+
+
+def test_an_empty_message_is_one_line(chat_model):
+    for args, stdin in ((("-p", ""), None), (("-p", " \n "), None), ((), "\n")):
+        proc = _run("--model", chat_model[0], *args, stdin=stdin)
+        assert proc.returncode == 2 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+        assert "empty" in proc.stderr
+
+
+def test_control_characters_of_a_reply_are_shown_escaped(tmp_path):
+    from chat_models import CORPUS
+    from gptforge.commands.chat import printable
+    assert printable("a\x1b[2Jb\tc\nd\re\x07\x7f\x9b") == "a\\x1b[2Jb\tc\nd\\re\\x07\\x7f\\x9b"
+    tok = chat_tokenizer("char", CORPUS + "\x1b")
+    escape, end = tok.encode("\x1b")[0], tok.special_tokens["<|im_end|>"]
+    prompt = len(ChatSession(scripted_model(tok.vocab_size, {}), tok, GREEDY).prompt_ids("hi"))
+    model = scripted_model(tok.vocab_size, {p: escape for p in range(prompt - 1, prompt + 2)} | {prompt + 2: end},
+                           block_size=64)
+    assert ChatSession(model, tok, GREEDY).ask("hi") == "\x1b" * 3  # the conversation keeps the raw text
+    proc = _run("--model", save_chat_checkpoint(tmp_path / "m", model, tok), "--temperature", "0", "-p", "hi")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "\\x1b" * 3 + "\n"
+
+
+def test_a_huge_message_is_refused_without_encoding_it_whole(chat_model, monkeypatch):
+    """A 5 MB message used to be tokenized whole (a BPE: ~1 GB and ~15 s) only to be refused as too long."""
+    from gptforge.errors import UserError
+    path, model, tok = chat_model
+    session = ChatSession(model, tok, GREEDY)
+    encoded = []
+    original = type(tok)._encode_ordinary
+    monkeypatch.setattr(type(tok), "_encode_ordinary", lambda self, text: encoded.append(len(text)) or
+                        original(self, text))
+    with pytest.raises(UserError, match="too long"):
+        session.send("word " * 1_000_000)
+    assert max(encoded, default=0) < 100_000
 
 
 def test_bad_sampling_option_is_one_line(chat_model):

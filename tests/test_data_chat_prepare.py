@@ -171,3 +171,32 @@ def test_records_with_unhashable_or_non_text_fields_are_counted_and_skipped(tmp_
     assert [e.split(": ", 1)[0].rsplit(":", 1)[1] for e in chat["bad_examples"]] == ["2", "3", "5"]
     assert "turn 0 'from' is list, not a string" in chat["bad_examples"][0]
     assert manifest["splits"]["train"]["conversations"] == 2
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.json"])
+def test_a_byte_order_mark_costs_no_conversation(tmp_path, tok_dir, name):
+    src = tmp_path / name
+    body = (json.dumps(GOOD) + "\n") * 2 if name.endswith(".jsonl") else json.dumps([GOOD, GOOD])
+    src.write_bytes("\ufeff".encode() + body.encode())
+    manifest = prepare_chat([str(src)], str(tok_dir), tmp_path / "out", val_fraction=0, workers=1, context=64)
+    assert (manifest["chat"]["conversations"], manifest["chat"]["bad_records"]) == (2, 0)
+
+
+def test_repaired_text_is_warned_about_with_its_file_and_line_as_plain_prepare_does(tmp_path, tok_dir, capsys):
+    from gptforge.data.prepare import prepare
+    src = tmp_path / "c.jsonl"
+    good = json.dumps(GOOD).encode()
+    src.write_bytes(good + b"\n" + good.replace(b"hi", b"h\xe9") + b"\n" + good.replace(b"hi", b"\\ud800") + b"\n")
+    chat = prepare_chat([str(src)], str(tok_dir), tmp_path / "chat", val_fraction=0, workers=1, context=64)
+    (tmp_path / "plain").mkdir()
+    text = tmp_path / "plain" / "c.jsonl"  # the same lines as plain-text records
+    text.write_bytes(b'{"text": "a"}\n{"text": "h\xe9"}\n{"text": "\\ud800"}\n')
+    plain = prepare([str(text)], "char", tmp_path / "out", val_fraction=0, workers=1)
+    repaired = [w for w in chat["warnings"] if w.startswith("replaced")]
+    assert repaired == [f"replaced 1 invalid UTF-8 sequence(s) (first: {src}:2: 1 invalid UTF-8 sequence(s) "
+                        "replaced by U+FFFD)",
+                        f"replaced 1 lone surrogate(s) by U+FFFD (first: {src}:3: 1 lone surrogate(s) replaced by "
+                        "U+FFFD)"]
+    assert [w for w in plain["warnings"] if w.startswith("replaced")] == [
+        w.replace(str(src), str(text)) for w in (repaired[0].replace("(s) (first", "(s) in 1 file(s) (first"),
+                                                  repaired[1])]

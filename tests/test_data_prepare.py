@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptforge.data.prepare import prepare, read_manifest, split_of
+from gptforge.data.prepare import prepare, read_manifest, split_of, summary
 from gptforge.data.shards import check_shard_ids, open_shard
 from gptforge.errors import UserError
 
@@ -136,14 +136,19 @@ def test_split_is_deterministic_and_seeded(tmp_path, gpt2):
     assert runs["a"]["val_000000.bin"] != runs["c"]["val_000000.bin"]
 
 
-def test_one_long_document_still_gets_a_val_split(tmp_path, gpt2):
-    text = fixture_text(1_100_000)  # one file the size of Tiny Shakespeare
+def test_one_long_text_file_gets_exactly_its_tail_as_val(tmp_path, gpt2):
+    """One file the size of Tiny Shakespeare (68 pieces) once had pieces drawn into val by hash, so val and
+    train interleaved; as the README says (and nanoGPT splits), val is the last tenth of the text."""
+    text = fixture_text(1_100_000)
     (tmp_path / "one.txt").write_text(text, encoding="utf-8")
     manifest = prepare([str(tmp_path / "one.txt")], "gpt2", tmp_path / "out", val_fraction=0.1, workers=2)
-    train, val = manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]
-    assert train + val == len(gpt2.encode(text)) + 1
-    assert 0.03 < val / (train + val) < 0.25
-    assert manifest["counts"]["documents"] == 1
+    got = split_tokens(tmp_path / "out")
+    assert got["train"].tolist() + got["val"].tolist() == gpt2.encode(text) + [gpt2.eot_id]
+    split = manifest["split"]
+    assert split["method"] == "tail" and split["detail"].startswith("one document: the last")
+    assert abs(split["val_chars"] - len(text) // 10) < 300 and manifest["counts"]["documents"] == 1
+    assert gpt2.decode(got["val"].tolist()[:-1]) == text[-split["val_chars"]:]
+    assert f"val split: {split['detail']}" in summary(manifest, tmp_path / "out").splitlines()
 
 
 def test_a_short_single_file_gets_its_last_tenth_as_val_with_exact_tokens(tmp_path, gpt2):
@@ -157,7 +162,16 @@ def test_a_short_single_file_gets_its_last_tenth_as_val_with_exact_tokens(tmp_pa
     split = manifest["split"]
     assert split["method"] == "tail" and abs(split["val_chars"] - 4000) < 300
     assert gpt2.decode(got["val"].tolist()[:-1]) == text[-split["val_chars"]:]
-    assert "only 3 document piece(s)" in split["detail"] and manifest["warnings"] == []
+    assert split["detail"].startswith("one document: ") and manifest["warnings"] == []
+
+
+def test_a_few_documents_get_the_last_tenth_of_their_text_as_val(tmp_path):
+    docs = [f"document number {i} " * 20 for i in range(3)]  # 3 pieces: too few for a draw at 0.1
+    manifest = prepare([str(write_jsonl(tmp_path / "d.jsonl", docs))], "char", tmp_path / "out", val_fraction=0.1,
+                       workers=1)
+    split = manifest["split"]
+    assert split["method"] == "tail" and "only 3 document piece(s)" in split["detail"]
+    assert abs(split["val_chars"] - sum(map(len, docs)) // 10) < 25
 
 
 def test_many_documents_are_drawn_by_hash_and_the_manifest_says_so(tmp_path):
@@ -177,7 +191,7 @@ def test_cli_one_small_file_with_default_split_has_val_tokens(tmp_path):
     val_chars = manifest["split"]["val_chars"]  # about 5% of 1,000 characters, cut before a space
     assert 45 <= val_chars <= 55 and manifest["splits"]["val"]["tokens"] == val_chars + 1  # + end-of-text
     assert manifest["splits"]["train"]["tokens"] == 1000 - val_chars
-    assert "val split: only 1 document piece(s)" in result.stdout
+    assert f"val split: one document: the last {val_chars} of 1,000 characters" in result.stdout
 
 
 def test_char_tokenizer_is_trained_saved_and_ids_fit(tmp_path):
@@ -580,3 +594,16 @@ def test_a_parallel_prepare_leaves_no_process_behind(tmp_path, monkeypatch):
     prepare([source], "char", tmp_path / "one", workers=1, val_fraction=0.2)
     two, one = split_tokens(tmp_path / "two"), split_tokens(tmp_path / "one")
     assert all(np.array_equal(two[name], one[name]) for name in ("train", "val")) and one["val"].size
+
+
+@pytest.mark.parametrize("name, content, documents", [
+    ("a.txt", "def f(x):\n    return x\n", 1),
+    ("a.jsonl", '{"text": "one"}\n{"text": "two"}\n', 2),
+])
+def test_a_byte_order_mark_is_not_text_and_costs_no_record(tmp_path, name, content, documents):
+    from gptforge.tokenizer import load_tokenizer
+    (tmp_path / name).write_bytes("\ufeff".encode() + content.encode())
+    manifest = prepare([str(tmp_path / name)], "char", tmp_path / "out", val_fraction=0, workers=1)
+    assert manifest["counts"]["documents"] == documents and manifest["warnings"] == []
+    text = load_tokenizer(tmp_path / "out" / "tokenizer").decode(split_tokens(tmp_path / "out")["train"].tolist())
+    assert "\ufeff" not in text and text.startswith("def f" if name.endswith(".txt") else "one")

@@ -158,3 +158,17 @@ def test_missing_empty_and_nothing_usable(tmp_path):
     error = report.nothing_usable("chat data f.jsonl", "each line needs 'messages'")
     assert str(error) == "chat data f.jsonl: no usable records (1 skipped; first: f.jsonl:3: no messages); " \
                          "each line needs 'messages'"
+
+
+def test_a_byte_order_mark_is_dropped_not_read_as_text(tmp_path):
+    """Windows editors and PowerShell write UTF-8 with a BOM: it used to make the first JSONL record invalid
+    JSON (skipped) and a .json array file unreadable."""
+    bom = "\ufeff".encode()
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(bom + b'{"text": "one"}\n{"text": "two"}\n')
+    array = tmp_path / "b.json"
+    array.write_bytes(bom + b'[{"text": "one"}, {"text": "two"}]')
+    for path in (jsonl, array):
+        report = ReadReport()
+        assert [record["text"] for _, record in read_records(path, report)] == ["one", "two"]
+        assert report.count == 0 and report.examples == []

@@ -192,6 +192,16 @@ def test_mmlu_bad_input(tmp_path):
         mmlu.load_mmlu(str(tmp_path / "nope"))
 
 
+def test_mmlu_csv_saved_with_a_byte_order_mark_reads_the_same(tmp_path):
+    plain, _, _ = mmlu.load_mmlu(str(write_mmlu_csv(tmp_path / "plain")), shots=1)
+    root = write_mmlu_csv(tmp_path / "bom")  # Excel's "CSV UTF-8" starts the file with a BOM
+    for path in (root / "data").rglob("*.csv"):
+        path.write_bytes("\ufeff".encode() + path.read_bytes())
+    data, skipped, _ = mmlu.load_mmlu(str(root), shots=1)
+    assert [i.question for i in data.items] == [i.question for i in plain.items] and skipped.count == 0
+    assert data.shots["abstract_algebra"][0].question == "Find the order of Z_4."
+
+
 def test_mmlu_csv_that_is_not_utf8_names_the_file(tmp_path):
     root = write_mmlu_csv(tmp_path / "m")
     bad = next((root / "data" / "test").glob("*_test.csv"))

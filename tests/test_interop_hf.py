@@ -279,7 +279,7 @@ def test_unsupported_hf_config_is_refused(tmp_path):
 def test_cli_missing_model_exits_2_with_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "gptforge", "export", "--model", str(tmp_path / "missing"),
                              "--format", "hf", "--out", str(tmp_path / "o")],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                            capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no such path" in lines[0] and lines[0].startswith("gptforge export: error:")

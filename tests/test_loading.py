@@ -140,3 +140,31 @@ def test_export_of_a_preset_is_drawn_from_its_seed(tmp_path, gpt2_ranks):
     assert list(theirs) == list(ours)
     vocab = sampled.config.vocab_size  # the padded embedding rows are not exported
     assert all(torch.equal(theirs[name][:vocab], ours[name][:vocab]) for name in ours)
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused_for_export(tmp_path, capsys):
+    """A chat model exported with another tokenizer (fewer ids, no chat markers or template) once wrote an
+    export that decodes to other text and cannot chat; now it is one line, exit 2, nothing written."""
+    from chat_models import CORPUS, chat_tokenizer, random_chat_model, save_chat_checkpoint
+
+    from gptforge.chat.tokens import CHAT_TOKENS
+    from gptforge.cli import main
+    from gptforge.tokenizer import CharTokenizer
+
+    own = chat_tokenizer("char")
+    model = save_chat_checkpoint(tmp_path / "chat", random_chat_model(own, end_at=10), own)
+    smaller = CharTokenizer.train(["abc"])
+    smaller.save(tmp_path / "smaller")
+    markers_only = CharTokenizer.train([CORPUS])  # as many ids, the markers but not the template
+    markers_only.add_special_tokens(CHAT_TOKENS)
+    assert markers_only.vocab_size == own.vocab_size
+    markers_only.save(tmp_path / "markers_only")
+    for other, needle in (("smaller", "trained with a"), ("markers_only", "chat markers and template")):
+        out = tmp_path / f"out_{other}"
+        assert main(["export", "--model", model, "--format", "hf", "--out", str(out),
+                     "--tokenizer", str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and "--tokenizer" in err and not out.exists()
+    # the model's own tokenizer, named explicitly, fits
+    assert main(["export", "--model", model, "--format", "hf", "--out", str(tmp_path / "ok"),
+                 "--tokenizer", str(tmp_path / "chat" / "tokenizer")]) == 0

@@ -59,3 +59,11 @@ def test_train_is_the_function_whatever_was_imported_first():
     assert train is trainer.train and gptforge.train is trainer.train
     assert not isinstance(train, types.ModuleType) and callable(train)
     assert gptforge.training.train is trainer.train and gptforge.training.Trainer is trainer.Trainer
+
+
+def test_each_test_runs_in_an_empty_directory_outside_the_checkout():
+    """The README's main job leaves data/pystdlib, data/pystdlib-qa and runs/ in the checkout, and its test
+    command then runs there: conftest gives every test (and the commands it spawns) an empty working
+    directory of its own, so those leftovers cannot change a result."""
+    cwd = Path.cwd()
+    assert not any(cwd.iterdir()) and ROOT not in (cwd, *cwd.parents)

@@ -75,3 +75,41 @@ def test_info_and_train_read_one_file_as_one_model(tmp_path, capsys, toml):
               f"d_ff {trained.ffn_dim}, context {trained.block_size}, vocab {trained.vocab_size}")
     assert header in described.splitlines()[0] and "alternating dense / band (window 256)" in described
     assert f"{parameter_counts(trained)['total']:,}" in described
+
+
+def _demo_leftovers(root) -> int:
+    """What the README's main job leaves in the directory it runs in: data/pystdlib (there a 4,096-id BPE; here
+    a char tokenizer, another vocabulary all the same). Returns that vocabulary's size."""
+    from gptforge.data.prepare import prepare
+    (root / "corpus").mkdir()
+    corpus = make_corpus(root / "corpus")
+    return prepare([str(corpus.parent / "src")], "char", root / "data" / "pystdlib", workers=1)["tokenizer"][
+        "vocab_size"]
+
+
+def test_a_preset_is_the_same_model_whatever_the_working_directory_holds(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    vocab = _demo_leftovers(tmp_path)
+    assert resolve_run_config(preset="gpt2").model == get_preset("gpt2")
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\npreset = "gpt3-small"\n')
+    assert resolve_run_config(str(path)).model == get_preset("gpt3-small")
+    assert main(["info", "--preset", "gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab 50257 (padded to 50304)" in out.splitlines()[0] and "tokenizer" not in out
+    assert main(["train", "--preset", "dev-17m", "--out", "r", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == get_preset("dev-17m").to_dict()
+    # Naming the data still fits the vocabulary to its tokenizer, and info says that is where it came from.
+    path.write_text('[model]\npreset = "gpt3-small"\n[data]\npath = "data/pystdlib"\n')
+    assert main(["info", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"vocab {vocab} (padded" in out.splitlines()[0]
+    assert out.splitlines()[-1] == f"vocab {vocab} from the tokenizer of data.path data/pystdlib"
+
+
+def test_training_without_data_named_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _demo_leftovers(tmp_path)  # a data/pystdlib in the working directory is not silently trained on
+    assert main(["train", "--preset", "dev-17m", "--out", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data DIR" in err and not (tmp_path / "r").exists()

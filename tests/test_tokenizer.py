@@ -379,3 +379,27 @@ def test_bpe_trained_on_a_whitespace_free_blob_still_round_trips():
     tokenizer = train_bpe(["some ordinary text here " * 20, blob], vocab_size=300)
     assert tokenizer.decode(tokenizer.encode(blob)) == blob
     assert len(tokenizer.encode(blob)) < 0.8 * len(blob)  # merges were learned from the (capped) blob too
+
+
+def test_a_long_text_is_encoded_in_pieces_to_exactly_the_tokens_of_the_whole(monkeypatch):
+    """One 5 MB text used to be one HF Encoding (~800 MB, 12 s on one thread): the bpe kind now cuts it
+    where GPT-2's pre-tokenizer splits anyway and encodes the pieces in parallel, to the same ids."""
+    from conftest import fixture_text
+
+    from gptforge.tokenizer import bpe as bpe_module
+    from gptforge.tokenizer import train_bpe
+    from gptforge.tokenizer.base import split_at_safe_cuts
+
+    tok = train_bpe([fixture_text()], vocab_size=400)
+    # every kind of whitespace run and a stretch without any, around the cut points
+    text = fixture_text(60_000) + "  double  spaces \n\n x\t\ty \r\n" * 300 + "z" * 5000 + " end\n"
+    whole = tok._plain.encode(text, add_special_tokens=False).ids
+    monkeypatch.setattr(bpe_module, "LONG_TEXT_CHARS", 1000)
+    calls = []
+    original = type(tok)._encode_ordinary_batch
+    monkeypatch.setattr(type(tok), "_encode_ordinary_batch", lambda self, texts: calls.append(len(texts)) or
+                        original(self, texts))
+    assert tok.encode(text) == whole and calls and calls[0] > 50
+    pieces = split_at_safe_cuts(text, 1000)
+    assert "".join(pieces) == text and all(len(p) >= 1000 for p in pieces[:-1])
+    assert split_at_safe_cuts("x" * 5000, 1000) == ["x" * 5000]

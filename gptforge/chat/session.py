@@ -47,22 +47,23 @@ if TYPE_CHECKING:
 
 
 def chat_template(tokenizer: "Tokenizer") -> str | None:
-    """The Jinja chat template of the model whose tokenizer this is, or None for a base model.
+    """The Jinja chat template saved with the model's tokenizer, or None for a base model.
 
-    The template saved with the tokenizer (`tokenizer.chat_template`), else ChatML for a tokenizer that has
-    both markers as special tokens (one imported without its template file).
+    The markers alone do not make a chat model: `gptforge tokenizer train --special-token '<|im_start|>'`
+    gives a base model's tokenizer them too, and that model was never taught to answer. A chat model is
+    one whose tokenizer was saved with its template (`gptforge sft`, or an export/import of such a model).
     """
-    if tokenizer.chat_template:
-        return tokenizer.chat_template
-    return CHAT_TEMPLATE if has_chat_tokens(tokenizer) else None
+    return tokenizer.chat_template or None
 
 
 def require_chat_model(tokenizer: "Tokenizer | None", what: str) -> str:
     """The tokenizer's chat template, or a UserError telling how to get a chat model."""
     template = chat_template(tokenizer) if tokenizer is not None else None
     if template is None or not has_chat_tokens(tokenizer):
-        raise UserError(f"{what} is a base model without a chat template (no {IM_START}/{IM_END} tokens); "
-                        "fine-tune it into a chat model first with `gptforge sft --model RUN`")
+        why = ("its tokenizer has the chat markers but no chat template" if tokenizer is not None and
+               has_chat_tokens(tokenizer) else f"no chat template, no {IM_START}/{IM_END} tokens")
+        raise UserError(f"{what} is a base model ({why}): fine-tune it into a chat model first with "
+                        "`gptforge sft --model RUN`")
     if template != CHAT_TEMPLATE:
         raise UserError(f"{what} has a chat template other than gptforge's ChatML one; gptforge renders ChatML only")
     return template
@@ -115,6 +116,7 @@ class ChatSession:
         self._first = 0  # index into _turns of the first exchange the model still sees
         self._sent = 0  # turns asked in this conversation (the seed's counter)
         self._told = False
+        self._longest_token: int | None = None  # bytes of the tokenizer's longest token (_least_tokens)
         self.last = ReplyStats()
         self.set_system(system)
 
@@ -221,6 +223,10 @@ class ChatSession:
         """
         block = self.model.config.block_size
         room = min(self.config.max_new_tokens, max(1, block // 2))
+        least = self._least_tokens(text)
+        if least + room > block:  # refused before encoding: a 5 MB message took ~1 GB and 15 s to encode
+            raise UserError(f"the message is too long: it takes at least {least:,} tokens, and the model's context "
+                            f"of {block} tokens must keep {room} for the reply; shorten it")
         head = _message_ids(self.tokenizer, "system", self.system) if self.system else []
         turns = self._turns + [{"role": "user", "content": text}]
         parts = [_message_ids(self.tokenizer, m["role"], m["content"]) for m in turns]
@@ -238,6 +244,17 @@ class ChatSession:
                             + (" or the system message (/system)" if self.system else ""))
         prompt = head + [t for p in parts[first:] for t in p] + tail
         return prompt, min(self.config.max_new_tokens, block - len(prompt)), first
+
+    def _least_tokens(self, text: str) -> int:
+        """A floor on the tokens `text` takes, without encoding it: one token stands for at most the bytes
+        of the tokenizer's longest one, and a character is at least one byte. Texts no longer than the
+        context (in characters) skip it; the longest token is looked up once, when first needed."""
+        if len(text) <= self.model.config.block_size:
+            return 0
+        if self._longest_token is None:
+            decode = self.tokenizer.decode_bytes
+            self._longest_token = max(1, max(len(decode([i])) for i in range(self.tokenizer.vocab_size)))
+        return len(text) // self._longest_token
 
     def _drop_before(self, first: int) -> None:
         """Leave the exchanges before `first` out of what the model sees from now on; tell the user once."""

@@ -9,6 +9,7 @@ piped to standard input (all of it, as one message), prints one reply and exits.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import TYPE_CHECKING, TextIO
 
@@ -55,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = sampling_config(args)
     message = args.prompt
+    if message is not None and not message.strip():
+        raise UserError("-p: the message is empty; give the text to answer, e.g. -p \"What does json.dumps do?\"")
     if message is None and not sys.stdin.isatty():
         message = sys.stdin.read()
         if not message.strip():
@@ -77,7 +80,7 @@ def print_reply(session: "ChatSession", text: str, out: TextIO, stats: bool) -> 
     reply = session.send(text)
     try:
         for piece in reply:
-            out.write(piece)
+            out.write(printable(piece))
             out.flush()
     finally:
         reply.close()
@@ -85,6 +88,17 @@ def print_reply(session: "ChatSession", text: str, out: TextIO, stats: bool) -> 
         out.flush()
         if stats:
             print(describe_stats(session), file=sys.stderr, flush=True)
+
+
+# Control characters a model may write (ESC starts terminal escape sequences that clear the screen, move the
+# cursor or retitle the window; CR overwrites the line shown): all C0 but tab and newline, DEL, and C1.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters shown as escapes (ESC as `\\x1b`, CR as `\\r`), newlines and tabs kept:
+    what the model wrote stays visible, and cannot drive the terminal. The conversation keeps the raw text."""
+    return _CONTROL.sub(lambda m: "\\r" if m.group() == "\r" else f"\\x{ord(m.group()):02x}", text)
 
 
 def describe_stats(session: "ChatSession") -> str:

@@ -31,13 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format not in FORMATS:
         raise UserError(f"--format {args.format!r} is not supported; choose one of {', '.join(FORMATS)}")
-    from ..loading import default_tokenizer, load_model
-    from ..tokenizer import get_tokenizer
+    from ..loading import chosen_tokenizer, load_model
 
-    model, tokenizer = load_model(args.model, seed=args.seed)
-    if args.tokenizer is not None:
-        tokenizer = get_tokenizer(args.tokenizer)
-    tokenizer = tokenizer or default_tokenizer(model, args.model, hint=" or pass --tokenizer")
+    model, own = load_model(args.model, seed=args.seed)
+    tokenizer = chosen_tokenizer(model, own, args.model, args.tokenizer, hint=" or pass --tokenizer")
     inputs = {"--model": args.model, "--tokenizer": args.tokenizer}  # never written over (gptforge.outputs)
     if args.format == "hf":
         from ..interop.hf import export_hf

@@ -39,7 +39,7 @@ from ..layout import (CHAT_DATA_KIND, MANIFEST_FILE, RUN_CONFIG_FILE, TOKENIZER_
 from ..outputs import PREPARED_DATA, check_output
 from .chat_formats import FORMATS, BadRecord, Messages, detect_format, to_messages
 from .chat_packing import pack_report
-from .readers import ReadReport, is_record_file, read_records
+from .readers import ReadReport, is_record_file, read_records, repair_warnings
 from .prepare import (DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, MANIFEST_FORMAT, MANIFEST_VERSION, SPLITS,
                       prepared_output, split_of)
 from .shards import ShardWriter, dtype_for_vocab
@@ -417,9 +417,9 @@ def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", d
     if stats.bad:
         warnings.append(f"skipped {stats.bad} bad record(s): " + "; ".join(stats.report.examples[:3])
                         + (" ..." if stats.bad > 3 else ""))
-    if stats.report.invalid_utf8 or stats.report.lone_surrogates:
-        warnings.append(f"replaced {stats.report.invalid_utf8} invalid UTF-8 sequence(s) and "
-                        f"{stats.report.lone_surrogates} lone surrogate(s) with U+FFFD")
+    report = stats.report
+    warnings += repair_warnings(report.invalid_utf8, report.invalid_utf8_examples, report.lone_surrogates,
+                                report.lone_surrogate_examples)
     if packing["truncated"] or packing["dropped"]:
         warnings.append(f"at context {context}: {packing['truncated']} conversation(s) longer than the context "
                         f"will be truncated, {packing['dropped']} dropped (nothing to train on within the context)")

@@ -1,10 +1,10 @@
 """Tokenize sources into train/val token shards with many processes, in flat memory, all or nothing.
 
 The main process streams document pieces (gptforge.data.sources), assigns each to train or val
-(gptforge.data.split: a seeded hash per piece, or the last fraction of the text for a corpus of few
-documents), groups them into tasks of about half a million characters and keeps only a small window of tasks in
-flight; worker processes tokenize them; results come back in order and are appended to shards of at most
-`shard_tokens` tokens. Memory therefore depends on the window, not on the corpus.
+(gptforge.data.split: a seeded hash per piece, or the last fraction of the text for one text file or a
+corpus of few documents), groups them into tasks of about half a million characters and keeps only a small
+window of tasks in flight; worker processes tokenize them; results come back in order and are appended to
+shards of at most `shard_tokens` tokens. Memory therefore depends on the window, not on the corpus.
 
 The output directory is built under a temporary name and renamed into place only when complete (manifest
 last), so an interrupted run leaves nothing a later run could mistake for prepared data, and `force`
@@ -29,8 +29,9 @@ from ..atomic import write_text
 from ..errors import UserError
 from ..layout import MANIFEST_FILE, TOKENIZER_DIR
 from ..outputs import PREPARED_DATA, Inputs, check_output, owned_output
+from .readers import repair_warnings
 from .shards import ShardWriter, dtype_for_vocab
-from .sources import DocumentReader, Source, SourceStats, resolve_sources
+from .sources import DocumentReader, Source, SourceStats, resolve_sources, single_document_chars
 from .split import SplitPlan, split_of  # noqa: F401  (split_of: chat_prepare draws conversations with it)
 from .workers import WorkerPool
 
@@ -225,7 +226,7 @@ def prepare(sources: list[str], tokenizer_spec: str, out_dir: str | os.PathLike,
         writers = _SplitWriters(ShardWriter(tmp, "train", dtype, shard_tokens),
                                 ShardWriter(tmp, "val", dtype, shard_tokens))
         reader = DocumentReader(resolved, glob, text_field)
-        plan = SplitPlan(seed, val_fraction)
+        plan = SplitPlan(seed, val_fraction, single_document_chars(resolved))
         tasks = _tasks(plan.assign(reader.pieces()), TASK_CHARS)
         with EncoderPool(workers, tokenizer, tokenizer_dir) as pool:
             bar = Progress(_total_bytes(resolved), progress)
@@ -261,12 +262,9 @@ def _manifest(sources: list[str], tokenizer_spec: str, tokenizer: "Tokenizer", d
     counts = stats.to_dict()
     if counts["skipped_binary_files"]:
         warnings.append(f"skipped {counts['skipped_binary_files']} binary file(s) (NUL bytes)")
-    if counts["invalid_utf8_replacements"]:
-        warnings.append(f"replaced {counts['invalid_utf8_replacements']} invalid UTF-8 sequence(s) in "
-                        f"{counts['invalid_utf8_files']} file(s) (first: {counts['invalid_utf8_examples'][0]})")
-    if counts["lone_surrogates"]:
-        warnings.append(f"replaced {counts['lone_surrogates']} lone surrogate(s) by U+FFFD "
-                        f"(first: {counts['lone_surrogate_examples'][0]})")
+    warnings += repair_warnings(counts["invalid_utf8_replacements"], counts["invalid_utf8_examples"],
+                                counts["lone_surrogates"], counts["lone_surrogate_examples"],
+                                files=counts["invalid_utf8_files"])
     if counts["skipped_records"]:
         warnings.append(f"skipped {counts['skipped_records']} malformed record(s) "
                         f"(first: {counts['skipped_record_examples'][0]})")
@@ -314,7 +312,7 @@ def summary(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
     lines = [f"prepared {out_dir}: {counts['documents']:,} documents, {counts['bytes']:,} bytes -> "
              f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens "
              f"({tok['kind']} tokenizer, vocab {tok['vocab_size']:,}, {manifest['dtype']}) in {manifest['seconds']:.1f} s"]
-    if manifest.get("split", {}).get("method") == "tail":
+    if manifest.get("split"):
         lines.append(f"val split: {manifest['split']['detail']}")
     lines += [f"warning: {w}" for w in manifest["warnings"]]
     return "\n".join(lines)

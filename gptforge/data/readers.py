@@ -118,6 +118,19 @@ class ReadReport:
 # ------------------------------------------------------------------------------------------- text repair
 
 
+def repair_warnings(invalid_utf8: int, invalid_utf8_examples: list[str], lone_surrogates: int,
+                    lone_surrogate_examples: list[str], files: int | None = None) -> list[str]:
+    """The manifest warnings for text repaired while reading, naming the first file:line of each kind: one
+    wording for `prepare` and `prepare --chat`. `files`: how many files had invalid UTF-8, when known."""
+    warnings = []
+    if invalid_utf8:
+        where = f" in {files} file(s)" if files else ""
+        warnings.append(f"replaced {invalid_utf8} invalid UTF-8 sequence(s){where} (first: {invalid_utf8_examples[0]})")
+    if lone_surrogates:
+        warnings.append(f"replaced {lone_surrogates} lone surrogate(s) by U+FFFD (first: {lone_surrogate_examples[0]})")
+    return warnings
+
+
 class CountingReplace:
     """A codec error handler: U+FFFD for each invalid sequence, as errors="replace", counted (the readers
     here and the plain-text source reader share it)."""
@@ -134,13 +147,20 @@ class CountingReplace:
 codecs.register_error(CountingReplace.name, CountingReplace.handle)
 
 
+#: Text files are read as "utf-8-sig": a byte-order mark (Windows editors, PowerShell and Excel write one) at
+#: the start is dropped, not read as U+FEFF, which made a JSONL file's first record invalid JSON and a .json
+#: array file unreadable.
+TEXT_ENCODING = "utf-8-sig"
+
+
 def decode_counting(raw: bytes) -> tuple[str, int]:
-    """`raw` decoded as UTF-8 with invalid sequences replaced by U+FFFD; (text, replacements)."""
+    """`raw` decoded as UTF-8 (a leading byte-order mark dropped) with invalid sequences replaced by U+FFFD;
+    (text, replacements)."""
     try:
-        return raw.decode("utf-8"), 0
+        return raw.decode(TEXT_ENCODING), 0
     except UnicodeDecodeError:
         before = CountingReplace.count
-        text = raw.decode("utf-8", errors=CountingReplace.name)
+        text = raw.decode(TEXT_ENCODING, errors=CountingReplace.name)
         return text, CountingReplace.count - before
 
 
@@ -347,7 +367,7 @@ def read_records(source: str | Path, report: ReadReport, *, columns: list[str] |
         return
     if suffix == JSON_SUFFIX:
         with open(path, "rb") as f:
-            head = f.read(4096).lstrip()
+            head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
         if head.startswith(b"["):
             raw = path.read_bytes()
             report.bytes += len(raw)

@@ -21,15 +21,15 @@ from __future__ import annotations
 import codecs
 import fnmatch
 import os
-import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import UserError
-from .readers import (HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, CountingReplace, ReadReport, load_hf, parse_hf_spec,
-                      read_records)
+from ..tokenizer.base import SAFE_CUT
+from .readers import (HF_PREFIX, JSONL_SUFFIXES, PARQUET_SUFFIXES, TEXT_ENCODING, CountingReplace, ReadReport, load_hf,
+                      parse_hf_spec, read_records)
 
 #: Longest piece of a document handed out at once (characters). Small enough that a worker's task
 #: and a split unit stay small, large enough that cutting costs nothing measurable.
@@ -42,12 +42,6 @@ CHAT_BUILTIN_SOURCES = ("builtin:pystdlib-qa",)  # conversations (gptforge.data.
 _PYSTDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__",
                                      "encodings"})
 _MAX_EXAMPLES = 10
-
-# A safe cut: just after a lone newline between two non-space characters, or just before a lone space
-# between two non-space characters. At such a point GPT-2's pre-tokenizer regex (and the byte-level one
-# of HF tokenizers) ends one piece and starts the next whether or not the text is cut there, so encoding
-# the pieces separately gives exactly the tokens of the whole.
-_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
 
 
 @dataclass
@@ -190,11 +184,32 @@ def _has_nul(path: Path) -> bool:
     return False
 
 
+def single_document_chars(sources: list[Source]) -> int | None:
+    """The number of characters of a corpus that is one document (a single plain text file, named or the
+    only file of a folder), as DocumentReader decodes it; None for any other corpus. It lets the split take
+    the file's tail in one streaming pass (split.SplitPlan); counting costs one more read of the file."""
+    files = [path for source in sources for path in source.files]
+    if len(files) != 1 or any(source.kind not in ("text", "dir") for source in sources):
+        return None
+    path = files[0]
+    if _file_kind(path) != "text":
+        return None
+    decoder = codecs.getincrementaldecoder(TEXT_ENCODING)(errors="replace")  # one U+FFFD each, as the reader
+    chars = 0
+    with open(path, "rb") as f:
+        while block := f.read(READ_BYTES):
+            if b"\0" in block:
+                return None  # binary: the reader skips it
+            chars += len(decoder.decode(block))
+    return chars + len(decoder.decode(b"", final=True))
+
+
 def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
     """Cut complete pieces of at most `limit` chars off the front of `text`; return (pieces, remainder).
 
-    Cuts fall at safe boundaries (see _SAFE_CUT) in the second half of each window; only a window with
-    no whitespace at all is cut hard. The remainder (< limit chars) waits for more text.
+    Cuts fall at safe boundaries (tokenizer.base.SAFE_CUT: encoding the pieces apart gives the tokens of the
+    whole) in the second half of each window; only a window with no whitespace at all is cut hard. The
+    remainder (< limit chars) waits for more text.
     """
     pieces: list[str] = []
     start = 0
@@ -202,7 +217,7 @@ def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
         window_lo, window_hi = start + limit // 2, start + limit
         cut = None
         for lo in (window_hi - 256, window_hi - 4096, window_lo):  # look near the end first: cheap
-            for match in _SAFE_CUT.finditer(text, max(lo, window_lo), window_hi):
+            for match in SAFE_CUT.finditer(text, max(lo, window_lo), window_hi):
                 cut = match.start()
             if cut is not None:
                 break
@@ -214,13 +229,13 @@ def cut_pieces(text: str, limit: int = PIECE_CHARS) -> tuple[list[str], str]:
 
 
 def safe_cut_near(text: str, position: int) -> int:
-    """The safe cut (see _SAFE_CUT) of `text` closest to `position`; `position` itself when there is none
-    (a run without whitespace is cut hard). Encoding text[:cut] and text[cut:] apart gives the tokens of
+    """The safe cut (tokenizer.base.SAFE_CUT) of `text` closest to `position`; `position` itself when there is
+    none (a run without whitespace is cut hard). Encoding text[:cut] and text[cut:] apart gives the tokens of
     the whole at a safe cut."""
     position = max(0, min(len(text), position))
     for radius in (256, 4096, len(text)):
         lo, hi = max(0, position - radius), min(len(text), position + radius)
-        cuts = [m.start() for m in _SAFE_CUT.finditer(text, lo, hi)]
+        cuts = [m.start() for m in SAFE_CUT.finditer(text, lo, hi)]
         if cuts:
             return min(cuts, key=lambda c: (abs(c - position), c))
         if lo == 0 and hi == len(text):
@@ -288,7 +303,7 @@ class DocumentReader:
                 self.stats.invalid_utf8_examples.append(str(path))
 
     def _decoded_chunks(self, path: Path) -> Iterator[str]:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors=CountingReplace.name)
+        decoder = codecs.getincrementaldecoder(TEXT_ENCODING)(errors=CountingReplace.name)
         before = CountingReplace.count
         with open(path, "rb") as f:
             while block := f.read(READ_BYTES):

@@ -1,6 +1,8 @@
 """Which text goes to the train split and which to val.
 
-Normally each document piece (a document, or one of the <= 16 Ki-character pieces of a longer one) is drawn
+A corpus known before reading to be one document (one plain text file: `sources.single_document_chars`
+counts its characters) is split at its tail, as nanoGPT splits a text file: val and train never interleave.
+Otherwise each document piece (a document, or one of the <= 16 Ki-character pieces of a longer one) is drawn
 by a seeded hash with probability `val_fraction` — reproducible, independent of worker count, and it keeps
 documents whole where they are short. That needs enough pieces to draw from: with few of them (one text
 file, a handful of documents) the draw gives an empty or a wildly off val set. So when the whole corpus has
@@ -39,10 +41,12 @@ def split_of(unit: int, seed: int, val_fraction: float) -> int:
 class SplitPlan:
     """Assign pieces to splits (`assign`), choosing hash draw or tail split as the module docstring says."""
 
-    def __init__(self, seed: int, val_fraction: float) -> None:
+    def __init__(self, seed: int, val_fraction: float, document_chars: int | None = None) -> None:
+        """`document_chars`: the corpus is one document of this many characters (its tail is val, streamed)."""
         self.seed = seed
         self.val_fraction = val_fraction
         self.method = "none" if val_fraction <= 0 else "hash"
+        self.document_chars = document_chars
         self.pieces = 0
         self.val_chars = 0
         self.total_chars = 0
@@ -58,6 +62,10 @@ class SplitPlan:
                 self.pieces += 1
                 yield piece.text, 0, piece.last
             return
+        if self.document_chars is not None:
+            self.method = "tail"
+            yield from self._tail(pieces, self.document_chars)
+            return
         stream = iter(pieces)
         held: list[Piece] = []
         for piece in stream:
@@ -66,20 +74,19 @@ class SplitPlan:
                 break
         else:  # the corpus ended first: too few pieces for a draw
             self.method = "tail"
-            self.pieces = len(held)
-            yield from self._tail(held)
+            yield from self._tail(held, sum(len(p.text) for p in held))
             return
         for unit, piece in enumerate(_chain(held, stream)):
             self.pieces += 1
             yield piece.text, split_of(unit, self.seed, self.val_fraction), piece.last
 
-    def _tail(self, held: list[Piece]) -> Iterator[Unit]:
-        """The last val_fraction of the characters to val, cut at a safe boundary inside its piece."""
-        total = sum(len(p.text) for p in held)
+    def _tail(self, pieces: Iterable[Piece], total: int) -> Iterator[Unit]:
+        """The last val_fraction of the `total` characters to val, cut at a safe boundary inside its piece."""
         self.total_chars = total
         cut_at = total - max(1, round(total * self.val_fraction))
         offset = 0
-        for piece in held:
+        for piece in pieces:
+            self.pieces += 1
             end = offset + len(piece.text)
             if end <= cut_at:
                 yield piece.text, 0, piece.last
@@ -103,9 +110,10 @@ class SplitPlan:
             return {"method": "hash", "seed": self.seed, "val_fraction": self.val_fraction,
                     "detail": f"each document piece (up to {PIECE_CHARS} characters) drawn into val with "
                               f"probability {self.val_fraction} by a hash seeded with {self.seed}"}
+        why = ("one document" if self.document_chars is not None else
+               f"only {self.pieces} document piece(s), too few for a random draw at {self.val_fraction}")
         return {"method": "tail", "val_fraction": self.val_fraction, "val_chars": self.val_chars,
-                "detail": f"only {self.pieces} document piece(s), too few for a random draw at "
-                          f"{self.val_fraction}: the last {self.val_chars:,} of {self.total_chars:,} characters "
+                "detail": f"{why}: the last {self.val_chars:,} of {self.total_chars:,} characters "
                           "(cut at a whitespace boundary) are val"}
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..data.readers import TEXT_ENCODING
 from ..errors import UserError
 from .result import TaskResult
 from .scoring import Request, best_choice, encode_pair, score_requests
@@ -90,7 +91,7 @@ def parse_row(row: dict[str, Any], where: str, subject: str | None = None) -> MM
 def _read_csv(path: Path, subject: str, skipped: Skipped) -> list[MMLUItem]:
     """The items of one original-release CSV; a file that cannot be read as UTF-8 stops with a UserError."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding=TEXT_ENCODING) as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError as e:
         raise UserError(f"MMLU file {path} is not UTF-8 text ({e.reason}); restore it from the MMLU release "

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..data.readers import TEXT_ENCODING
 from ..errors import UserError
 from ..layout import MANIFEST_FILE as MANIFEST, TOKENIZER_DIR
 from .result import TaskResult
@@ -134,7 +135,7 @@ def load_val_tokens(source: ValSource, tokenizer: "Tokenizer") -> np.ndarray:
         tokens = _prepared_tokens(source, tokenizer)
     else:
         try:
-            text = source.path.read_text(encoding="utf-8")
+            text = source.path.read_text(encoding=TEXT_ENCODING)
         except UnicodeDecodeError as e:
             raise UserError(f"val data {source.path} is not UTF-8 text ({e}); convert it or pass another file") \
                 from None

@@ -120,9 +120,10 @@ def _add_chat(writer: Any, tokenizer: "Tokenizer") -> None:
     from ..chat.session import chat_template
     from ..chat.tokens import chat_token_ids, has_chat_tokens
 
-    if not has_chat_tokens(tokenizer):
+    template = chat_template(tokenizer)
+    if template is None or not has_chat_tokens(tokenizer):  # a base model, even one whose tokenizer has markers
         return
-    writer.add_chat_template(chat_template(tokenizer))
+    writer.add_chat_template(template)
     writer.add_eot_token_id(chat_token_ids(tokenizer)[1])
 
 

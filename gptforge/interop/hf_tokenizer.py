@@ -125,7 +125,7 @@ def bpe_hf_tokenizer(tokenizer: "Tokenizer") -> Any:
 
 
 def _chat_template(tokenizer: "Tokenizer") -> str | None:
-    """The chat template to export: the tokenizer's own, or ChatML when it has the markers without one."""
+    """The chat template to export: the tokenizer's own (None for a base model, markers or not)."""
     from ..chat.session import chat_template
 
     return chat_template(tokenizer)

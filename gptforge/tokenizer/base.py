@@ -25,6 +25,29 @@ from ..layout import CHAT_TEMPLATE_FILE
 EOT = "<|endoftext|>"
 CONFIG_FILE = "tokenizer_config.json"
 
+# A safe cut: just after a lone newline between two non-space characters, or just before a lone space
+# between two non-space characters. At such a point GPT-2's pre-tokenizer regex (and the byte-level one
+# of HF tokenizers) ends one piece and starts the next whether or not the text is cut there, so encoding
+# the pieces separately gives exactly the tokens of the whole (prepare cuts documents there; the bpe
+# kind cuts one long text there to encode it in parallel, in little memory).
+SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
+
+
+def split_at_safe_cuts(text: str, size: int) -> list[str]:
+    """`text` in pieces of at least `size` characters (the last may be shorter), each ending at the first safe
+    cut past `size`; text without one stays whole. Encoding the pieces apart gives the tokens of the whole."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > size:
+        cut = SAFE_CUT.search(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
+
+
 # False/None: special-token text is ordinary text. True or "all": every special token is recognised.
 # A collection of strings: only those are recognised.
 AllowedSpecial = Union[bool, Literal["all"], Collection[str], None]

@@ -99,6 +99,9 @@ class Trainer:
         `run_kind` and `inputs` (what the run reads besides its data and --init, e.g. sft's base model) are
         for gptforge.outputs, which decides whether the run directory may be opened at all."""
         tc = config.train
+        if not config.data.path:
+            raise UserError("no training data named: pass --data DIR (a `gptforge prepare` output) or --set "
+                            "data.path=DIR; `gptforge train` with no arguments runs the demo on its own data")
         self.log = log or console_log()
         # Under torchrun: join the process group; a single process is rank 0 of 1 with no group.
         self._owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
