@@ -13,7 +13,8 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from ..errors import UserError
-from ._options import add_device_options, add_sampling_options, sampling_config
+from ._options import (add_device_options, add_json_output_options, add_sampling_options, check_json_output,
+                       json_output_fields, sampling_config)
 
 if TYPE_CHECKING:
     from ..chat.session import ChatSession
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="random seed: the same seed and the same messages give the same conversation")
     p.add_argument("--stats", action="store_true",
                    help="after each reply, print its token count, time to first token and tokens/s to stderr")
+    add_json_output_options(p, also_json=True)
     add_device_options(p)
     p.set_defaults(func=run)
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generation import prepare_for_decoding
     from ..loading import load_model
 
-    config = sampling_config(args)
+    config = sampling_config(args, **json_output_fields(args))
     message = args.prompt
     if message is None and not sys.stdin.isatty():
         message = sys.stdin.read()
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
     prepare_for_decoding(model)  # on CPU: products through oneDNN with prepacked weights (faster decoding)
     require_chat_model(tokenizer, f"--model {args.model}")
+    check_json_output(config, tokenizer, args)
     session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed,
                           notify=lambda text: print(f"[{text}]", file=sys.stderr, flush=True))
     if message is not None:
