@@ -247,16 +247,17 @@ class RowConstraint:
             raise RuntimeError(f"grammar refused token {token}: {self.matcher.get_error()}")
         self._bits = None
 
-    def fill_allowed(self, out: torch.Tensor) -> None:
-        """Write the allowed tokens of the next step into `out` (V,) bool (CPU): the grammar's mask, with the
-        row's end ids allowed exactly where the grammar is complete (and the engine's own end id only then)."""
-        bits = self._mask_bits()
-        out.copy_(unpack_bits(bits[None], self._engine_vocab)[0, : out.numel()])
-        if self._eos < out.numel():
-            out[self._eos] = False
+    def allow_ends(self, allowed: torch.Tensor) -> None:
+        """Fix the ends in `allowed` (V,) bool, the engine's mask of this row: the row's end ids are allowed
+        exactly where the grammar is complete, and the engine's own end id only if it is one of them."""
+        vocab = allowed.numel()
+        if self._eos < vocab:
+            allowed[self._eos] = False
         if self.end_ids:
-            ends = torch.tensor([t for t in self.end_ids if t < out.numel()], dtype=torch.long)
-            out[ends] = self.complete
+            complete = self.complete
+            for t in self.end_ids:
+                if t < vocab:
+                    allowed[t] = complete
 
     def bias_tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, biases) of the logit bias on `device`, made once."""
@@ -313,9 +314,11 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[RowConstraint 
             logits[r, ids[bias <= -100]] = float("-inf")  # -100 bans, as OpenAI documents it
     grammar_rows = [r for r in rows if constraints[r].matcher is not None]
     if grammar_rows:
-        allowed = torch.empty(len(grammar_rows), vocab, dtype=torch.bool)
+        first = constraints[grammar_rows[0]]
+        bits = torch.stack([constraints[r]._mask_bits() for r in grammar_rows])  # (G, W): one unpack for all
+        allowed = unpack_bits(bits, first._engine_vocab)[:, :vocab]
         for i, r in enumerate(grammar_rows):
-            constraints[r].fill_allowed(allowed[i])
+            constraints[r].allow_ends(allowed[i])
         index = torch.tensor(grammar_rows, dtype=torch.long, device=logits.device)
         masked = logits.index_select(0, index).masked_fill(~allowed.to(logits.device), float("-inf"))
         if bool(torch.isneginf(masked).all(dim=1).any()):
