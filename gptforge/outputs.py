@@ -245,6 +245,9 @@ def _check_not_locked(path: Path, option: str) -> None:
 
 
 def _check_parents(path: Path, kind: OutputKind, option: str) -> None:
+    """Missing parents are created (unless the kind says not to); a file where a folder should be, or a run
+    around a new folder (the trainer's directory: its tokenizer/ or checkpoints/ are not another command's
+    to replace, and --fresh would carry a nested output away), is refused."""
     ancestor = path.parent
     while not (ancestor.exists() or ancestor.is_symlink()) and ancestor != ancestor.parent:
         if not kind.creates_parents:
@@ -253,6 +256,10 @@ def _check_parents(path: Path, kind: OutputKind, option: str) -> None:
         ancestor = ancestor.parent
     if ancestor.exists() and not ancestor.is_dir():
         raise UserError(f"{option} {path}: {ancestor} is a file, not a directory; choose another path")
+    if kind.is_directory:
+        for around in [ancestor, *ancestor.parents]:
+            if around.is_dir() and _is_run(around):
+                raise UserError(f"{option} {path} lies inside the training run {around}; write it outside the run")
 
 
 def _check_same_filesystem(path: Path, option: str) -> None:
@@ -282,8 +289,11 @@ def _refuse_existing(path: Path, kind: OutputKind, option: str, existing: str | 
             raise UserError(f"{option} {path} already exists; choose a new name")
         what = "is not empty; choose a new directory" if kind.is_directory else "already exists; choose a new path"
         raise UserError(f"{option} {path} {what} or pass {flag} to replace it")
-    held = existing or "files gptforge did not write"
-    raise UserError(f"{option} {path} holds {held}, and {flag or 'this command'} replaces only {kind.noun}; "
+    if kind.is_directory:
+        what = f"holds {existing or 'files gptforge did not write'}"
+    else:
+        what = f"is {existing or 'a file gptforge did not write'}"
+    raise UserError(f"{option} {path} {what}, and {flag or 'this command'} replaces only {kind.noun}; "
                     f"choose another {option} (or move it away yourself)")
 
 
@@ -294,8 +304,8 @@ def check_output(path: str | os.PathLike, kind: OutputKind, *, replace: bool = F
     run is continued or restarted in place). `check_locks=False` only for a caller that holds the lock
     beside `path` itself (see `owned_output`)."""
     path = Path(path)
-    _check_parents(path, kind, option)
     _check_inputs(path, inputs or {}, option)
+    _check_parents(path, kind, option)
     if check_locks:  # a writer's lock beside `path` exists while `path` itself may not yet
         _check_not_locked(path, option)
     try:

@@ -1,4 +1,5 @@
-"""A live uvicorn server on 127.0.0.1 (a free port, in a thread) for the serve tests, always stopped."""
+"""A live uvicorn server on 127.0.0.1 (a free port, in a thread) for the serve tests, always stopped; run as
+`gptforge serve` runs it (`gptforge.serve.server.server_config`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn", reason="the serve tests need uvicorn: pip install -e '.[dev]'")
 
+from gptforge.serve.server import server_config  # noqa: E402  (under the guard: it needs uvicorn)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,7 +26,7 @@ def free_port() -> int:
 def serving(app, timeout: float = 30.0) -> Iterator[str]:
     """Run `app` on a free port; yields its base URL; stops the server and the app's batcher after."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on"))
+    server = uvicorn.Server(server_config(app, port=port, log_level="error", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

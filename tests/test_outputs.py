@@ -49,7 +49,7 @@ def one_line_refusal(capsys, code: int, command: str, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """runs/base (pretraining, 4 steps), data/text, data/chat (prepare --chat with the base's tokenizer),
-    runs/chat (sft, 4 steps): the directories a careless user points commands at."""
+    runs/chat (sft, 4 steps), exports/hf: the directories a careless user points commands at."""
     root = tmp_path_factory.mktemp("world")
     cwd = os.getcwd()
     os.chdir(root)
@@ -69,6 +69,7 @@ def world(tmp_path_factory) -> Path:
         assert main(["sft", "--model", "runs/base", "--data", "data/chat", "--out", "runs/chat",
                      "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2",
                      "--set", "train.device=cpu"]) == 0
+        assert main(["export", "--model", "runs/chat", "--format", "hf", "--out", "exports/hf"]) == 0
     finally:
         os.chdir(cwd)
     return root
@@ -77,7 +78,7 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture
 def here(world, tmp_path, monkeypatch) -> Path:
     """A private copy of the world as the working directory."""
-    for name in ("runs", "data", "corpus.txt", "chats.jsonl"):
+    for name in ("runs", "data", "exports", "corpus.txt", "chats.jsonl"):
         source = world / name
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, tmp_path / name)
     monkeypatch.chdir(tmp_path)
@@ -97,7 +98,8 @@ def test_each_kind_replaces_only_its_own_output_with_its_flag(here):
             check_output("runs/base", kind, replace=True)
     with pytest.raises(UserError, match="holds prepared data, and --overwrite replaces only a tokenizer"):
         check_output("data/text", TOKENIZER, replace=True)
-    assert check_output("runs/base/tokenizer", TOKENIZER, replace=True) is True
+    with pytest.raises(UserError, match="runs/base/tokenizer lies inside the training run runs/base"):
+        check_output("runs/base/tokenizer", TOKENIZER, replace=True)  # the run's own: not tokenizer train's
     assert check_output("runs/base", RUN, replace=True) and check_output("runs/chat", CHAT_RUN, replace=True)
     with pytest.raises(UserError, match="runs/base is a pretraining run; sft never continues or restarts one"):
         check_output("runs/base", CHAT_RUN, replace=True)
@@ -161,7 +163,7 @@ def test_files_where_folders_should_be_and_transcripts(here):
     assert check_output("talk.jsonl", TRANSCRIPT, option="/save") is False
     Path("report.json").write_text(json.dumps({"version": 1, "metrics": {}, "tasks": {}}))
     assert check_output("report.json", EVAL_REPORT, replace=True, option="--json") is True
-    with pytest.raises(UserError, match="corpus.txt holds files gptforge did not write"):
+    with pytest.raises(UserError, match="corpus.txt is a file gptforge did not write"):
         check_output("corpus.txt", EVAL_REPORT, replace=True, option="--json")
 
 
@@ -239,7 +241,7 @@ def test_export_never_replaces_its_model_a_run_or_a_device_and_cleans_its_leftov
     assert "removed 1 temporary file(s) left by an interrupted export into m.gguf" in capsys.readouterr().err
     assert not Path(".tmp-m.gguf.abcd1234").exists() and Path("m.gguf").read_bytes()[:4] == b"GGUF"
     code = main(["export", "--model", "runs/chat", "--format", "gguf", "--out", "corpus.txt", "--force"])
-    one_line_refusal(capsys, code, "export", "--out corpus.txt holds files gptforge did not write")
+    one_line_refusal(capsys, code, "export", "--out corpus.txt is a file gptforge did not write")
     assert main(["export", "--model", "runs/chat", "--format", "gguf", "--out", "m.gguf", "--force"]) == 0
 
 
@@ -257,3 +259,58 @@ def test_chat_save_never_replaces_a_file_nor_creates_folders(here):
         session.save("no/such/talk.jsonl")
     assert Path("notes.txt").read_text() == "mine" and not Path("no").exists()
     assert json.loads(session.save("talk.jsonl").read_text()) == {"messages": []}
+
+
+# ---- a careless user: each line refused in one line, nothing of the user's changed -------------------------
+
+CARELESS = [
+    ("prepare", "corpus.txt --tokenizer char --out runs/base --force", "--out runs/base is a pretraining run"),
+    ("prepare", "chats.jsonl --chat --tokenizer runs/chat --out runs/chat --force", "is also --tokenizer runs/chat"),
+    ("prepare", "chats.jsonl --chat --tokenizer runs/base --out runs/base/tokenizer --force", "lies inside --tokeniz"),
+    ("prepare", "chats.jsonl --chat --tokenizer runs/base/tokenizer --out runs --force", "contains --tokenizer"),
+    ("prepare", "corpus.txt --tokenizer char --out runs/chat/data", "lies inside the training run runs/chat"),
+    ("prepare", ". --tokenizer char --out data/new", "lies inside SOURCE ."),
+    ("prepare", "corpus.txt --tokenizer char --out data --force", "--out data holds files gptforge did not write"),
+    ("prepare", "corpus.txt --tokenizer char --out exports/hf --force", "holds a Hugging Face export, and --force"),
+    ("prepare", "corpus.txt --tokenizer char --out corpus.txt", "--out corpus.txt is also SOURCE corpus.txt"),
+    ("prepare", "chats.jsonl --chat --tokenizer runs/base --out corpus.txt --force", "is a file; give a folder"),
+    ("export", "--model runs/chat --format hf --out runs/chat --force", "is also --model runs/chat"),
+    ("export", "--model runs/chat --format hf --out runs/base --force", "--out runs/base is a pretraining run"),
+    ("export", "--model runs/chat --format hf --out data/text --force", "holds prepared data, and --force"),
+    ("export", "--model runs/chat --format hf --out runs/chat/hf", "lies inside --model runs/chat"),
+    ("export", "--model runs/chat --format hf --out runs/base/hf", "lies inside the training run runs/base"),
+    ("export", "--model exports/hf --format hf --out exports/hf --force", "is also --model exports/hf"),
+    ("export", "--model hf:exports/hf --format hf --out exports --force", "contains --model hf:exports/hf"),
+    ("export", "--model runs/chat --format hf --out exports/hf", "is not empty; choose a new directory or pass"),
+    ("export", "--model runs/chat --format gguf --out /dev/full --force", "is not a regular file or folder"),
+    ("export", "--model runs/chat --format gguf --out corpus.txt --force", "is a file gptforge did not write"),
+    ("export", "--model runs/chat --format gguf --out corpus.txt/m.gguf", "corpus.txt is a file, not a directory"),
+    ("export", "--model runs/chat --format gguf --out exports/hf --force", "exports/hf is a directory"),
+    ("import-hf", "exports/hf --out runs/base --force", "--out runs/base is a pretraining run"),
+    ("import-hf", "exports/hf --out exports/hf --force", "is also SOURCE exports/hf"),
+    ("sft", "--model runs/base --data data/chat --out runs/base --fresh", "is also --model runs/base"),
+    ("sft", "--model runs/base --data data/chat --out data/chat --fresh", "is also --data data/chat"),
+    ("sft", "--model runs/base --data data/chat --out runs/chat/sub", "lies inside the training run runs/chat"),
+    ("sft", "--model runs/base --data data/chat --out exports/hf", "holds a Hugging Face export, not a run"),
+    ("sft", "--out runs/base --resume", "--out runs/base is a pretraining run; sft never continues"),
+    ("sft", "--model runs/base --data data/chat --out runs/base", "--out runs/base is also --model"),
+    ("train", "--data data/text --out data/text", "--out data/text is also --data data/text"),
+    ("train", "--data data/text --out data/chat --fresh", "--out data/chat holds prepared data, not a run"),
+    ("train", "--init runs/base --data data/text --out runs/base --fresh", "is also --init runs/base"),
+    ("train", "--data data/text --out runs/base/checkpoints", "lies inside the training run runs/base"),
+    ("tokenizer", "train corpus.txt --vocab-size 300 --out runs/base/tokenizer --overwrite",
+     "lies inside the training run runs/base"),
+    ("tokenizer", "train corpus.txt --vocab-size 300 --out data/text --overwrite", "holds prepared data, and"),
+    ("tokenizer", "train . --vocab-size 300 --out tok", "--out tok lies inside SOURCE ."),
+    ("eval", "--model runs/chat --task val --data data/chat --json corpus.txt", "is a file gptforge did not write"),
+    ("eval", "--model runs/chat --task val --data data/chat --json runs/chat", "--json runs/chat is also --model"),
+    ("consolidate", "runs/base --out corpus.txt", "--out corpus.txt already exists; choose a new name"),
+]
+
+
+@pytest.mark.parametrize("command,args,why", CARELESS, ids=[f"{c} {a}" for c, a, _ in CARELESS])
+def test_a_careless_user_loses_nothing(here, capsys, command, args, why):
+    before = snapshot(here)
+    code = main([command, *args.split()])
+    one_line_refusal(capsys, code, command.split()[0], why)
+    assert snapshot(here) == before

@@ -29,13 +29,13 @@ def test_the_slow_suite_command_installs_what_the_slow_tests_import():
         assert package in installed, package
 
 
-def test_ci_installs_the_browser_then_runs_the_readme_test_command():
+def test_ci_installs_the_browser_checks_the_wheel_then_runs_the_readme_test_command():
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line and not line.startswith(("#", "set ", "cd "))]
     browser = ("command -v chromium-headless-shell >/dev/null || { apt-get update && "
                "apt-get install -y --no-install-recommends chromium-headless-shell; } || echo \"could not install "
                "chromium-headless-shell: the browser tests will skip, saying so\"")
-    assert ci_lines == [browser, _readme_commands()[1]]
+    assert ci_lines == [browser, "bash .ci/wheel-check", _readme_commands()[1]]
 
 
 def test_the_python_api_exports_every_command():

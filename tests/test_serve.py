@@ -188,6 +188,76 @@ def test_chat_logprobs_are_the_models_log_softmax(client, model, tok):
     assert "".join(e.token for e in content) == r.choices[0].message.content
 
 
+@pytest.mark.parametrize("kind", ["chat", "base"])
+def test_the_end_token_has_its_logprobs_entry_like_every_counted_token(kind):
+    """lm-evaluation-harness's local-completions scores a text with echo, logprobs 1 and max_tokens 1 and drops
+    the LAST entry as the generated token's: when that token is an end token (<|im_end|> of a chat model,
+    <|endoftext|> of a base model) it must be listed (as OpenAI, vLLM and llama.cpp list it, under its
+    marker text), or the real last token of the text is dropped. Chat logprobs likewise: one entry per
+    token counted in usage.completion_tokens, the end token's last."""
+    from chat_models import scripted_model
+
+    from gptforge.tokenizer import CharTokenizer
+
+    tok = chat_tokenizer("char") if kind == "chat" else CharTokenizer.train(["hello world, the quick brown fox"])
+    end = tok.special_tokens["<|im_end|>"] if kind == "chat" else tok.eot_id
+    marker = "<|im_end|>" if kind == "chat" else "<|endoftext|>"
+    text = "the quick brown fox"
+    ids = tok.encode(text)
+    chat_prompt = encode_chat_prompt(tok, USER) if kind == "chat" else []
+    # greedy: after the echoed text comes the end token; a chat reply is "ab" then the end token
+    script = {len(ids) - 1: end}
+    if kind == "chat":
+        a, b = tok.encode("ab")
+        script.update({len(chat_prompt) - 1: a, len(chat_prompt): b, len(chat_prompt) + 1: end})
+    model = scripted_model(tok.vocab_size, script, block_size=64, default=tok.encode("x")[0])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids]))[0][0, :, : tok.vocab_size].float(), -1)
+    with serving(create_app(model, tok, name=NAME)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        request = dict(model=NAME, prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+        for r in (client.completions.create(**request),
+                  _streamed_completion(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                                                 **request))):
+            lp = r.choices[0].logprobs
+            assert r.choices[0].text == text and r.choices[0].finish_reason == "stop"
+            assert lp.tokens == [tok.decode([t]) for t in ids] + [marker]
+            assert lp.token_logprobs[1:] == pytest.approx([float(logprobs[i, t]) for i, t in
+                                                           enumerate(ids[1:] + [end])], abs=1e-5)
+            assert lp.text_offset[-1] == len(text)
+            # what lm-eval sums: every entry but the last (the generated token's) scores the text
+            assert len(lp.tokens) - len(ids) == 1 == r.usage.completion_tokens
+        if kind == "chat":
+            chat = dict(model=NAME, messages=USER, temperature=0, max_tokens=10, logprobs=True, top_logprobs=2)
+            whole = client.chat.completions.create(**chat)
+            entries = whole.choices[0].logprobs.content
+            assert whole.choices[0].message.content == "ab" and whole.choices[0].finish_reason == "stop"
+            assert [e.token for e in entries] == ["a", "b", marker] and bytes(entries[-1].bytes) == marker.encode()
+            assert len(entries) == whole.usage.completion_tokens == 3
+            with torch.no_grad():
+                last = torch.log_softmax(model(torch.tensor([chat_prompt + [a, b]]))[0][0, -1, : tok.vocab_size], -1)
+            assert entries[-1].logprob == pytest.approx(float(last[end]), abs=1e-5)
+            chunks = client.chat.completions.create(stream=True, **chat)
+            streamed = [e.token for chunk in chunks for c in chunk.choices if c.logprobs for e in c.logprobs.content]
+            assert streamed == ["a", "b", marker]
+
+
+def _streamed_completion(chunks):
+    """A streamed completion (one choice) put back together: its text, logprobs and usage."""
+    from types import SimpleNamespace
+
+    text, fields, reason, usage = "", {"tokens": [], "token_logprobs": [], "text_offset": []}, None, None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text += c.text
+            reason = c.finish_reason or reason
+            for f in fields:
+                fields[f] += getattr(c.logprobs, f) if c.logprobs else []
+    return SimpleNamespace(choices=[SimpleNamespace(text=text, finish_reason=reason,
+                                                    logprobs=SimpleNamespace(**fields))], usage=usage)
+
+
 def _a_reply_to_cut(client, request):
     """(its logprobs entries, k, stop): a seeded reply with a stop string of two ASCII tokens starting at
     token k (after an ASCII token, so no character straddles the cut), found nowhere earlier."""
@@ -383,7 +453,8 @@ def test_prompt_past_the_context_says_by_how_much(client, tok):
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 10 ** 9}, "max_tokens"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"n": 10 ** 6}, "n"), ({"n": 0}, "n"),
     ({"temperature": -1}, "temperature"), ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"stop": ""}, "stop"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"presence_penalty": 5}, "presence_penalty"),
+    ({"stop": ""}, "stop"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"presence_penalty": 5}, "presence_penalty"),
     ({"top_logprobs": 3}, "top_logprobs"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
@@ -393,6 +464,63 @@ def test_bad_fields_are_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**body)
     assert _error(e, 400)["param"].startswith(param)
+
+
+PROMPT_TYPES = "prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
+@pytest.mark.parametrize("path, fields, message", [
+    ("/v1/chat/completions", {"stop": ["a", "b", "c", "d", "e"]}, "stop: at most 4 stop sequences, got 5"),
+    ("/v1/chat/completions", {"stop": 5}, "stop: must be a string or a list of at most 4 strings"),
+    ("/v1/chat/completions", {"stop": ["a", 1]}, "stop: must be a string or a list of at most 4 strings"),
+    ("/v1/completions", {"prompt": {"a": 1}}, PROMPT_TYPES),
+    ("/v1/completions", {"prompt": [1.5]}, PROMPT_TYPES),
+    ("/v1/completions", {"prompt": [[1, 2], "a"]}, PROMPT_TYPES),
+    ("/v1/completions", {"prompt": [True]}, PROMPT_TYPES),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]},
+     'messages.0.content: must be a string or a list of text parts ({"type": "text", "text": "..."})'),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content: part 0 is of type 'image_url': only text parts"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+     'messages.0.content: part 0 has no "text" string'),
+])
+def test_a_field_of_several_types_says_what_it_takes(server, path, fields, message):
+    """A union-typed field's error says what the field takes (pydantic alone reported each type in turn:
+    five stop strings were 'stop.str: Input should be a valid string')."""
+    body = {"messages": USER, "prompt": "hi", "max_tokens": 2, **fields}
+    r = httpx.post(server[0] + path, json=body, timeout=30)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["message"].startswith(message), error
+    assert error["param"] == message.split(":")[0]
+    assert not any(t in error["message"] for t in (".str", "list[", "Input should")), error
+
+
+@pytest.mark.parametrize("fields", [
+    {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+    {"tool_choice": "required"},
+    {"logit_bias": {"1": 5}},
+])
+def test_fields_not_supported_yet_are_refused_by_name(client, fields):
+    """Ignoring them answered free text to a client that asked for JSON (LangChain's JSON mode then failed on
+    its own side): the official client raises BadRequestError naming the field."""
+    field = next(iter(fields))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=USER, max_tokens=2, **fields)
+    body = _error(e, 400)
+    assert body["param"] == field and body["message"].startswith(field) and "not supported" in body["message"]
+    if field == "logit_bias":
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=NAME, prompt="hi", max_tokens=2, logit_bias={"1": 5})
+        assert _error(e, 400)["param"] == "logit_bias"
+
+
+def test_the_off_values_of_unsupported_fields_are_fine(client):
+    r = client.chat.completions.create(model=NAME, messages=USER, max_tokens=2, response_format={"type": "text"},
+                                       tools=[], tool_choice="none", logit_bias={})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert client.completions.create(model=NAME, prompt="hi", max_tokens=2, logit_bias={}).choices
 
 
 def test_chat_on_a_base_model_says_to_run_sft():
@@ -408,7 +536,8 @@ def test_chat_on_a_base_model_says_to_run_sft():
             client.chat.completions.create(model="base", messages=USER)
         assert "gptforge sft" in _error(e, 400)["message"]
         expected = generate_text(model, tok, "hello", SamplingConfig(temperature=0, max_new_tokens=5))[0]
-        assert client.completions.create(model="base", prompt="hello", temperature=0, max_tokens=5).choices[0].text == expected
+        r = client.completions.create(model="base", prompt="hello", temperature=0, max_tokens=5)
+        assert r.choices[0].text == expected
 
 
 def test_unknown_fields_are_ignored(server):

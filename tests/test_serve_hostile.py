@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import pytest
 
@@ -91,7 +92,8 @@ def hostile_requests():
     for extra in [{"top_logprobs": 30, "logprobs": True}, {"top_logprobs": 2}, {"logprobs": 50}, {"stop": [""]},
                   {"stop": ["a"] * 5}, {"temperature": 1e308}, {"stream_options": {"include_usage": "yes"}}]:
         add(f"chat {extra}", chat, {"messages": USER, **extra})
-    add("echo with max_tokens 0 without logprobs is fine, -1 is not", comp, {"prompt": "hi", "echo": True, "max_tokens": -1})
+    add("echo with max_tokens 0 without logprobs is fine, -1 is not", comp,
+        {"prompt": "hi", "echo": True, "max_tokens": -1})
     add("n x prompts over the limit", comp, {"prompt": ["a"] * 40, "n": 4})
     return cases
 
@@ -100,7 +102,7 @@ def hostile_requests():
 def served():
     tok = chat_tokenizer("bpe")
     model = random_chat_model(tok, end_at=list(range(40, 128, 11)), block_size=128)
-    app = create_app(model, tok, name="tiny", settings=ServeSettings(max_body_bytes=BODY_LIMIT, body_timeout_s=1.0,
+    app = create_app(model, tok, name="tiny", settings=ServeSettings(max_body_bytes=BODY_LIMIT, request_timeout_s=1.0,
                                                                      max_messages=500))
     with serving(app) as url:
         yield url, model, tok
@@ -164,6 +166,62 @@ def test_slow_and_vanishing_clients_do_not_stall_the_server(served):
     for t in threads:
         t.join(20)
     assert len(answers) == 3 and all(b" 408 " in a.split(b"\r\n")[0] for a in answers), answers
+
+
+def _held(url, pieces: list[bytes], gap: float) -> tuple[float, bytes]:
+    """Send `pieces` on a raw connection, one every `gap` s, until the server closes it: (seconds from the
+    connection to its close, what the server sent)."""
+    host, port = url.removeprefix("http://").split(":")
+    got = b""
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        start = time.monotonic()
+        try:
+            for piece in [*pieces, None]:
+                if piece is not None:
+                    s.sendall(piece)
+                s.settimeout(gap if piece is not None else 10)
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                got += chunk
+                while chunk:
+                    chunk = s.recv(65536)
+                    got += chunk
+                break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return time.monotonic() - start, got
+
+
+def test_one_deadline_for_the_whole_request_head_included(served):
+    """Slowloris: a header line every 0.4 s (15 of them) used to hold a connection for as long as the client
+    liked; the head now has the request's deadline (1 s here) and gets 408. A head and a body that each take
+    0.6 s are one request of 1.2 s: 408 too. A connection that says nothing is closed. A kept-alive
+    connection's next request has its own clock."""
+    url, _, _ = served
+    slack = 1.5  # a loaded 2-core machine
+    head = [b"POST /v1/chat/completions HTTP/1.1\r\n"] + [b"X-Slow-%d: 1\r\n" % i for i in range(15)]
+    held, answer = _held(url, head, 0.4)
+    assert held < 1.0 + slack and answer.startswith(b"HTTP/1.1 408 "), (held, answer[:200])
+    assert b"1 s" in answer
+    body = json.dumps({"messages": USER, "max_tokens": 1}).encode()
+    pieces = [b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n", b"Content-Type: application/json\r\n",
+              b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body), body[:10], body[10:20], body[20:]]
+    held, answer = _held(url, pieces, 0.3)
+    assert held < 1.0 + slack and answer.startswith(b"HTTP/1.1 408 "), (held, answer[:200])
+    held, answer = _held(url, [], 0)
+    assert held < 1.0 + slack and answer == b""
+    ask = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        for _ in range(2):
+            s.sendall(ask)
+            reply = b""
+            while not reply.endswith(b'{"status":"ok"}'):
+                reply += s.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 200 ")
+            time.sleep(1.3)  # past the deadline since the connection opened, within uvicorn's keep-alive (5 s)
 
 
 CHAT_OPTIONAL = [f for f in CHAT_FIELDS if f != "messages"] + ["ignore_eos"]

@@ -142,6 +142,54 @@ def test_usable_at_phone_width(browser, scripted, tmp_path):
     page.close()
 
 
+PLACEHOLDER_FITS = """() => {
+    // the placeholder laid out as the textarea lays it out (its font, its content width): does it fit its height?
+    const input = document.getElementById("input"), style = getComputedStyle(input);
+    const probe = document.createElement("div");
+    probe.textContent = input.placeholder;
+    probe.style.cssText = "position:absolute; visibility:hidden; white-space:pre-wrap; overflow-wrap:break-word";
+    probe.style.font = style.font;
+    probe.style.width = (input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)) + "px";
+    document.body.appendChild(probe);
+    const needed = probe.getBoundingClientRect().height;
+    probe.remove();
+    const room = input.clientHeight - parseFloat(style.paddingTop) - parseFloat(style.paddingBottom);
+    return {needed, room, placeholder: input.placeholder};
+}"""
+
+
+@pytest.mark.parametrize("width, height", [(390, 844), (1000, 800)])
+def test_the_message_box_shows_its_whole_placeholder(browser, scripted, tmp_path, width, height):
+    """At phone width (390x844) the one-row box clipped its placeholder (three lines' worth in one row): the
+    page fits it; at desktop width the whole hint (Enter, Shift+Enter) is shown."""
+    page = _open(browser, scripted, width=width, height=height)
+    page.screenshot(path=str(tmp_path / f"input-{width}.png"))
+    fit = page.evaluate(PLACEHOLDER_FITS)
+    assert fit["placeholder"] and fit["needed"] <= fit["room"] + 0.5, fit
+    if width >= 1000:
+        assert "Shift+Enter" in fit["placeholder"], fit
+    page.close()
+
+
+def test_max_tokens_above_the_context_is_clamped_before_sending(browser, tmp_path):
+    """A typed max tokens above the model's context (64 here) was sent as it was and came back as a red 400
+    bubble: the page sends the context instead, and shows that it did."""
+    tok = chat_tokenizer("char")
+    model = random_chat_model(tok, end_at=list(range(64)), block_size=64)  # every reply ends at once
+    app = create_app(model, tok, name="short")
+    with serving(app) as url:
+        page = _open(browser, url)
+        sent = []
+        page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+        page.fill("#max-tokens", "1000")
+        _send(page, "hi")
+        _settle(page)
+        page.screenshot(path=str(tmp_path / "clamped.png"))
+        assert page.locator(".msg.error").count() == 0, page.locator(".msg").all_text_contents()
+        assert [body["max_tokens"] for body in sent] == [64] and page.input_value("#max-tokens") == "64"
+        page.close()
+
+
 def test_a_conversation_longer_than_the_context_drops_its_oldest_exchanges(browser, tmp_path):
     """A 64-token model: max tokens defaults to half its context, and once the conversation no longer fits,
     the page leaves out the oldest exchanges (as `gptforge chat` does) instead of failing."""

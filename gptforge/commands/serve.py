@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from ..serve.app import ServeSettings, create_app
+        from ..serve.server import server_config
     except ImportError as e:
         raise UserError(f"gptforge serve needs FastAPI and uvicorn ({e.name} is missing): "
                         "pip install 'gptforge[serve]'") from None
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_rows=args.max_batch, max_queued=args.max_queued, api_key=args.api_key)
     app = create_app(name=name, settings=settings, loader=load, on_load_error=failed)
     # /health answers 503 while the model loads in the background, then 200
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+    server = uvicorn.Server(server_config(app, host=args.host, port=args.port, log_level="warning"))
     print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port}/ (chat page at /, API at /v1)",
           file=sys.stderr, flush=True)
     try:

@@ -43,7 +43,9 @@ class Event:
     event, its finish_reason ("stop" / "length"). `infos`: when the request asked for log-probabilities,
     those of the tokens whose text starts in what has been printed, so they travel with their text (a token
     held back as a possible stop string start may come out a step later, or never: the tokens at and after
-    the point where a stop string cuts the reply are not part of it)."""
+    the point where a stop string cuts the reply are not part of it). An end token (`Job.end_ids`) has no
+    text in the reply but is generated and counted, so its info comes with the last event, as OpenAI, vLLM
+    and llama.cpp list it (lm-evaluation-harness drops the last entry as the generated token's)."""
 
     choice: int
     text: str
@@ -401,11 +403,11 @@ class Batcher:
         row.history.append(token)
         row.counts[token] += 1
         reason = None
+        if info is not None:  # the end marker too: it is generated and counted, so it has its logprobs entry
+            row.pending.append((len(row.stream.text), info))
         if token in row.job.end_ids:
-            reason, text = "stop", ""  # the end marker is not part of the reply (nor are its logprobs)
+            reason, text = "stop", ""  # the end marker is not part of the reply's text
         else:
-            if info is not None:
-                row.pending.append((len(row.stream.text), info))
             text = row.stream.push(token)
             if row.stream.stopped:
                 reason = "stop"
