@@ -304,6 +304,7 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[RowConstraint 
     rows = [r for r, c in enumerate(constraints) if c is not None]
     if not rows:
         return logits
+    raw = logits
     logits = logits.clone()
     vocab = logits.size(1)
     for r in rows:
@@ -320,8 +321,11 @@ def apply_constraints(logits: torch.Tensor, constraints: Sequence[RowConstraint 
         for i, r in enumerate(grammar_rows):
             constraints[r].allow_ends(allowed[i])
         index = torch.tensor(grammar_rows, dtype=torch.long, device=logits.device)
-        masked = logits.index_select(0, index).masked_fill(~allowed.to(logits.device), float("-inf"))
-        if bool(torch.isneginf(masked).all(dim=1).any()):
-            raise UserError("logit_bias bans every token the JSON grammar allows at this point; ban fewer tokens")
+        allowed = allowed.to(logits.device)
+        masked = logits.index_select(0, index).masked_fill(~allowed, float("-inf"))
+        stuck = torch.isneginf(masked).all(dim=1)
+        if bool(stuck.any()):  # the bias banned all the grammar allows: the grammar wins (output stays valid)
+            unbiased = raw.index_select(0, index).masked_fill(~allowed, float("-inf"))
+            masked = torch.where(stuck[:, None], unbiased, masked)
         logits.index_copy_(0, index, masked)
     return logits
