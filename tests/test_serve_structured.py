@@ -176,3 +176,17 @@ def test_bad_logit_bias_is_a_400(client, bias, message):
 def test_the_server_keeps_serving_after_bad_requests(client):
     r = client.chat.completions.create(model=NAME, messages=USER, response_format=FORMAT, max_tokens=300, seed=1)
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+def test_langchain_structured_output(server):
+    """LangChain's with_structured_output, as a user would call it against `gptforge serve` (optional: only
+    where langchain-openai is installed)."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(base_url=server + "/v1", api_key="unused", model=NAME, temperature=0,
+                                      max_tokens=300, max_retries=0)
+    schema = {**SCHEMA, "title": "User", "description": "a user record"}
+    for method in ("json_mode", "json_schema"):
+        result = llm.with_structured_output(schema, method=method).invoke("Give me a user record.")
+        assert isinstance(result, dict)
+        if method == "json_schema":
+            jsonschema.validate(result, SCHEMA)
