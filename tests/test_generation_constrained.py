@@ -303,3 +303,69 @@ def test_bad_schema_options_exit_2_with_one_line(checkpoint, args, message):
     proc = _cli("sample", "--model", ckpt, "hi", *args, cwd=directory)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr, proc.stderr
+
+
+# ---- a small trained chat model ----------------------------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                            "temp": {"type": "integer", "minimum": -40, "maximum": 50},
+                                            "sky": {"enum": ["sunny", "cloudy", "rain"]},
+                                            "wind": {"type": "array", "items": {"type": "number"}, "maxItems": 3}},
+           "required": ["city", "temp", "sky", "wind"], "additionalProperties": False}
+CITIES = ["paris", "rome", "oslo", "lima", "kyiv", "cairo", "quito", "delhi"]
+
+
+@pytest.fixture(scope="module")
+def weather_model():
+    """A chat model trained (briefly: ~120 steps) to answer "weather in CITY?" with a JSON record, so its
+    free replies are JSON-like but often invalid, as a small model's are."""
+    import random
+
+    from gptforge.chat.tokens import encode_chat
+    tok = chat_tokenizer("char")
+    rng = random.Random(0)
+    data = []
+    for _ in range(400):
+        city = rng.choice(CITIES)
+        reply = json.dumps({"city": city, "temp": rng.randint(-5, 35), "sky": rng.choice(["sunny", "cloudy", "rain"]),
+                            "wind": [round(rng.uniform(0, 9), 1) for _ in range(rng.randint(0, 3))]})
+        data.append(encode_chat(tok, [{"role": "user", "content": f"weather in {city}?"},
+                                      {"role": "assistant", "content": reply}]))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=48))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        batch = rng.sample(data, 12)
+        width = max(len(ids) for ids, _ in batch)
+        x = torch.full((len(batch), width), tok.eot_id)
+        y = torch.full((len(batch), width), -100)
+        for i, (ids, mask) in enumerate(batch):
+            ids, trained = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+            x[i, :len(ids)] = ids
+            y[i, :len(ids) - 1] = torch.where(trained[1:], ids[1:], -100)
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), tok
+
+
+def test_fifty_replies_of_a_trained_chat_model_validate(weather_model):
+    from gptforge.chat.tokens import encode_chat_prompt, reply_end_ids
+    model, tok = weather_model
+    prompt = encode_chat_prompt(tok, [{"role": "user", "content": "weather in rome?"}])
+    config = SamplingConfig(temperature=0.7, max_new_tokens=120, json_schema=WEATHER)
+    engine = TokenGenerator(model, [prompt] * 50, [config] * 50, list(range(50)), eot_id=reply_end_ids(tok),
+                            tokenizer=tok)
+    tokens, reasons = [[] for _ in range(50)], [None] * 50
+    for step in engine:
+        for e in step:
+            if e.finish_reason is None or e.token not in reply_end_ids(tok):
+                tokens[e.index].append(e.token)
+            reasons[e.index] = e.finish_reason or reasons[e.index]
+    assert reasons == ["stop"] * 50
+    replies = [json.loads(tok.decode(t)) for t in tokens]
+    for reply in replies:
+        jsonschema.validate(reply, WEATHER)
+    # the model's own answers, kept inside the grammar (not arbitrary strings the grammar would also allow)
+    assert sum(r["city"] in CITIES for r in replies) >= 30  # 36 of 50 here; a random model: none

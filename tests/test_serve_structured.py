@@ -116,14 +116,14 @@ def test_free_requests_are_unchanged_by_constrained_neighbours(client):
     def free(i):
         return client.completions.create(model=NAME, prompt=f"story {i}:", max_tokens=40, seed=100 + i,
                                          temperature=1.0, extra_body={"ignore_eos": True}).choices[0].text
-    alone = [free(i) for i in range(4)]
+    alone = [free(i) for i in range(8)]
 
     def mixed(i):
         if i % 2:
             return free(i // 2)
         return client.chat.completions.create(model=NAME, messages=USER, response_format=FORMAT, seed=i,
                                               max_tokens=300, logit_bias={"5": -100, "9": 30}).choices[0]
-    results = _many(mixed, n=8, workers=8)
+    results = _many(mixed, n=16, workers=16)  # 16 concurrent clients, half of them constrained
     assert results[1::2] == alone
 
 
