@@ -61,7 +61,8 @@ def json_output_fields(args: argparse.Namespace) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"--json-schema {args.json_schema}: not a readable JSON file ({e})") from None
     if not isinstance(schema, dict):
-        raise UserError(f"--json-schema {args.json_schema}: a JSON schema is a JSON object, got {type(schema).__name__}")
+        raise UserError(f"--json-schema {args.json_schema}: a JSON schema is a JSON object, "
+                        f"got {type(schema).__name__}")
     return {"json_schema": json.dumps(schema)}
 
 
