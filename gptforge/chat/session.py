@@ -278,7 +278,8 @@ class ChatSession:
         seed = None if self.seed is None else row_seed(self.seed, self._sent)
         self._sent += 1
         stats = self.last = ReplyStats(prompt_tokens=len(prompt))
-        engine = TokenGenerator(self.model, [prompt], [config], [seed], eot_id=self.end_ids)  # it stops at each
+        engine = TokenGenerator(self.model, [prompt], [config], [seed], eot_id=self.end_ids,  # it stops at each
+                                tokenizer=self.tokenizer)  # (a JSON grammar is described in its tokens)
         stream = TextStream(self.tokenizer.decode_bytes, config.stop)
         shown = ""
         start = time.perf_counter()

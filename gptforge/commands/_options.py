@@ -56,6 +56,48 @@ def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int, temper
     p.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
 
 
+def add_json_output_options(p: argparse.ArgumentParser, also_json: bool = False) -> None:
+    """--json-object / --json-schema FILE: constrained decoding (gptforge.generation.constrained). `also_json`:
+    --json spells --json-object too (a command whose --json does not already mean machine-readable output)."""
+    flags = ["--json-object", "--json"] if also_json else ["--json-object"]
+    p.add_argument(*flags, dest="json_object", action="store_true",
+                   help="constrain the output to one valid JSON object (needs pip install 'gptforge[serve]')")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain the output to JSON valid against the JSON Schema in FILE")
+
+
+def json_output_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The SamplingConfig fields --json-object / --json-schema ask for (the schema file read and parsed)."""
+    import json
+
+    from ..errors import UserError
+
+    if args.json_schema is None:
+        return {"json_object": bool(args.json_object)}
+    if args.json_object:
+        raise UserError("give either --json-object or --json-schema FILE, not both (a schema already means JSON)")
+    try:
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--json-schema {args.json_schema}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--json-schema {args.json_schema}: not a readable JSON file ({e})") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"--json-schema {args.json_schema}: a JSON schema is a JSON object, "
+                        f"got {type(schema).__name__}")
+    return {"json_schema": json.dumps(schema)}
+
+
+def check_json_output(config: "SamplingConfig", tokenizer: Any, args: argparse.Namespace) -> None:
+    """Compile the schema now, so a bad one is reported before any generation (one line, exit 2)."""
+    from ..generation.constrained import build_constraints
+
+    if config.constrained:
+        what = f"--json-schema {args.json_schema}" if args.json_schema else "--json-object"
+        build_constraints([config], tokenizer, (), what=what)
+
+
 def sampling_config(args: argparse.Namespace, **more: Any) -> "SamplingConfig":
     """The SamplingConfig the sampling options describe (`more`: a command's other fields, e.g. stop)."""
     from ..generation import SamplingConfig

@@ -14,7 +14,8 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from ..errors import UserError
-from ._options import add_device_options, add_quantize_option, add_sampling_options, resolve_device_for, sampling_config
+from ._options import (add_device_options, add_json_output_options, add_quantize_option, add_sampling_options,
+                       check_json_output, json_output_fields, resolve_device_for, sampling_config)
 
 if TYPE_CHECKING:
     from ..chat.session import ChatSession
@@ -43,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="random seed: the same seed and the same messages give the same conversation")
     p.add_argument("--stats", action="store_true",
                    help="after each reply, print its token count, time to first token and tokens/s to stderr")
+    add_json_output_options(p, also_json=True)
     add_device_options(p)
     add_quantize_option(p)
     p.set_defaults(func=run)
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generation import prepare_for_decoding
     from ..loading import load_model
 
-    config = sampling_config(args)
+    config = sampling_config(args, **json_output_fields(args))
     message = args.prompt
     if message is not None and not message.strip():
         raise UserError("-p: the message is empty; give the text to answer, e.g. -p \"What does json.dumps do?\"")
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
     prepare_for_decoding(model, quantize=args.quantize)  # on CPU: faster products (prepacked or quantized)
     require_chat_model(tokenizer, f"--model {args.model}")
+    check_json_output(config, tokenizer, args)
     session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed,
                           notify=lambda text: print(f"[{text}]", file=sys.stderr, flush=True))
     if message is not None:

@@ -9,7 +9,8 @@ import re
 import secrets
 import sys
 
-from ._options import add_device_options, add_quantize_option, add_sampling_options, resolve_device_for, sampling_config
+from ._options import (add_device_options, add_json_output_options, add_quantize_option, add_sampling_options,
+                       check_json_output, json_output_fields, resolve_device_for, sampling_config)
 from ..errors import UserError
 
 
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: one JSON object (with --stream: one JSON line per token)")
+    add_json_output_options(p)
     add_device_options(p)
     add_quantize_option(p)
     p.set_defaults(func=run)
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import default_tokenizer, load_model, resolve_model_source
 
     config = sampling_config(args, stop=tuple(unescape(text, "--stop") for text in args.stop),
-                             stop_at_eot=args.stop_at_eot)
+                             stop_at_eot=args.stop_at_eot, **json_output_fields(args))
     if args.num_samples < 1:
         raise UserError(f"--num-samples: must be a positive integer, got {args.num_samples}")
     prompt = read_prompt(args)
@@ -106,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     gc.freeze()
     args.provenance = source.provenance()
     tokenizer = tokenizer or default_tokenizer(model, args.model)
+    check_json_output(config, tokenizer, args)
     if prompt is not None:
         _sample(model, tokenizer, prompt, config, args, seeds)
         return 0

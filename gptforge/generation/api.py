@@ -64,7 +64,7 @@ def generate(model: GPT, tokenizer: "Tokenizer", prompts: str | Sequence[str],
     prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts, allow_special) for _ in range(num_samples)]
     configs, seeds = expand_settings(len(prompt_ids), config, seed)
     engine = TokenGenerator(model, prompt_ids, configs, seeds, tokenizer.eot_id, context_keep,
-                            vocab_size=tokenizer.vocab_size)
+                            vocab_size=tokenizer.vocab_size, tokenizer=tokenizer)
     streams = [TextStream(tokenizer.decode_bytes, c.stop) for c in configs]
     for events in engine:
         for e in events:

@@ -14,13 +14,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import UserError
 from ..model import GPT
+from .constrained import build_constraints
 from .kv_cache import CudaGraphDecoder, KVCache
 from .sampling import Sampler, SamplingConfig
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this share of it is finished
 
@@ -50,7 +55,8 @@ class TokenGenerator:
     def __init__(self, model: GPT, prompts: Sequence[Sequence[int]], configs: Sequence[SamplingConfig],
                  seeds: Sequence[int | None], eot_id: int | Collection[int] | None = None,
                  context_keep: int | None = None,
-                 static: bool = False, cuda_graph: bool = False, vocab_size: int | None = None) -> None:
+                 static: bool = False, cuda_graph: bool = False, vocab_size: int | None = None,
+                 tokenizer: "Tokenizer | None" = None) -> None:
         block = model.config.block_size
         # Ids the caller can turn back into text: a model may have more (an HF import with a padded
         # vocabulary) and must never produce those.
@@ -86,7 +92,9 @@ class TokenGenerator:
         self.generated = [0] * len(prompts)
         self.starts = [0] * len(prompts)  # each row's context is histories[i][starts[i]:]
         self.rows = list(range(len(prompts)))  # original index of each row of the current batch
-        self.sampler = Sampler(configs, seeds, self.histories, self.vocab_size, self.device)
+        # Each row's grammar (JSON mode / schema; compiled for `tokenizer`) and logit bias, or None.
+        constraints = build_constraints(self.configs, tokenizer, self.end_ids)
+        self.sampler = Sampler(configs, seeds, self.histories, self.vocab_size, self.device, constraints=constraints)
         self._finished: set[int] = set()
         self.cache: KVCache | None = None
 
@@ -112,18 +120,23 @@ class TokenGenerator:
             token_list = tokens.tolist()  # the one host sync per step: streaming needs the ids anyway
             self.sampler.observe(tokens, token_list)
             events = []
-            for index, token in zip(self.rows, token_list):
+            for r, (index, token) in enumerate(zip(self.rows, token_list)):
                 if index in self._finished:
+                    self.sampler.constraints[r] = None  # a finished row kept in the batch needs no grammar
                     continue
                 self.histories[index].append(token)
                 self.generated[index] += 1
                 reason = None
+                constraint = self.sampler.constraints[r]
                 if self.configs[index].stop_at_eot and token in self.end_ids:
                     reason = "stop"
+                elif constraint is not None and constraint.exhausted and not constraint.end_ids:
+                    reason = "stop"  # the grammar is complete and can take nothing more; no end id to force
                 elif self.generated[index] >= self.configs[index].max_new_tokens:
                     reason = "length"
                 if reason:
                     self._finished.add(index)
+                    self.sampler.constraints[r] = None
                 events.append(TokenEvent(index, token, reason))
             yield events
             live = [r for r, index in enumerate(self.rows) if index not in self._finished]

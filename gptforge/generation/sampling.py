@@ -12,6 +12,7 @@ the exponential-race trick needs): 0.15 vs 2.8 ms a draw over GPT-2's 50,257 ids
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import UserError
 from . import processors as P
+from .constrained import RowConstraint, apply_constraints
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,31 @@ class SamplingConfig:
     no_repeat_ngram: int = 0  # 0: off; n: never repeat an n-gram
     stop: tuple[str, ...] = ()  # stop strings (not included in the output)
     stop_at_eot: bool = True  # end at the tokenizer's end-of-text token
+    # Structured output (gptforge.generation.constrained): any JSON object, or JSON valid against a schema
+    # (its JSON text; a dict is accepted and stored as text, so a config stays hashable and comparable).
+    json_object: bool = False
+    json_schema: str | None = None
+    # OpenAI's logit_bias: token id -> bias in [-100, 100] added to the logits (-100 bans); a dict is accepted.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.json_schema, dict):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        object.__setattr__(self, "logit_bias", tuple(self.logit_bias))
         self.validate()
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def constrained(self) -> bool:
+        """Output must follow a grammar (JSON mode or a JSON schema)."""
+        return self.json_object or self.json_schema is not None
 
     def validate(self) -> None:
         """One UserError per bad setting, naming the option as the CLI spells it."""
@@ -65,6 +84,16 @@ class SamplingConfig:
             raise bad("no_repeat_ngram", f"must be a non-negative integer (0 = off), got {self.no_repeat_ngram!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", f"stop strings must be non-empty text, got {list(self.stop)!r}")
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            raise bad("json_schema", f"must be a JSON schema (a dict or its JSON text), got {self.json_schema!r}")
+        for pair in self.logit_bias:
+            token, bias = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+            if isinstance(token, str) and token.isdigit():
+                token = int(token)
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise bad("logit_bias", f"keys must be token ids (non-negative integers), got {pair!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+                raise bad("logit_bias", f"token {token}: the bias must be a number in [-100, 100], got {bias!r}")
 
     def replace(self, **changes) -> "SamplingConfig":
         return dataclasses.replace(self, **changes)
@@ -82,10 +111,25 @@ class Sampler:
 
     def __init__(self, configs: Sequence[SamplingConfig], seeds: Sequence[int | None], prompts: Sequence[Sequence[int]],
                  vocab_size: int, device: torch.device,
-                 generators: Sequence[torch.Generator | None] | None = None) -> None:
+                 generators: Sequence[torch.Generator | None] | None = None,
+                 constraints: Sequence[RowConstraint | None] | None = None) -> None:
         """`generators`: the rows' random generators as they are (a server's rows joining a new batch keep
-        their random state); otherwise one is made per seed (None: torch's global generator)."""
+        their random state); otherwise one is made per seed (None: torch's global generator).
+        `constraints`: each row's grammar state and logit bias, kept as they are (a row carries its own);
+        without them, rows get their config's logit bias (a grammar needs the tokenizer: build_constraints)."""
         self.configs = list(configs)
+        if constraints is None:
+            if any(c.constrained for c in self.configs):
+                raise ValueError("a JSON mode or schema row needs its RowConstraint (constrained.build_constraints)")
+            constraints = [RowConstraint(logit_bias=dict(c.logit_bias)) if c.logit_bias else None
+                           for c in self.configs]
+        if len(constraints) != len(self.configs):
+            raise ValueError("one constraint (or None) per row")
+        for c in constraints:
+            if c is not None and c.logit_bias and max(c.logit_bias) >= vocab_size:
+                raise UserError(f"logit_bias: token id {max(c.logit_bias)} is outside the vocabulary "
+                                f"(0..{vocab_size - 1})")
+        self.constraints = list(constraints)
         self.device = device
         self.vocab_size = vocab_size
         self.generators: list[torch.Generator | None] = [] if generators is None else list(generators)
@@ -127,6 +171,7 @@ class Sampler:
         """Next token per row, (B,) long, from logits (B, V >= vocab_size); ids from vocab_size on are never
         chosen (the caller's tokenizer may not know them)."""
         logits = logits[:, : self.vocab_size].float()
+        logits = apply_constraints(logits, self.constraints)  # bias, then the grammar's mask; no-op without
         if self.seen is not None:
             logits = P.apply_repetition_penalty(logits, self.seen, self.penalty)
         if any(self.ngrams):
@@ -159,12 +204,16 @@ class Sampler:
         for index, token in zip(self.ngrams, token_list):
             if index is not None:
                 index.append(token)
+        for constraint, token in zip(self.constraints, token_list):
+            if constraint is not None:
+                constraint.advance(token)
 
     def select(self, rows: list[int]) -> None:
         """Keep only `rows` (matches KVCache.select)."""
         self.configs = [self.configs[r] for r in rows]
         self.generators = [self.generators[r] for r in rows]
         self.ngrams = [self.ngrams[r] for r in rows]
+        self.constraints = [self.constraints[r] for r in rows]
         if self.seen is not None:
             self.seen = self.seen[torch.tensor(rows, device=self.device)]
         self._refresh()

@@ -218,9 +218,12 @@ def create_app(model: "GPT | None" = None, tokenizer: "Tokenizer | None" = None,
 
     async def respond(request: Request, s: _Served, body: Any, prompts: list[list[int]], limit: int | None,
                       limit_param: str, logprobs: int | None, echo: bool):
-        jobs = build_jobs(body, prompts, block_size=s.block_size, end_ids=s.end_ids, max_rows=settings.max_rows,
-                          max_queued=settings.max_queued, max_prompts=settings.max_prompts, limit=limit,
-                          limit_param=limit_param, logprobs=logprobs, echo=echo)
+        # in a worker thread: compiling a response_format schema may take a few hundred ms (bounded by its
+        # size), which must not hold up the streams the event loop is serving
+        jobs = await asyncio.to_thread(
+            build_jobs, body, prompts, block_size=s.block_size, end_ids=s.end_ids, max_rows=settings.max_rows,
+            max_queued=settings.max_queued, max_prompts=settings.max_prompts, limit=limit,
+            limit_param=limit_param, logprobs=logprobs, echo=echo, tokenizer=s.tokenizer)
         reply = Reply(s.tokenizer, chat=hasattr(body, "messages"), name=name, prompts=prompts, n=body.n,
                       logprobs=logprobs, echo=echo)
         return await _Run(s.batcher, jobs, reply, body).respond(request)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..generation.constrained import Grammar, RowConstraint
 from ..generation.sampling import Sampler, SamplingConfig
 from ..generation.text import TextStream
 from ..model import GPT
@@ -79,6 +80,7 @@ class Job:
     frequency_penalty: float = 0.0
     choice_offset: int = 0  # the index of this job's first choice in the response
     generate: bool = True  # False: only score the prompt (echo with max_tokens 0)
+    grammar: Grammar | None = None  # response_format's, compiled for the served tokenizer (each row: its state)
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -96,6 +98,7 @@ class Row:
     generated: int = 0
     counts: collections.Counter = field(default_factory=collections.Counter)  # for the OpenAI penalties
     pending: list[tuple[int, TokenInfo]] = field(default_factory=list)  # (where its text starts, info), unsent
+    constraint: RowConstraint | None = None  # its grammar state and logit bias (None: a free row, no cost)
 
     @property
     def config(self) -> SamplingConfig:
@@ -312,7 +315,8 @@ class Batcher:
         if changed:
             self._sampler = Sampler([r.config for r in self._rows], [None] * len(self._rows),
                                     [r.history for r in self._rows], self.vocab_size, self.device,
-                                    generators=[r.generator for r in self._rows])
+                                    generators=[r.generator for r in self._rows],
+                                    constraints=[r.constraint for r in self._rows])
         logits = self._logits[:, : self.vocab_size].float()
         chosen = self._sampler.choose(self._penalised(logits))
         token_list = chosen.tolist()
@@ -379,7 +383,9 @@ class Batcher:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(job.seeds[c])
             stream = TextStream(self.decode_bytes, job.configs[c].stop)
-            self._rows.append(Row(job, c, list(job.prompt), generator, stream))
+            bias = dict(job.configs[c].logit_bias)
+            constraint = RowConstraint(job.grammar, job.end_ids, bias) if job.grammar or bias else None
+            self._rows.append(Row(job, c, list(job.prompt), generator, stream, constraint=constraint))
 
     def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
         """OpenAI's presence and frequency penalties: minus presence for every token the reply already has,
@@ -411,6 +417,8 @@ class Batcher:
             text = row.stream.push(token)
             if row.stream.stopped:
                 reason = "stop"
+            elif row.constraint is not None and row.constraint.exhausted and not row.constraint.end_ids:
+                reason = "stop"  # the JSON is complete and can take nothing more (ignore_eos: no end to force)
             elif row.generated >= row.config.max_new_tokens:
                 reason = "length"
         if reason:

@@ -11,6 +11,7 @@ from .batcher import Job
 from .responses import APIError
 
 if TYPE_CHECKING:
+    from ..generation.constrained import Grammar
     from ..tokenizer import Tokenizer
 
 
@@ -38,14 +39,9 @@ def completion_prompts(tokenizer: "Tokenizer", prompt: Any) -> list[list[int]]:
 
 def refuse_unsupported(body: Any) -> None:
     """A 400 naming a field this server cannot honour yet, rather than an answer that ignores it (a client
-    asking for JSON would get free text and fail on its own side). Each field in its "off" value (null,
-    an empty list or object, {"type": "text"}, "none") is fine. The one place these fields are judged: where
-    one becomes supported (constrained decoding for response_format), its check here gives way to building it."""
-    format = getattr(body, "response_format", None)
-    if format is not None and format != {"type": "text"}:
-        kind = format.get("type") if isinstance(format, dict) else None
-        raise APIError(400, f"response_format {kind or format!r} is not supported by this server yet; only "
-                            '{"type": "text"} (leave it out for free text)', param="response_format")
+    asking for a tool call would get free text and fail on its own side). Each field in its "off" value (null,
+    an empty list or object, "none") is fine. The one place these fields are judged: where one becomes
+    supported, its check here gives way to building it (response_format and logit_bias: structured_output)."""
     for field, what in (("tools", "tool calls"), ("functions", "function calls")):
         if getattr(body, field, None):
             raise APIError(400, f"{field}: {what} are not supported by this server yet; leave {field} out",
@@ -54,13 +50,63 @@ def refuse_unsupported(body: Any) -> None:
         if getattr(body, field, None) not in (None, "none"):
             raise APIError(400, f"{field}: tool calls are not supported by this server yet; leave it out or send "
                                 '"none"', param=field)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server yet; leave it out", param="logit_bias")
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def structured_output(body: Any, tokenizer: "Tokenizer") -> tuple[dict[str, Any], "Grammar | None"]:
+    """`response_format` and `logit_bias` as SamplingConfig fields, and the compiled grammar (None for free
+    text), or a 400 naming the field and the problem. The same `response_format` on /v1/completions as on
+    /v1/chat/completions: {"type": "text"}, {"type": "json_object"} (any JSON object) or {"type":
+    "json_schema", "json_schema": {"schema": {...}, ...}} (JSON valid against it; "strict" or not, the
+    schema is always enforced). Compiled here, in the request, so a bad schema is its client's 400 and the
+    generation loop never compiles."""
+    from ..generation.constrained import compile_json_grammar
+
+    fields: dict[str, Any] = {}
+    bias = body.logit_bias
+    if bias:
+        if not isinstance(bias, dict):
+            raise APIError(400, "logit_bias: must be an object of token id -> bias in [-100, 100]",
+                           param="logit_bias")
+        vocab = tokenizer.vocab_size
+        parsed = {}
+        for key, value in bias.items():
+            if not (isinstance(key, str) and key.isdigit() and int(key) < vocab):
+                raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0..{vocab - 1})",
+                               param="logit_bias")
+            parsed[int(key)] = value
+        fields["logit_bias"] = parsed
+    format = body.response_format
+    if format is None:
+        return fields, None
+    kind = format.get("type") if isinstance(format, dict) else None
+    if kind not in RESPONSE_FORMATS:
+        raise APIError(400, f"response_format: the type must be one of {', '.join(RESPONSE_FORMATS)}, got "
+                            f"{kind if kind is not None else format!r}", param="response_format")
+    if kind == "text":
+        return fields, None
+    schema = None
+    if kind == "json_schema":
+        spec = format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, 'response_format: json_schema needs {"json_schema": {"name": ..., "schema": '
+                                '{...}}} with the schema an object', param="response_format")
+        fields["json_schema"] = schema
+    else:
+        fields["json_object"] = True
+    try:
+        grammar = compile_json_grammar(tokenizer, schema, "response_format")
+    except UserError as e:
+        raise APIError(400, str(e), param="response_format") from None
+    return fields, grammar
 
 
 def build_jobs(body: Any, prompts: list[list[int]], *, block_size: int, end_ids: frozenset[int], max_rows: int,
                max_queued: int, max_prompts: int, limit: int | None, limit_param: str, logprobs: int | None,
-               echo: bool) -> list[Job]:
+               echo: bool, tokenizer: "Tokenizer") -> list[Job]:
     """One job per prompt, each with `body.n` choices, or a 400 naming the field that cannot be served.
 
     `limit`: the reply's length as asked (`limit_param` names the field), None for "as much as fits";
@@ -70,6 +116,7 @@ def build_jobs(body: Any, prompts: list[list[int]], *, block_size: int, end_ids:
     from ..generation.sampling import row_seed
 
     refuse_unsupported(body)
+    structured, grammar = structured_output(body, tokenizer)
     n = body.n
     if n > max_rows:
         raise APIError(400, f"n = {n}: this server generates at most {max_rows} choices at once", param="n")
@@ -101,7 +148,8 @@ def build_jobs(body: Any, prompts: list[list[int]], *, block_size: int, end_ids:
                            code="context_length_exceeded")
         budget = max(1, min(room, limit if limit is not None else room))
         try:
-            config = SamplingConfig(max_new_tokens=budget, temperature=temperature, top_p=top_p, stop=stops)
+            config = SamplingConfig(max_new_tokens=budget, temperature=temperature, top_p=top_p, stop=stops,
+                                    **structured)
         except UserError as e:  # "--top-p: why": name the field as the request spells it
             option, _, why = str(e).partition(": ")
             field = option.removeprefix("--").replace("-", "_")
@@ -112,5 +160,6 @@ def build_jobs(body: Any, prompts: list[list[int]], *, block_size: int, end_ids:
                         end_ids=frozenset() if body.ignore_eos else end_ids,
                         logprobs=logprobs, echo_logprobs=echo and logprobs is not None,
                         presence_penalty=body.presence_penalty or 0.0,
-                        frequency_penalty=body.frequency_penalty or 0.0, choice_offset=p * n, generate=generate))
+                        frequency_penalty=body.frequency_penalty or 0.0, choice_offset=p * n, generate=generate,
+                        grammar=grammar))
     return jobs

@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI protocol, as pydantic models: what a field may hold, checked before anything
 runs. Unknown fields are ignored (clients send many we do not use); types are strict (a string where a
 number belongs is an error, not a guess). Limits that depend on the model (context, rows) are checked in
-jobs.py, which knows it. Fields the server cannot honour yet (response_format, tools, logit_bias) are read
-here only so that jobs.py can refuse them by name instead of ignoring them."""
+jobs.py, which knows it, as are response_format and logit_bias (they need the tokenizer). Fields the server
+cannot honour yet (tools) are read here only so that jobs.py can refuse them by name instead of ignoring them."""
 
 from __future__ import annotations
 
@@ -93,7 +93,9 @@ class _Sampling(_Body):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
-    logit_bias: Any = None  # not supported yet: jobs.refuse_unsupported
+    logit_bias: Any = None  # token id (a string in JSON) -> bias in [-100, 100]: jobs.structured_output
+    # {"type": "text" | "json_object" | "json_schema", ...} on both endpoints: jobs.structured_output
+    response_format: Any = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -117,7 +119,6 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: Any = None  # not supported yet beyond {"type": "text"}: jobs.refuse_unsupported
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None  # the older names of tools and tool_choice
