@@ -30,6 +30,7 @@ from ..config import RunConfig, TrainConfig, apply_overrides
 from ..errors import UserError
 from ..layout import (CHAT_DATA_KIND, RUN_CONFIG_FILE, TOKENIZER_DIR, is_data_dir, latest_valid_checkpoint,
                       list_checkpoints)
+from ..numeric import MAX_STEPS, POSITIVE
 from ..resolve import parse_set
 
 DEFAULT_EPOCHS = 3
@@ -135,7 +136,7 @@ def sft_config(base: Base, data: str, out: str, epochs: float | None = None, ove
     per_epoch = steps_per_epoch(data, config.seq_len, config.train, world_size)
     if "train.max_steps" in pairs and epochs is not None:
         raise UserError("--epochs and --set train.max_steps both set the run's length; pass one of them")
-    steps = config.train.max_steps if "train.max_steps" in pairs else max(1, round(per_epoch * (epochs or DEFAULT_EPOCHS)))
+    steps = config.train.max_steps if "train.max_steps" in pairs else planned_steps(per_epoch, epochs)
     every = max(1, min(per_epoch, steps) // 2)
     defaults = {"train.max_steps": steps, "train.warmup_steps": max(1, math.ceil(steps * WARMUP_FRACTION)),
                 "train.eval_every": every, "train.checkpoint_every": max(1, min(per_epoch, steps)),
@@ -143,6 +144,18 @@ def sft_config(base: Base, data: str, out: str, epochs: float | None = None, ove
                 "train.eval_batches": _val_batches(data, config, world_size)}
     defaults = {k: v for k, v in defaults.items() if k not in pairs}
     return apply_overrides(config, defaults)
+
+
+def planned_steps(per_epoch: int, epochs: float | None) -> int:
+    """The steps `epochs` passes take (None: the default), or a UserError where the plan is not a run: an
+    epoch count that is not a positive finite number, or more steps than any run plans (numeric.MAX_STEPS:
+    refused rather than capped, so the length a user asked for is never silently another)."""
+    epochs = DEFAULT_EPOCHS if epochs is None else POSITIVE.check(epochs, "--epochs")
+    steps = max(1, round(per_epoch * epochs))
+    if steps > MAX_STEPS:
+        raise UserError(f"--epochs {epochs:g}: that is {steps:,} steps ({per_epoch:,} per epoch), more than the "
+                        f"{MAX_STEPS:,} a run may plan; pass fewer epochs")
+    return steps
 
 
 def _val_batches(data: str, config: RunConfig, world_size: int) -> int:
