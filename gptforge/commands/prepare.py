@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from ..errors import EXIT_INTERRUPTED
 from ..numeric import POSITIVE_INT, SEED, Range
 
 VAL_FRACTION = Range(float, 0, 1, high_open=True, note="0 = no val split")
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         now = _identity(args.out)
         state = "unchanged" if now == before else "complete (the signal came as it was finished)"
         print(f"gptforge prepare: terminated (SIGTERM); {args.out} is {state}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return EXIT_INTERRUPTED  # as train and sft: a stop request is 130, whether Ctrl-C or SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
 
