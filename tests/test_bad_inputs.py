@@ -295,3 +295,75 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, prepared, tmp_pat
         assert needle in lines[0], (needle, lines[0])
     assert _tree(work) == before, "files were created, changed or removed"
     assert list(systmp.iterdir()) == [], "a temporary directory was left behind"
+
+
+# ---- a full disk (issue 22 #5): one line naming the path, exit 2, the previous checkpoint still the newest ----
+
+FULL_DISK_CASES = {
+    "train-checkpoint": (["train", "--out", "run", "--resume", "--set", "train.max_steps=8"],
+                         "could not write checkpoint run/checkpoints/step_6 (No space left on device)"),
+    "export-hf": (["export", "--model", "run", "--format", "hf", "--out", "o"],
+                  "o: No space left on device; free some space and run again"),
+}
+
+
+def _checkpoints(work: Path) -> dict[str, str]:
+    return {k: v for k, v in _tree(work / "run" / "checkpoints").items()}
+
+
+def _run_full_disk(argv: list[str], work: Path, capsys) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, err.strip().splitlines()
+
+
+def _assert_previous_checkpoint_is_newest_and_valid(work: Path, before: dict[str, str]) -> None:
+    from gptforge.layout import latest_valid_checkpoint
+    assert _checkpoints(work) == before  # step_2 and step_4 untouched, no step_6, no .tmp-*
+    assert latest_valid_checkpoint(work / "run").name == "step_4"
+    assert not [p for p in work.rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize("case", FULL_DISK_CASES)
+def test_a_full_disk_in_safetensors_is_one_line_exit_2(case, prepared, tmp_path, monkeypatch, capsys):
+    """safetensors raises its own SafetensorError (not an OSError) on ENOSPC: a 38-line traceback before."""
+    from test_atomic import safetensors_full_disk
+
+    argv, message = FULL_DISK_CASES[case]
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("safetensors.torch.serialize_file", safetensors_full_disk())
+    before = _checkpoints(work)
+    code, lines = _run_full_disk(argv, work, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"gptforge {argv[0]}: error: ") and message in lines[0], lines[0]
+    _assert_previous_checkpoint_is_newest_and_valid(work, before)
+    assert not (work / "o").exists()
+
+
+def test_a_real_full_disk_while_training_and_exporting_is_one_line_exit_2(prepared, tmp_path, monkeypatch, capsys):
+    """The same on a real full tmpfs (skipped where mount is not permitted): room for the logs and the plot, not
+    for the step 6 checkpoint; then no room for an HF export."""
+    from test_atomic import fill, tiny_tmpfs
+
+    with tiny_tmpfs(tmp_path / "disk", "2m") as disk:
+        work = disk / "work"
+        shutil.copytree(prepared, work)
+        monkeypatch.chdir(work)
+        before = _checkpoints(work)
+        fill(disk, 64 * 1024)  # loss.png (~35 KB, written beside the old one) fits; a checkpoint (~127 KB) does not
+        code, lines = _run_full_disk(FULL_DISK_CASES["train-checkpoint"][0], work, capsys)
+        assert code == 2 and len(lines) == 1, lines
+        assert "run/checkpoints/step_6 (No space left on device)" in lines[0], lines[0]
+        _assert_previous_checkpoint_is_newest_and_valid(work, before)
+        (disk / "filler").unlink()
+        fill(disk, 4096)  # not even the weights (~30 KB)
+        code, lines = _run_full_disk(FULL_DISK_CASES["export-hf"][0], work, capsys)
+        assert code == 2 and len(lines) == 1 and FULL_DISK_CASES["export-hf"][1] in lines[0], lines
+        assert not (work / "o").exists() and not [p for p in work.rglob(".tmp-*")]
