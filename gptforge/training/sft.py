@@ -75,8 +75,9 @@ def load_base(spec: str) -> Base:
     return Base(spec, model, tokenizer, run_config)
 
 
-def check_chat_data(data: str, base: Base) -> dict[str, Any]:
-    """The chat data's manifest, after checking it was prepared with --chat and with the base's tokenizer."""
+def check_chat_data(data: str, base: Base, option: str = "--data ") -> dict[str, Any]:
+    """The chat data's manifest, after checking it was prepared with --chat and with the base's tokenizer
+    (`option`: how the user named it, "--data " or "--set data.path=")."""
     import copy
 
     from ..chat.tokens import add_chat_tokens
@@ -85,16 +86,16 @@ def check_chat_data(data: str, base: Base) -> dict[str, Any]:
     from ..tokenizer import load_tokenizer
 
     if not is_data_dir(data):
-        raise UserError(f"--data {data}: not prepared data (no manifest.json); prepare conversations with "
+        raise UserError(f"{option}{data}: not prepared data (no manifest.json); prepare conversations with "
                         f"`gptforge prepare FILE.jsonl --chat --tokenizer {base.spec} --out {data}`")
     manifest = read_manifest(data)
     if manifest.get("kind") != CHAT_DATA_KIND:
-        raise UserError(f"--data {data} was prepared without --chat (plain text, no loss mask); prepare the "
+        raise UserError(f"{option}{data} was prepared without --chat (plain text, no loss mask); prepare the "
                         f"conversations with `gptforge prepare SOURCE --chat --tokenizer {base.spec} --out DIR`")
     expected = add_chat_tokens(copy.deepcopy(base.tokenizer))
     prepared = load_tokenizer(Path(data) / TOKENIZER_DIR)
     if tokenizer_fingerprint(prepared) != tokenizer_fingerprint(expected):
-        raise UserError(f"--data {data} was prepared with another tokenizer ({prepared.kind}, {prepared.vocab_size} "
+        raise UserError(f"{option}{data} was prepared with another tokenizer ({prepared.kind}, {prepared.vocab_size} "
                         f"ids) than --model {base.spec}'s ({expected.kind}, {expected.vocab_size} ids with the chat "
                         f"markers); prepare it again with --tokenizer {base.spec}")
     return manifest
@@ -133,6 +134,9 @@ def sft_config(base: Base, data: str, out: str, epochs: float | None = None, ove
         sample_prompts=[], sample_tokens=SAMPLE_TOKENS, sample_temperature=0.0, keep_checkpoints=2, max_time=0.0)
     config = RunConfig(model=model, train=train, data=dataclasses.replace(RunConfig().data, path=str(data)))
     config = apply_overrides(config, pairs)  # batch settings first: the epoch length depends on them
+    if config.data.path != str(data):  # the run trains on the resolved path: check it, before any directory
+        check_chat_data(config.data.path, base, option="--set data.path=")
+        data = config.data.path
     per_epoch = steps_per_epoch(data, config.seq_len, config.train, world_size)
     if "train.max_steps" in pairs and epochs is not None:
         raise UserError("--epochs and --set train.max_steps both set the run's length; pass one of them")
@@ -231,8 +235,7 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
         base = None
     else:
         if not model or not data:
-            raise UserError("--model BASE_RUN and --data CHAT_DATA are needed to start a fine-tuning run "
-                            "(or --resume to continue one in --out)")
+            raise missing_inputs(out, resume)
         base = load_base(model)
         check_chat_data(data, base)
         config = sft_config(base, data, out, epochs, overrides, world_size)
@@ -253,6 +256,15 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
             D.teardown()
     result.last_samples = trainer.samples.last  # type: ignore[attr-defined]
     return result
+
+
+def missing_inputs(out: str, resume: str | None) -> UserError:
+    """Why a run without --model or --data cannot start: with --resume, `out` holds nothing to continue."""
+    if resume is not None:
+        return UserError(f"--resume: {out} has no fine-tuning run to resume (no valid checkpoint there); start one "
+                         f"with --model BASE_RUN --data CHAT_DATA --out {out}")
+    return UserError("--model BASE_RUN and --data CHAT_DATA are needed to start a fine-tuning run "
+                     "(or --resume to continue one in --out)")
 
 
 def _sample_prompts(config: RunConfig) -> list[dict[str, Any]]:
