@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import UserError
-from .numeric import MAX_STEPS, NON_NEGATIVE_INT, POSITIVE_INT, SEED, Range
+from .numeric import MAX_STEPS, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Range
 
 VOCAB_PAD_MULTIPLE = 64
 GPT2_VOCAB_SIZE = 50257
@@ -71,7 +71,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         def bad(option: str, why: str) -> UserError:
-            return UserError(f"model option {option}: {why}")
+            return UserError(f"model.{option}: {why}")
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -83,16 +83,16 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise bad("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}; "
                                 "choose n_embd as a multiple of n_head")
-        if self.d_ff is not None and self.d_ff < 1:
-            raise bad("d_ff", f"must be a positive integer or unset, got {self.d_ff}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.d_ff is not None:
+            POSITIVE_INT.check(self.d_ff, "model.d_ff")
+        Range(float, 0, 1, high_open=True).check(self.dropout, "model.dropout")
+        POSITIVE.check(self.layer_norm_eps, "model.layer_norm_eps")  # <= 0: a division by ~0 in every norm
+        POSITIVE.check(self.init_std, "model.init_std")
         if self.norm not in ("pre", "post"):
             raise bad("norm", f"must be 'pre' or 'post', got {self.norm!r}")
         if self.attention not in ("dense", "alternating"):
             raise bad("attention", f"must be 'dense' or 'alternating', got {self.attention!r}")
-        if not isinstance(self.window, int) or self.window <= 0:
-            raise bad("window", f"must be a positive number of tokens, got {self.window!r}")
+        POSITIVE_INT.check(self.window, "model.window")
         if self.attention == "alternating" and self.window >= self.block_size:
             raise bad("window", f"{self.window} must be smaller than block_size={self.block_size} "
                                 "for banded attention to differ from dense")
@@ -406,7 +406,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         def bad(option: str, why: str) -> UserError:
-            return UserError(f"train option {option}: {why}")
+            return UserError(f"train.{option}: {why}")
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -425,20 +425,18 @@ class TrainConfig:
             POSITIVE_INT.check(self.seq_len, "train.seq_len")
         if self.eval_limit is not None:
             POSITIVE_INT.check(self.eval_limit, "train.eval_limit")
-        for name in ("max_time", "sample_temperature"):
-            Range(float, 0).check(getattr(self, name), f"train.{name}")
+        Range(float, 0, note="0 = no limit").check(self.max_time, "train.max_time")
+        Range(float, 0, note="0 = greedy").check(self.sample_temperature, "train.sample_temperature")
         if self.max_steps == 0 and self.max_tokens == 0 and self.max_time <= 0:
             raise bad("max_steps", "no stopping rule: set train.max_steps, train.max_tokens or train.max_time")
-        if self.lr <= 0:
-            raise bad("lr", f"must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise bad("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
-        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
-            raise bad("beta1", f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise bad("eps", "eps must be > 0, weight_decay and grad_clip >= 0")
+        POSITIVE.check(self.lr, "train.lr")
+        Range(float, 0, 1).check(self.min_lr_ratio, "train.min_lr_ratio")
+        Range(float, 0, 1, low_open=True).check(self.decay_fraction, "train.decay_fraction")
+        for name in ("beta1", "beta2"):
+            Range(float, 0, 1, high_open=True).check(getattr(self, name), f"train.{name}")
+        POSITIVE.check(self.eps, "train.eps")
+        NON_NEGATIVE.check(self.weight_decay, "train.weight_decay")
+        Range(float, 0, note="0 = off").check(self.grad_clip, "train.grad_clip")
 
 
 @dataclass

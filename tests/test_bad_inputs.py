@@ -235,6 +235,57 @@ CASES = [
     Case("serve-no-rows", ["serve", "--model", "run", "--max-batch", "0"], ("--max-batch",)),
 ]
 
+# ---- every numeric option of every command, through the one validator (gptforge.numeric; issue 22 #6, #11) ----
+# A count or size: 0, -1, inf, nan and absurd sizes refused; where 0 means "off" (the help says so), -1 and up;
+# fractions outside their interval; seeds outside 0 .. 2**32-1 (numpy's traceback before); not-a-number text.
+
+_POSITIVE_INT = ("0", "-1", "inf", "nan", "1.5", "1e30", "x")
+_OFF_OR_MORE = ("-1", "inf", "nan", "1.5", "1e30")
+_SEEDS = ("-5", "-1", "4294967296", "nan", "1.5")
+_NUMERIC_OPTIONS: list[tuple[list[str], str, tuple[str, ...]]] = [
+    *[(["sample", "--model", "run", "hi"], option, values) for option, values in [
+        ("--max-new-tokens", _POSITIVE_INT), ("--temperature", ("-1", "inf", "nan", "x")),
+        ("--top-k", _OFF_OR_MORE), ("--top-p", ("0", "-0.1", "1.5", "inf", "nan")),
+        ("--min-p", ("-0.1", "1.5", "inf", "nan")), ("--repetition-penalty", ("0", "-1", "inf", "nan")),
+        ("--no-repeat-ngram", _OFF_OR_MORE), ("--num-samples", _POSITIVE_INT), ("--seed", _SEEDS)]],
+    *[(["chat", "--model", "run", "-p", "hi"], option, values) for option, values in [
+        ("--seed", _SEEDS), ("--max-new-tokens", _POSITIVE_INT), ("--top-p", ("0", "nan"))]],
+    *[(["eval", "--model", "run", "--task", "val", "--data", "data"], option, values) for option, values in [
+        ("--limit", _POSITIVE_INT), ("--batch-size", _POSITIVE_INT), ("--shots", _OFF_OR_MORE),
+        ("--stride", _POSITIVE_INT)]],
+    *[(["info", "--preset", "gpt2"], option, _POSITIVE_INT) for option in [
+        "--batch-size", "--seq-len", "--inference-batch", "--world-size"]],
+    *[(["prepare", "t.txt", "--out", "out"], option, values) for option, values in [
+        ("--val-fraction", ("-0.1", "1", "inf", "nan")), ("--workers", _POSITIVE_INT), ("--seed", _SEEDS),
+        ("--shard-tokens", _POSITIVE_INT), ("--context", ("1", "0", "-1", "inf", "nan"))]],
+    *[(["serve", "--model", "run"], option, values) for option, values in [
+        ("--port", ("-1", "65536", "inf", "nan")), ("--max-batch", _POSITIVE_INT), ("--max-queued", _POSITIVE_INT),
+        ("--seed", _SEEDS)]],
+    (["sft", "--model", "run", "--data", "data", "--out", "o"], "--epochs", ("0", "-1", "inf", "nan", "x")),
+    *[(["tokenizer", "train", "t.txt", "--out", "tok"], option, _POSITIVE_INT) for option in [
+        "--vocab-size", "--min-frequency"]],
+]
+# every numeric setting of a run (TOML / --set): the same rule, named by its dotted key
+_SETTINGS = [
+    *[(f"train.{name}", ("-1", "nan", "inf")) for name in (
+        "seed", "micro_batch_size", "seq_len", "tokens_per_step", "batch_ramp_tokens", "batch_ramp_start",
+        "max_steps", "max_tokens", "max_time", "lr", "min_lr_ratio", "warmup_steps", "decay_fraction", "beta1",
+        "beta2", "eps", "weight_decay", "grad_clip", "log_every", "eval_every", "eval_batches", "eval_limit",
+        "sample_every", "sample_tokens", "sample_temperature", "sample_top_k", "checkpoint_every",
+        "keep_checkpoints", "max_bad_steps")],
+    ("train.seed", ("4294967296",)), ("train.max_steps", ("1e12",)),
+    ("data.seed", ("-5", "nan", "4294967296")),
+    *[(f"model.{name}", ("-1", "nan", "inf")) for name in (
+        "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_ff", "dropout", "window", "layer_norm_eps",
+        "init_std")],
+]
+CASES += [Case(f"{argv[0]}-{option.lstrip('-')}={value}", [*argv, option, value], (option,),
+               setup=_write("t.txt", "hello world " * 20))
+          for argv, option, values in _NUMERIC_OPTIONS for value in values]
+CASES += [Case(f"train-set-{key}={value}", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL,
+                                            "--set", f"{key}={value}"], (key,))
+          for key, values in _SETTINGS for value in values]
+
 # case id -> why it is expected to fail (an owner's fix not yet on main): marked xfail(strict=True), so the
 # mark must go when the fix lands. Empty: every case holds on main.
 PENDING: dict[str, str] = {}
