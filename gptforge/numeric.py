@@ -22,6 +22,8 @@ from .errors import UserError
 SEED_LIMIT = 2**32  # seeds are 0 .. SEED_LIMIT - 1
 INT_LIMIT = 2**62  # no count a user means is this large; beyond it int64 arithmetic (token ids, positions) overflows
 MAX_STEPS = 10**9  # the most optimizer steps a run may plan: ~12 days at a (very fast) millisecond per step
+MAX_VOCAB = 2**24  # the largest vocabulary a tokenizer may be trained to (HF's BPE trainer aborts near 1e9)
+MAX_SAMPLES = 4096  # rows of one `sample` batch (1e9 allocated until the machine gave up); more: repeat --seed
 
 
 @dataclass(frozen=True)
@@ -102,4 +104,6 @@ NON_NEGATIVE_INT = Range(int, 0)  # a count where none is a real answer: --shots
 POSITIVE = Range(float, 0, low_open=True)  # a rate or an amount: > 0
 NON_NEGATIVE = Range(float, 0)  # >= 0 where 0 has a meaning of its own (the help says which)
 SEED = Range(int, 0, SEED_LIMIT - 1)
+VOCAB_SIZE = Range(int, 1, MAX_VOCAB)
+SAMPLES = Range(int, 1, MAX_SAMPLES)
 PORT = Range(int, 0, 65535, note="0 = any free port")

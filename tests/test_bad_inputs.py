@@ -247,7 +247,7 @@ _NUMERIC_OPTIONS: list[tuple[list[str], str, tuple[str, ...]]] = [
         ("--max-new-tokens", _POSITIVE_INT), ("--temperature", ("-1", "inf", "nan", "x")),
         ("--top-k", _OFF_OR_MORE), ("--top-p", ("0", "-0.1", "1.5", "inf", "nan")),
         ("--min-p", ("-0.1", "1.5", "inf", "nan")), ("--repetition-penalty", ("0", "-1", "inf", "nan")),
-        ("--no-repeat-ngram", _OFF_OR_MORE), ("--num-samples", _POSITIVE_INT), ("--seed", _SEEDS)]],
+        ("--no-repeat-ngram", _OFF_OR_MORE), ("--num-samples", (*_POSITIVE_INT, "5000")), ("--seed", _SEEDS)]],
     *[(["chat", "--model", "run", "-p", "hi"], option, values) for option, values in [
         ("--seed", _SEEDS), ("--max-new-tokens", _POSITIVE_INT), ("--top-p", ("0", "nan"))]],
     *[(["eval", "--model", "run", "--task", "val", "--data", "data"], option, values) for option, values in [
@@ -262,8 +262,8 @@ _NUMERIC_OPTIONS: list[tuple[list[str], str, tuple[str, ...]]] = [
         ("--port", ("-1", "65536", "inf", "nan")), ("--max-batch", _POSITIVE_INT), ("--max-queued", _POSITIVE_INT),
         ("--seed", _SEEDS)]],
     (["sft", "--model", "run", "--data", "data", "--out", "o"], "--epochs", ("0", "-1", "inf", "nan", "x")),
-    *[(["tokenizer", "train", "t.txt", "--out", "tok"], option, _POSITIVE_INT) for option in [
-        "--vocab-size", "--min-frequency"]],
+    *[(["tokenizer", "train", "t.txt", "--out", "tok"], option, values) for option, values in [
+        ("--vocab-size", (*_POSITIVE_INT, "1000000000")), ("--min-frequency", _POSITIVE_INT)]],
 ]
 # every numeric setting of a run (TOML / --set): the same rule, named by its dotted key
 _SETTINGS = [
@@ -282,6 +282,8 @@ _SETTINGS = [
 CASES += [Case(f"{argv[0]}-{option.lstrip('-')}={value}", [*argv, option, value], (option,),
                setup=_write("t.txt", "hello world " * 20))
           for argv, option, values in _NUMERIC_OPTIONS for value in values]
+CASES += [Case("prepare-bpe-vocab-1e9", ["prepare", "t.txt", "--out", "out", "--tokenizer", "bpe:1000000000"],
+               ("--tokenizer bpe:1000000000", "16777216"), setup=_write("t.txt", "hello world " * 20))]
 CASES += [Case(f"train-set-{key}={value}", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL,
                                             "--set", f"{key}={value}"], (key,))
           for key, values in _SETTINGS for value in values]

@@ -11,7 +11,7 @@ import sys
 
 from ._options import add_device_options, add_sampling_options, sampling_config
 from ..errors import UserError
-from ..numeric import POSITIVE_INT, SEED
+from ..numeric import SAMPLES, SEED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(so --stop '\\n\\n' ends at a blank line)")
     p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
                    help="keep generating past the end-of-text token")
-    p.add_argument("--num-samples", type=POSITIVE_INT, default=1, help="samples per seed (default 1), generated as a batch")
+    p.add_argument("--num-samples", type=SAMPLES, default=1,
+                   help="samples per seed (default 1), generated as a batch")
     p.add_argument("--seed", type=SEED, action="append", default=None, metavar="N",
                    help="random seed; repeat for several seeds, each printed with its samples (default: a "
                         "fresh one per prompt, recorded in --json output so a sample can be reproduced)")

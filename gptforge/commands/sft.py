@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume not in (None, "auto"):
         raise UserError(f"--resume {args.resume}: sft resumes its newest valid checkpoint; pass --resume alone")
-    if not (args.model or args.data or args.out or args.overrides or args.resume or args.fresh or args.epochs is not None):
+    if not (args.model or args.data or args.out or args.overrides or args.resume or args.fresh
+            or args.epochs is not None):
         from ..training.sft_demo import run_sft_demo
         result = run_sft_demo()
     else:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from ..numeric import POSITIVE_INT
+from ..numeric import POSITIVE_INT, VOCAB_SIZE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                description="Train a tokenizer on SOURCEs (text files, folders, .jsonl, .parquet, "
                                            "hf:NAME, builtin:pystdlib) and save it to --out.")
     train.add_argument("sources", nargs="+", metavar="SOURCE")
-    train.add_argument("--vocab-size", type=POSITIVE_INT, default=None,
+    train.add_argument("--vocab-size", type=VOCAB_SIZE, default=None,
                        help="total ids incl. 256 bytes and special tokens (required for bpe)")
     train.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
     train.add_argument("--kind", choices=["bpe", "char"], default="bpe")
