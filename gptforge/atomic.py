@@ -3,12 +3,19 @@
 Everything gptforge writes goes to a temporary name in the same directory, is flushed to disk, and is then
 renamed into place. A crash, a Ctrl-C or a full disk leaves either the old file or nothing, plus at most a
 `.tmp-*` leftover that no reader mistakes for the real thing.
+
+A full disk is also said the same way whoever was writing: safetensors reports it as a `SafetensorError` (not
+an OSError), NumPy's `tofile` (the GGUF writer) as "N requested and M written". `atomic_file` and
+`atomic_directory` turn every such error into `OSError(ENOSPC, ..., final path)`, which the CLI prints as one
+line naming the path, and the trainer as "could not write checkpoint ...".
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -40,6 +47,33 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")  # numpy's tofile when fwrite falls short
+
+
+def disk_full_error(e: BaseException, final: Path, written_at: Path) -> OSError | None:
+    """`e` as `OSError(ENOSPC or EDQUOT, reason, final)` when it says the disk (or quota) is full, else None.
+
+    `written_at` is where the bytes went (a file or directory that still exists), for a short write's check:
+    NumPy says only how many bytes it wrote, so it counts as a full disk only where the free space left is
+    below what it asked for (a short write for another reason keeps its own error)."""
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        code = e.errno
+    elif "os error 28" in str(e) or os.strerror(errno.ENOSPC) in str(e):  # safetensors: a Rust io::Error's text
+        code = errno.ENOSPC
+    elif isinstance(e, OSError) and (short := _SHORT_WRITE.fullmatch(str(e))):
+        try:
+            free = shutil.disk_usage(written_at).free
+        except OSError:
+            return None
+        if free >= int(short[1]) - int(short[2]):
+            return None
+        code = errno.ENOSPC
+    else:
+        return None
+    return OSError(code, f"{os.strerror(code)}; free some space and run again", str(final))
+
+
 @contextlib.contextmanager
 def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `final`; on clean exit fsync it and rename it to `final`."""
@@ -56,8 +90,11 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, final, final.parent)
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from None
         raise
 
 
@@ -96,8 +133,11 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
     try:
         yield tmp
         publish_directory(tmp, final, overwrite)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, final, final.parent)  # named by the directory, not a file inside its tmp
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from None
         raise
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import UserError
+from .numeric import MAX_STEPS, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Range
 
 VOCAB_PAD_MULTIPLE = 64
 GPT2_VOCAB_SIZE = 50257
@@ -70,7 +71,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         def bad(option: str, why: str) -> UserError:
-            return UserError(f"model option {option}: {why}")
+            return UserError(f"model.{option}: {why}")
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -78,21 +79,20 @@ class ModelConfig:
                 raise UserError(f"model.{f.name}={value}: must be a finite number")
 
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise bad(name, f"must be a positive integer, got {getattr(self, name)!r}")
+            POSITIVE_INT.check(getattr(self, name), f"model.{name}")
         if self.n_embd % self.n_head:
             raise bad("n_embd", f"{self.n_embd} is not divisible by n_head={self.n_head}; "
                                 "choose n_embd as a multiple of n_head")
-        if self.d_ff is not None and self.d_ff < 1:
-            raise bad("d_ff", f"must be a positive integer or unset, got {self.d_ff}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.d_ff is not None:
+            POSITIVE_INT.check(self.d_ff, "model.d_ff")
+        Range(float, 0, 1, high_open=True).check(self.dropout, "model.dropout")
+        POSITIVE.check(self.layer_norm_eps, "model.layer_norm_eps")  # <= 0: a division by ~0 in every norm
+        POSITIVE.check(self.init_std, "model.init_std")
         if self.norm not in ("pre", "post"):
             raise bad("norm", f"must be 'pre' or 'post', got {self.norm!r}")
         if self.attention not in ("dense", "alternating"):
             raise bad("attention", f"must be 'dense' or 'alternating', got {self.attention!r}")
-        if not isinstance(self.window, int) or self.window <= 0:
-            raise bad("window", f"must be a positive number of tokens, got {self.window!r}")
+        POSITIVE_INT.check(self.window, "model.window")
         if self.attention == "alternating" and self.window >= self.block_size:
             raise bad("window", f"{self.window} must be smaller than block_size={self.block_size} "
                                 "for banded attention to differ from dense")
@@ -225,14 +225,19 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise UserError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # TOML and --set both spell nan and inf; no setting means either
+            raise UserError(f"{where}={number}: must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -340,6 +345,9 @@ class DataConfig:
     seed: int = 0  # order of sequences within each epoch (the loader's seed)
 
 
+STEPS = Range(int, 0, MAX_STEPS, note="0 = no limit")
+
+
 @dataclass
 class TrainConfig:
     """The training loop. Defaults follow GPT-3 Appendix B (AdamW 0.9/0.95, eps 1e-8, weight decay 0.1,
@@ -401,7 +409,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         def bad(option: str, why: str) -> UserError:
-            return UserError(f"train option {option}: {why}")
+            return UserError(f"train.{option}: {why}")
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -409,29 +417,29 @@ class TrainConfig:
                 raise UserError(f"train.{f.name}={value}: must be a finite number")
 
         for name in ("micro_batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
-                     "keep_checkpoints", "max_bad_steps", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be a positive integer, got {getattr(self, name)}")
-        for name in ("max_steps", "max_tokens", "tokens_per_step", "warmup_steps", "batch_ramp_tokens",
-                     "sample_tokens"):
-            if getattr(self, name) < 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise bad("seq_len", f"must be a positive integer or unset, got {self.seq_len}")
+                     "keep_checkpoints", "max_bad_steps", "eval_batches", "batch_ramp_start"):
+            POSITIVE_INT.check(getattr(self, name), f"train.{name}")
+        for name in ("max_tokens", "tokens_per_step", "warmup_steps", "batch_ramp_tokens", "sample_tokens",
+                     "sample_top_k"):
+            NON_NEGATIVE_INT.check(getattr(self, name), f"train.{name}")
+        STEPS.check(self.max_steps, "train.max_steps")
+        SEED.check(self.seed, "train.seed")
+        if self.seq_len is not None:
+            POSITIVE_INT.check(self.seq_len, "train.seq_len")
+        if self.eval_limit is not None:
+            POSITIVE_INT.check(self.eval_limit, "train.eval_limit")
+        Range(float, 0, note="0 = no limit").check(self.max_time, "train.max_time")
+        Range(float, 0, note="0 = greedy").check(self.sample_temperature, "train.sample_temperature")
         if self.max_steps == 0 and self.max_tokens == 0 and self.max_time <= 0:
             raise bad("max_steps", "no stopping rule: set train.max_steps, train.max_tokens or train.max_time")
-        if self.lr <= 0:
-            raise bad("lr", f"must be > 0, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 < self.decay_fraction <= 1.0:
-            raise bad("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
-        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
-            raise bad("beta1", f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise bad("eps", "eps must be > 0, weight_decay and grad_clip >= 0")
-        if self.batch_ramp_start < 1:
-            raise bad("batch_ramp_start", f"must be a positive number of tokens, got {self.batch_ramp_start}")
+        POSITIVE.check(self.lr, "train.lr")
+        Range(float, 0, 1).check(self.min_lr_ratio, "train.min_lr_ratio")
+        Range(float, 0, 1, low_open=True).check(self.decay_fraction, "train.decay_fraction")
+        for name in ("beta1", "beta2"):
+            Range(float, 0, 1, high_open=True).check(getattr(self, name), f"train.{name}")
+        POSITIVE.check(self.eps, "train.eps")
+        NON_NEGATIVE.check(self.weight_decay, "train.weight_decay")
+        Range(float, 0, note="0 = off").check(self.grad_clip, "train.grad_clip")
 
 
 @dataclass
@@ -441,6 +449,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        SEED.check(self.data.seed, "data.seed")  # the loaders seed NumPy with it: a negative one fails mid-run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,8 @@ exception is a bug in gptforge and keeps its traceback so it can be reported.
 """
 
 EXIT_USER_ERROR = 2  # the code for every one-line user error (argparse uses 2 too)
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd program
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd program; SIGTERM too, where a command
+# handles it as a stop request (train, sft, prepare): one code for "stopped on request, output consistent"
 
 
 class UserError(Exception):

@@ -1,3 +1,10 @@
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from gptforge import atomic
@@ -117,3 +124,101 @@ def test_a_stop_signal_between_the_two_renames_waits_until_the_new_directory_is_
         done.set()
     assert seen == [False, True, "handled"]  # handled only once both renames were done
     assert (target / "a").read_text() == "new"
+
+
+# ---- a full disk, whoever was writing (issue 22 #5) ---------------------------------------------------------
+
+
+def safetensors_full_disk(written: int = 10):
+    """What safetensors' save_file raises on a full disk (read off a real 200 KiB tmpfs: a SafetensorError, not
+    an OSError), after writing `written` bytes of the file, as the real one leaves a partial file."""
+    from safetensors import SafetensorError
+
+    def serialize_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * written)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return serialize_file
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(path: Path, size: str = "2m"):
+    """A real tmpfs of `size` at `path` (a new directory), unmounted afterwards; skips when mounting is not
+    permitted here (not root, or no CAP_SYS_ADMIN in a container)."""
+    path.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True) if shutil.which("mount") else None
+    if mount is None or mount.returncode != 0:
+        why = "no mount command" if mount is None else (mount.stderr.strip() or f"exit {mount.returncode}")
+        pytest.skip(f"a real full disk needs a tiny tmpfs, and mount is not permitted here ({why})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(directory: Path, leave: int) -> None:
+    """Take the free space of `directory`'s file system down to about `leave` bytes."""
+    free = shutil.disk_usage(directory).free
+    with open(directory / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def _short_write() -> OSError:
+    return OSError("49152 requested and 2752 written")  # numpy's tofile (the GGUF writer) on a full disk
+
+
+@pytest.mark.parametrize("error, free", [
+    (OSError(errno.ENOSPC, "No space left on device"), None),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), None),
+    ("safetensors", None),
+    (_short_write(), 0),
+], ids=["enospc", "quota", "safetensors", "numpy-short-write"])
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_full_disk_is_one_oserror_naming_the_final_path_and_leaves_the_old_version(tmp_path, monkeypatch,
+                                                                                       error, free, kind):
+    from safetensors import SafetensorError
+
+    if error == "safetensors":
+        error = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    if free is not None:
+        monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6, free))
+    target = tmp_path / "out"
+    (atomic.write_text(target, "old") if kind == "file"
+     else atomic.write_text(target / "a", "old"))
+    with pytest.raises(OSError) as caught:
+        with (atomic.atomic_file(target) if kind == "file" else atomic.atomic_directory(target, overwrite=True)) as tmp:
+            (tmp if kind == "file" else tmp / "a").write_text("half")
+            raise error
+    wanted = errno.EDQUOT if getattr(error, "errno", None) == errno.EDQUOT else errno.ENOSPC
+    assert caught.value.errno == wanted and caught.value.filename == str(target)
+    from gptforge.cli import describe_os_error
+    assert describe_os_error(caught.value) == f"{target}: {os.strerror(wanted)}; free some space and run again"
+    assert (target if kind == "file" else target / "a").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_other_errors_and_a_short_write_with_room_left_keep_their_own_error(tmp_path):
+    for error in (OSError(errno.EACCES, "Permission denied"), RuntimeError("boom"), _short_write()):
+        with pytest.raises(type(error)) as caught:  # the short write: the test's disk has more than 46 KB free
+            with atomic.atomic_file(tmp_path / "f"):
+                raise error
+        assert caught.value is error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_real_full_tmpfs_safetensors_and_numpy_say_no_space_naming_the_path(tmp_path):
+    """The real writers on a real full file system: the text the fakes above copy is what they raise."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    with tiny_tmpfs(tmp_path / "disk", "256k") as disk:
+        fill(disk, 8192)
+        for name, write in [("w.safetensors", lambda tmp: save_file({"a": torch.zeros(50_000)}, str(tmp))),
+                            ("t.bin", lambda tmp: np.zeros(50_000).tofile(str(tmp)))]:
+            with pytest.raises(OSError) as caught:
+                with atomic.atomic_file(disk / name) as tmp:
+                    write(tmp)
+            assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(disk / name), caught.value
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]

@@ -235,6 +235,59 @@ CASES = [
     Case("serve-no-rows", ["serve", "--model", "run", "--max-batch", "0"], ("--max-batch",)),
 ]
 
+# ---- every numeric option of every command, through the one validator (gptforge.numeric; issue 22 #6, #11) ----
+# A count or size: 0, -1, inf, nan and absurd sizes refused; where 0 means "off" (the help says so), -1 and up;
+# fractions outside their interval; seeds outside 0 .. 2**32-1 (numpy's traceback before); not-a-number text.
+
+_POSITIVE_INT = ("0", "-1", "inf", "nan", "1.5", "1e30", "x")
+_OFF_OR_MORE = ("-1", "inf", "nan", "1.5", "1e30")
+_SEEDS = ("-5", "-1", "4294967296", "nan", "1.5")
+_NUMERIC_OPTIONS: list[tuple[list[str], str, tuple[str, ...]]] = [
+    *[(["sample", "--model", "run", "hi"], option, values) for option, values in [
+        ("--max-new-tokens", _POSITIVE_INT), ("--temperature", ("-1", "inf", "nan", "x")),
+        ("--top-k", _OFF_OR_MORE), ("--top-p", ("0", "-0.1", "1.5", "inf", "nan")),
+        ("--min-p", ("-0.1", "1.5", "inf", "nan")), ("--repetition-penalty", ("0", "-1", "inf", "nan")),
+        ("--no-repeat-ngram", _OFF_OR_MORE), ("--num-samples", (*_POSITIVE_INT, "5000")), ("--seed", _SEEDS)]],
+    *[(["chat", "--model", "run", "-p", "hi"], option, values) for option, values in [
+        ("--seed", _SEEDS), ("--max-new-tokens", _POSITIVE_INT), ("--top-p", ("0", "nan"))]],
+    *[(["eval", "--model", "run", "--task", "val", "--data", "data"], option, values) for option, values in [
+        ("--limit", _POSITIVE_INT), ("--batch-size", _POSITIVE_INT), ("--shots", _OFF_OR_MORE),
+        ("--stride", _POSITIVE_INT)]],
+    *[(["info", "--preset", "gpt2"], option, _POSITIVE_INT) for option in [
+        "--batch-size", "--seq-len", "--inference-batch", "--world-size"]],
+    *[(["prepare", "t.txt", "--out", "out"], option, values) for option, values in [
+        ("--val-fraction", ("-0.1", "1", "inf", "nan")), ("--workers", _POSITIVE_INT), ("--seed", _SEEDS),
+        ("--shard-tokens", _POSITIVE_INT), ("--context", ("1", "0", "-1", "inf", "nan"))]],
+    *[(["serve", "--model", "run"], option, values) for option, values in [
+        ("--port", ("-1", "65536", "inf", "nan")), ("--max-batch", _POSITIVE_INT), ("--max-queued", _POSITIVE_INT),
+        ("--seed", _SEEDS)]],
+    (["sft", "--model", "run", "--data", "data", "--out", "o"], "--epochs", ("0", "-1", "inf", "nan", "x")),
+    *[(["tokenizer", "train", "t.txt", "--out", "tok"], option, values) for option, values in [
+        ("--vocab-size", (*_POSITIVE_INT, "1000000000")), ("--min-frequency", _POSITIVE_INT)]],
+]
+# every numeric setting of a run (TOML / --set): the same rule, named by its dotted key
+_SETTINGS = [
+    *[(f"train.{name}", ("-1", "nan", "inf")) for name in (
+        "seed", "micro_batch_size", "seq_len", "tokens_per_step", "batch_ramp_tokens", "batch_ramp_start",
+        "max_steps", "max_tokens", "max_time", "lr", "min_lr_ratio", "warmup_steps", "decay_fraction", "beta1",
+        "beta2", "eps", "weight_decay", "grad_clip", "log_every", "eval_every", "eval_batches", "eval_limit",
+        "sample_every", "sample_tokens", "sample_temperature", "sample_top_k", "checkpoint_every",
+        "keep_checkpoints", "max_bad_steps")],
+    ("train.seed", ("4294967296",)), ("train.max_steps", ("1e12",)),
+    ("data.seed", ("-5", "nan", "4294967296")),
+    *[(f"model.{name}", ("-1", "nan", "inf")) for name in (
+        "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "d_ff", "dropout", "window", "layer_norm_eps",
+        "init_std")],
+]
+CASES += [Case(f"{argv[0]}-{option.lstrip('-')}={value}", [*argv, option, value], (option,),
+               setup=_write("t.txt", "hello world " * 20))
+          for argv, option, values in _NUMERIC_OPTIONS for value in values]
+CASES += [Case("prepare-bpe-vocab-1e9", ["prepare", "t.txt", "--out", "out", "--tokenizer", "bpe:1000000000"],
+               ("--tokenizer bpe:1000000000", "16777216"), setup=_write("t.txt", "hello world " * 20))]
+CASES += [Case(f"train-set-{key}={value}", ["train", "--data", "data", "--out", "r2", *TRAIN_SMALL,
+                                            "--set", f"{key}={value}"], (key,))
+          for key, values in _SETTINGS for value in values]
+
 # case id -> why it is expected to fail (an owner's fix not yet on main): marked xfail(strict=True), so the
 # mark must go when the fix lands. Empty: every case holds on main.
 PENDING: dict[str, str] = {}
@@ -336,3 +389,75 @@ CASES += INPUT_CASES  # counted by test_the_sweep_is_broad; run here, since the 
 @pytest.mark.parametrize("case", [pytest.param(case, id=case.id) for case in INPUT_CASES])
 def test_bad_input_about_inputs_is_one_line_exit_2_and_leaves_nothing(case, prepared, tmp_path, monkeypatch, capsys):
     test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, prepared, tmp_path, monkeypatch, capsys)
+
+
+# ---- a full disk (issue 22 #5): one line naming the path, exit 2, the previous checkpoint still the newest ----
+
+FULL_DISK_CASES = {
+    "train-checkpoint": (["train", "--out", "run", "--resume", "--set", "train.max_steps=8"],
+                         "could not write checkpoint run/checkpoints/step_6 (No space left on device)"),
+    "export-hf": (["export", "--model", "run", "--format", "hf", "--out", "o"],
+                  "o: No space left on device; free some space and run again"),
+}
+
+
+def _checkpoints(work: Path) -> dict[str, str]:
+    return {k: v for k, v in _tree(work / "run" / "checkpoints").items()}
+
+
+def _run_full_disk(argv: list[str], work: Path, capsys) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, err.strip().splitlines()
+
+
+def _assert_previous_checkpoint_is_newest_and_valid(work: Path, before: dict[str, str]) -> None:
+    from gptforge.layout import latest_valid_checkpoint
+    assert _checkpoints(work) == before  # step_2 and step_4 untouched, no step_6, no .tmp-*
+    assert latest_valid_checkpoint(work / "run").name == "step_4"
+    assert not [p for p in work.rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize("case", FULL_DISK_CASES)
+def test_a_full_disk_in_safetensors_is_one_line_exit_2(case, prepared, tmp_path, monkeypatch, capsys):
+    """safetensors raises its own SafetensorError (not an OSError) on ENOSPC: a 38-line traceback before."""
+    from test_atomic import safetensors_full_disk
+
+    argv, message = FULL_DISK_CASES[case]
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr("safetensors.torch.serialize_file", safetensors_full_disk())
+    before = _checkpoints(work)
+    code, lines = _run_full_disk(argv, work, capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"gptforge {argv[0]}: error: ") and message in lines[0], lines[0]
+    _assert_previous_checkpoint_is_newest_and_valid(work, before)
+    assert not (work / "o").exists()
+
+
+def test_a_real_full_disk_while_training_and_exporting_is_one_line_exit_2(prepared, tmp_path, monkeypatch, capsys):
+    """The same on a real full tmpfs (skipped where mount is not permitted): room for the logs and the plot, not
+    for the step 6 checkpoint; then no room for an HF export."""
+    from test_atomic import fill, tiny_tmpfs
+
+    with tiny_tmpfs(tmp_path / "disk", "2m") as disk:
+        work = disk / "work"
+        shutil.copytree(prepared, work)
+        monkeypatch.chdir(work)
+        before = _checkpoints(work)
+        fill(disk, 64 * 1024)  # loss.png (~35 KB, written beside the old one) fits; a checkpoint (~127 KB) does not
+        code, lines = _run_full_disk(FULL_DISK_CASES["train-checkpoint"][0], work, capsys)
+        assert code == 2 and len(lines) == 1, lines
+        assert "run/checkpoints/step_6 (No space left on device)" in lines[0], lines[0]
+        _assert_previous_checkpoint_is_newest_and_valid(work, before)
+        (disk / "filler").unlink()
+        fill(disk, 4096)  # not even the weights (~30 KB)
+        code, lines = _run_full_disk(FULL_DISK_CASES["export-hf"][0], work, capsys)
+        assert code == 2 and len(lines) == 1 and FULL_DISK_CASES["export-hf"][1] in lines[0], lines
+        assert not (work / "o").exists() and not [p for p in work.rglob(".tmp-*")]

@@ -17,7 +17,7 @@ import pytest
 
 from gptforge.data.prepare import prepare, read_manifest, split_of, summary
 from gptforge.data.shards import check_shard_ids, open_shard
-from gptforge.errors import UserError
+from gptforge.errors import EXIT_INTERRUPTED, UserError
 
 from conftest import fixture_text
 from test_data_workers import hard_timeout, live_children  # noqa: F401  (hard_timeout: a fixture)
@@ -367,7 +367,7 @@ def test_cli_sigterm_after_the_output_is_in_place_does_not_say_unchanged(tmp_pat
         Path(out).mkdir()
         raise Terminated
     monkeypatch.setattr(prepare_module, "prepare", finished_then_terminated)
-    assert main(["prepare", "d.jsonl", "--out", str(tmp_path / "out")]) == 128 + signal.SIGTERM
+    assert main(["prepare", "d.jsonl", "--out", str(tmp_path / "out")]) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
     assert "is unchanged" not in err and f"{tmp_path / 'out'} is complete" in err
 
@@ -558,7 +558,7 @@ def test_a_signal_is_a_prompt_clean_exit_that_leaves_nothing(tmp_path, whole_gro
             proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=30)
         left = session_processes(proc.pid)
-    assert proc.returncode == 128 + signum
+    assert proc.returncode == EXIT_INTERRUPTED  # as train and sft, for SIGTERM as for Ctrl-C
     said = "terminated (SIGTERM); out is unchanged" if signum == signal.SIGTERM else "interrupted"
     assert stderr.strip().splitlines() == [f"gptforge prepare: {said}"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == inputs

@@ -171,3 +171,36 @@ def test_missing_gguf_package_says_what_to_install(tmp_path, bpe_tokenizer, monk
     with pytest.raises(UserError, match=r"pip install 'gptforge\[gguf\]'"):
         export_gguf(random_model(vocab_size=bpe_tokenizer.vocab_size), bpe_tokenizer, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_full_disk_says_no_space_naming_the_file_not_bytes_requested_and_written(tmp_path, bpe_tokenizer,
+                                                                                  monkeypatch):
+    """NumPy's tofile (the gguf writer) says only "N requested and M written" on a full disk (issue 22 #5)."""
+    import errno
+    import shutil
+
+    from gptforge import atomic
+
+    def short_write(self, *args, **kwargs):
+        raise OSError("49152 requested and 2752 written")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", short_write)
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6, 0))
+    out = tmp_path / "m.gguf"
+    with pytest.raises(OSError) as caught:
+        export_gguf(random_model(bpe_tokenizer.vocab_size), bpe_tokenizer, out)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_real_full_disk_says_no_space_naming_the_file(tmp_path, bpe_tokenizer):
+    import errno
+
+    from test_atomic import fill, tiny_tmpfs
+
+    with tiny_tmpfs(tmp_path / "disk", "1m") as disk:
+        fill(disk, 32 * 1024)  # the header and vocabulary fit, the f32 tensors (~120 KB) do not
+        out = disk / "m.gguf"
+        with pytest.raises(OSError) as caught:
+            export_gguf(random_model(bpe_tokenizer.vocab_size, n_embd=64), bpe_tokenizer, out, dtype="f32")
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out), caught.value
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]

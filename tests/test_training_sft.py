@@ -204,15 +204,29 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(base_run, chat_data, t
         (["--model", base_run, "--data", plain], "prepared without --chat"),
         (["--model", base_run, "--data", other_tok], "another tokenizer"),
         (["--model", base_run, "--data", chat_data, "--set", "model.n_layer=3"], "keeps the base model's shape"),
+        # the data the run trains on is the one after --set (issue 22 #7: an AttributeError and a run left behind)
+        (["--model", base_run, "--data", chat_data, "--set", f"data.path={plain}"],
+         f"--set data.path={plain} was prepared without --chat"),
+        (["--model", base_run, "--data", chat_data, "--set", f"data.path={tmp_path / 'none'}"],
+         f"--set data.path={tmp_path / 'none'}: not prepared data"),
+        # --epochs: a positive finite number, a plan of at most 1e9 steps (issue 22 #6: 0 trained 3 epochs)
+        (["--model", base_run, "--data", chat_data, "--epochs", "0"], "argument --epochs: must be a positive number"),
+        (["--model", base_run, "--data", chat_data, "--epochs", "1e12"],
+         "that is 33,000,000,000,000 steps (33 per epoch), more than the 1,000,000,000 a run may plan"),
+        # --resume with nothing to resume says so (issue 22 #14: it asked for --model and --data "or --resume")
+        (["--resume"], "--resume: {out} has no fine-tuning run to resume"),
     ]
     for args, message in cases:
         out = tmp_path / "out"
         capsys.readouterr()
-        code = main(["sft", *map(str, args), "--out", str(out)])
+        try:
+            code = main(["sft", *map(str, args), "--out", str(out)])
+        except SystemExit as e:  # argparse's own errors (a bad --epochs)
+            code = e.code
         err = capsys.readouterr().err
         assert code == 2, (args, err)
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], (args, lines)
+        assert len(lines) == 1 and message.format(out=out) in lines[0], (args, lines)
         assert not out.exists(), args
 
 
@@ -239,3 +253,24 @@ def test_the_demo_fine_tunes_every_planned_epoch_on_a_slow_machine_and_shows_ans
                      .replace("before fine-tuning", "").split("->"))
     assert after < before
     assert f"talk to it: gptforge chat --model {out}" in text
+
+
+def test_a_stopped_fine_tune_says_to_continue_with_sft_and_that_command_continues_it(base_run, chat_data, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A stop request (Ctrl-C, SIGTERM) ends with the command that continues the run: `gptforge sft`, not `train`
+    (issue 22 #14); following it finishes the run."""
+    from gptforge.cli import main
+    from gptforge.training.stopping import StopRules
+
+    real = StopRules.local_reason
+    monkeypatch.setattr(StopRules, "local_reason",
+                        lambda self, step, tokens, elapsed: "interrupted" if step >= 2 else real(self, step, tokens,
+                                                                                                elapsed))
+    out = tmp_path / "chat"
+    settings = [a for s in SETTINGS for a in ("--set", s)]
+    assert main(["sft", "--model", str(base_run), "--data", str(chat_data), "--out", str(out), *settings]) == 130
+    said = capsys.readouterr().out
+    assert f"continue with: gptforge sft --out {out} --resume auto" in said, said[-500:]
+    monkeypatch.setattr(StopRules, "local_reason", real)
+    assert main(["sft", "--out", str(out), "--resume", "auto"]) == 0
+    assert f"step {MAX_STEPS}/{MAX_STEPS}" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..devices import DTYPE_CHOICES
 from ..errors import UserError
+from ..numeric import COUNT_OR_OFF, POSITIVE_INT, Range
 
 if TYPE_CHECKING:
     import torch
@@ -45,15 +46,19 @@ def resolve_device_for(args: argparse.Namespace) -> "torch.device":
 def add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int, temperature: float,
                          per: str = "sample") -> None:
     """The sampling options, with a command's own defaults (`per`: what one generation is called)."""
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=max_new_tokens,
                    help=f"most tokens per {per} (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
+    p.add_argument("--temperature", type=Range(float, 0, note="0 = greedy"), default=temperature,
+                   help=f"0 = greedy (default {temperature})")
+    p.add_argument("--top-k", type=COUNT_OR_OFF, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=Range(float, 0, 1, low_open=True, note="1 = off"), default=1.0,
+                   help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--min-p", type=Range(float, 0, 1, note="0 = off"), default=0.0,
+                   help="drop tokens below min-p x the top probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=Range(float, 0, low_open=True, note="1 = off"), default=1.0,
                    help="> 1 discourages tokens already present (sign-aware, as transformers; 1 = off)")
-    p.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
+    p.add_argument("--no-repeat-ngram", type=COUNT_OR_OFF, default=0,
+                   help="never repeat an n-gram of this size (0 = off)")
 
 
 def add_json_output_options(p: argparse.ArgumentParser, also_json: bool = False) -> None:

@@ -14,6 +14,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from ..errors import UserError
+from ..numeric import SEED
 from ._options import (add_device_options, add_json_output_options, add_quantize_option, add_sampling_options,
                        check_json_output, json_output_fields, resolve_device_for, sampling_config)
 
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-p", "--prompt", default=None, metavar="TEXT", help="print the reply to TEXT and exit")
     p.add_argument("--system", default=None, metavar="TEXT", help="system message for the conversation")
     add_sampling_options(p, max_new_tokens=512, temperature=0.7, per="reply")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=SEED, default=None,
                    help="random seed: the same seed and the same messages give the same conversation")
     p.add_argument("--stats", action="store_true",
                    help="after each reply, print its token count, time to first token and tokens/s to stderr")

@@ -7,6 +7,7 @@ import sys
 
 from ._options import add_device_options, add_quantize_option, resolve_device_for
 from ..errors import UserError
+from ..numeric import NON_NEGATIVE_INT, POSITIVE_INT
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,11 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", action="append", default=[], metavar="[TASK=]PATH",
                    help="local file/folder or hf:OWNER/NAME[:CONFIG]; with several tasks write TASK=PATH. "
                         "Without it a benchmark reads its Hugging Face dataset (needs the network)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N items (val: N windows)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass (default 16)")
-    p.add_argument("--shots", type=int, default=0, help="mmlu: solved dev examples per prompt (default 0)")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="score only the first N items (val: N windows)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16, help="sequences per forward pass (default 16)")
+    p.add_argument("--shots", type=NON_NEGATIVE_INT, default=0, help="mmlu: solved dev examples per prompt (default 0)")
     p.add_argument("--split", default="test", help="mmlu: split to evaluate (test, val or dev; default test)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=POSITIVE_INT, default=None,
                    help="val: tokens scored per window after the first (default: half the context for text "
                         "files, the whole context for prepared splits)")
     p.add_argument("--json", metavar="OUT", help="write the results (and provenance) to this JSON file")
@@ -45,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
     tasks = runner.check_tasks(args.task)
     data = runner.parse_data(args.data, tasks)
     options = runner.EvalOptions(shots=args.shots, mmlu_split=args.split, stride=args.stride)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.json:
         from ..outputs import EVAL_REPORT, check_output
         # an earlier report is replaced (eval's own output); any other file, or what eval reads, never is

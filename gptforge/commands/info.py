@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..numeric import POSITIVE_INT
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("info", help="size a model (params, FLOPs, memory) or describe a run/checkpoint",
@@ -17,11 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "preset (verifies every checkpoint's checksums)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field, e.g. --set n_layer=4 or --set model.n_layer=4 (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=8, help="training micro-batch (default 8)")
-    parser.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the context)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="training micro-batch (default 8)")
+    parser.add_argument("--seq-len", type=POSITIVE_INT, default=None, help="sequence length (default: the context)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--inference-batch", type=int, default=1)
-    parser.add_argument("--world-size", type=int, default=1,
+    parser.add_argument("--inference-batch", type=POSITIVE_INT, default=1)
+    parser.add_argument("--world-size", type=POSITIVE_INT, default=1,
                         help="number of GPUs: also show per-GPU training memory under DDP and FSDP2")
     parser.add_argument("--json", action="store_true", help="with --model: print the description as JSON")
     parser.set_defaults(func=run)
@@ -52,8 +54,6 @@ def run(args: argparse.Namespace) -> int:
     run_config = resolve_run_config(args.config, None if args.config else name, overrides=overrides)
     config = run_config.model
     seq_len = args.seq_len or config.block_size
-    if args.batch_size < 1 or args.inference_batch < 1 or args.world_size < 1:
-        raise UserError("--batch-size, --inference-batch and --world-size must be at least 1")
     if not 1 <= seq_len <= config.block_size:
         raise UserError(f"--seq-len {seq_len} must be between 1 and the context {config.block_size}")
     print(format_report(config, name, args.batch_size, seq_len, args.dtype, args.inference_batch))

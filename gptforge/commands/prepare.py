@@ -7,6 +7,11 @@ import os
 import signal
 import sys
 
+from ..errors import EXIT_INTERRUPTED
+from ..numeric import POSITIVE_INT, SEED, Range
+
+VAL_FRACTION = Range(float, 0, 1, high_open=True, note="0 = no val split")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -21,12 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="only files matching PATTERN inside folders, e.g. '*.txt' or 'books/*.md'")
     parser.add_argument("--text-field", default="text", metavar="NAME",
                         help="the text field of JSONL/Parquet/hf: records (default: text)")
-    parser.add_argument("--val-fraction", type=float, default=None, metavar="F",
+    parser.add_argument("--val-fraction", type=VAL_FRACTION, default=None, metavar="F",
                         help="share of documents for the val split (default 0.05)")
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=POSITIVE_INT, default=None, metavar="N",
                         help="tokenizer processes (default: the CPU count)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    parser.add_argument("--shard-tokens", type=int, default=None, metavar="N",
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the train/val split (default 0)")
+    parser.add_argument("--shard-tokens", type=POSITIVE_INT, default=None, metavar="N",
                         help="tokens per shard file at most (default 100,000,000)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out once the new data is complete")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -37,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "run (runs/NAME), its tokenizer directory or gpt2")
     chat.add_argument("--chat-format", default=None, metavar="FORMAT",
                       help="messages, sharegpt, alpaca or prompt_completion (default: detected per source)")
-    chat.add_argument("--context", type=int, default=None, metavar="N",
+    chat.add_argument("--context", type=Range(int, 2), default=None, metavar="N",
                       help="row length to report packing for (default: the base run's, else 1024)")
     parser.set_defaults(func=run)
 
@@ -75,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         now = _identity(args.out)
         state = "unchanged" if now == before else "complete (the signal came as it was finished)"
         print(f"gptforge prepare: terminated (SIGTERM); {args.out} is {state}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return EXIT_INTERRUPTED  # as train and sft: a stop request is 130, whether Ctrl-C or SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -12,6 +12,7 @@ import sys
 from ._options import (add_device_options, add_json_output_options, add_quantize_option, add_sampling_options,
                        check_json_output, json_output_fields, resolve_device_for, sampling_config)
 from ..errors import UserError
+from ..numeric import SAMPLES, SEED
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(so --stop '\\n\\n' ends at a blank line)")
     p.add_argument("--no-stop-at-eot", dest="stop_at_eot", action="store_false",
                    help="keep generating past the end-of-text token")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per seed (default 1), generated as a batch")
-    p.add_argument("--seed", type=int, action="append", default=None, metavar="N",
+    p.add_argument("--num-samples", type=SAMPLES, default=1,
+                   help="samples per seed (default 1), generated as a batch")
+    p.add_argument("--seed", type=SEED, action="append", default=None, metavar="N",
                    help="random seed; repeat for several seeds, each printed with its samples (default: a "
                         "fresh one per prompt, recorded in --json output so a sample can be reproduced)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -95,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
 
     config = sampling_config(args, stop=tuple(unescape(text, "--stop") for text in args.stop),
                              stop_at_eot=args.stop_at_eot, **json_output_fields(args))
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples: must be a positive integer, got {args.num_samples}")
     prompt = read_prompt(args)
     device = resolve_device_for(args)
     source = resolve_model_source(args.model)

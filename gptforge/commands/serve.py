@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ..errors import UserError
+from ..numeric import PORT, POSITIVE_INT, SEED
 from ._options import add_device_options, add_quantize_option, resolve_device_for
 
 
@@ -19,16 +20,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="run directory, checkpoint, hf:DIR or preset name")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=PORT, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1/* (strongly advised beyond 127.0.0.1)")
     p.add_argument("--name", default=None, help="model id clients use (default: the --model argument's last part)")
-    p.add_argument("--max-batch", type=int, default=16, metavar="ROWS",
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=16, metavar="ROWS",
                    help="most sequences generated together (default 16; 1 = one request at a time)")
-    p.add_argument("--max-queued", type=int, default=64,
+    p.add_argument("--max-queued", type=POSITIVE_INT, default=64,
                    help="prompts that may wait for a row (a completions request may carry several); more get 429 "
                         "(default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of a preset's random weights (default 0)")
     add_device_options(p)
     add_quantize_option(p)
     p.set_defaults(func=run)
@@ -49,10 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from ..generation import prepare_for_decoding
     from ..loading import default_tokenizer, load_model, resolve_model_source
 
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port: must be in 0..65535, got {args.port}")
-    if args.max_batch < 1 or args.max_queued < 1:
-        raise UserError("--max-batch and --max-queued must be at least 1")
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import EXIT_INTERRUPTED
+from ..numeric import POSITIVE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", metavar="BASE_RUN", help="the base model: a run directory, checkpoint or HF directory")
     p.add_argument("--data", metavar="DIR", help="chat data prepared with `gptforge prepare ... --chat`")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory of the chat model")
-    p.add_argument("--epochs", type=float, default=None, metavar="N",
+    p.add_argument("--epochs", type=POSITIVE, default=None, metavar="N",
                    help="passes over the conversations (default 3; --set train.max_steps=N instead counts steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable), e.g. train.lr=1e-4 or train.micro_batch_size=16")
@@ -34,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume not in (None, "auto"):
         raise UserError(f"--resume {args.resume}: sft resumes its newest valid checkpoint; pass --resume alone")
-    if not (args.model or args.data or args.out or args.overrides or args.resume or args.fresh or args.epochs):
+    if not (args.model or args.data or args.out or args.overrides or args.resume or args.fresh
+            or args.epochs is not None):
         from ..training.sft_demo import run_sft_demo
         result = run_sft_demo()
     else:

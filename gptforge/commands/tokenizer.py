@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from ..numeric import POSITIVE_INT, VOCAB_SIZE
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tokenizer", help="train a tokenizer, fetch GPT-2's vocabulary, encode text",
@@ -16,14 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                description="Train a tokenizer on SOURCEs (text files, folders, .jsonl, .parquet, "
                                            "hf:NAME, builtin:pystdlib) and save it to --out.")
     train.add_argument("sources", nargs="+", metavar="SOURCE")
-    train.add_argument("--vocab-size", type=int, default=None,
+    train.add_argument("--vocab-size", type=VOCAB_SIZE, default=None,
                        help="total ids incl. 256 bytes and special tokens (required for bpe)")
     train.add_argument("--out", required=True, help="directory to write (new or empty; --overwrite replaces a tokenizer directory)")
     train.add_argument("--kind", choices=["bpe", "char"], default="bpe")
     train.add_argument("--glob", default=None, help="only files in folders matching this pattern, e.g. '*.py'")
     train.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
                        help="extra special token besides <|endoftext|> (repeatable), e.g. <|im_start|>")
-    train.add_argument("--min-frequency", type=int, default=2, help="bpe: least count for a merge (default 2)")
+    train.add_argument("--min-frequency", type=POSITIVE_INT, default=2, help="bpe: least count for a merge (default 2)")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it holds a tokenizer")
     train.set_defaults(func=run_train)
 
@@ -65,8 +67,6 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         if args.vocab_size is None:
             raise UserError("--vocab-size is required for a bpe tokenizer, e.g. --vocab-size 16384")
-        if args.min_frequency < 1:
-            raise UserError("--min-frequency must be at least 1")
         tokenizer = train_bpe(documents, args.vocab_size, special_tokens=["<|endoftext|>", *args.special_token],
                               min_frequency=args.min_frequency, show_progress=sys.stderr.isatty())
     with owned_output(out, TOKENIZER, replace=args.overwrite, inputs=inputs, command="tokenizer train") as tmp:

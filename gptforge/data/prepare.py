@@ -62,7 +62,9 @@ def build_tokenizer(spec: str, sources: list[Source], glob: str | None = None,
         size = spec[4:]
         if not size.isdigit():
             raise UserError(f"--tokenizer {spec}: write bpe:VOCAB_SIZE, e.g. bpe:16384")
-        return train_bpe(DocumentReader(sources, glob, text_field).documents(), int(size))
+        from ..numeric import VOCAB_SIZE
+        vocab_size = VOCAB_SIZE.parse(size, f"--tokenizer {spec}")  # before a pass over the corpus
+        return train_bpe(DocumentReader(sources, glob, text_field).documents(), vocab_size)
     if spec == "gpt2" or Path(spec).is_dir():
         return get_tokenizer(spec)
     raise UserError(f"--tokenizer {spec}: not {TOKENIZER_FORMS} (no such directory)")

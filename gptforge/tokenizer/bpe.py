@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..numeric import MAX_VOCAB
 from .base import EOT, Tokenizer, read_json, split_at_safe_cuts
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -117,6 +118,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[st
     if not isinstance(vocab_size, int) or vocab_size < minimum:
         raise UserError(f"--vocab-size {vocab_size} is too small for byte-level BPE: it needs at least {minimum} "
                         f"(256 bytes + {len(special_tokens)} special tokens); 8192-50257 is typical")
+    if vocab_size > MAX_VOCAB:  # also `prepare --tokenizer bpe:N`; the Rust trainer aborts the process near 1e9
+        raise UserError(f"--vocab-size {vocab_size:,} is more than the {MAX_VOCAB:,} a tokenizer may have; "
+                        "8192-50257 is typical")
     counter = {"docs": 0, "chars": 0}
 
     limit_long_runs = _LongRunLimiter()

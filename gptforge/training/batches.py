@@ -28,6 +28,8 @@ BATCH_SOURCES: dict[str, str] = {
     "tokens": "gptforge.data.loader:SequenceLoader",  # plain token shards (gptforge prepare)
     "chat": "gptforge.data.chat_loader:ChatLoader",  # packed conversations, loss on replies (prepare --chat)
 }
+# manifest "kind" -> the command a stopped run on it continues with: a run on chat data is a fine-tune
+RESUME_COMMANDS: dict[str, str] = {"tokens": "gptforge train", "chat": "gptforge sft"}
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ newest valid one, since every save is built under a temporary name and renamed i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,7 +43,8 @@ class Checkpointer:
         """Checkpoint `step` with `state` as its state.json; returns its directory."""
         def failed(e: OSError) -> UserError:
             previous = self.last.name if self.last else "none"
-            return UserError(f"could not write checkpoint {checkpoint_dir(self.run_dir, step)} ({e.strerror or e}); "
+            reason = os.strerror(e.errno) if e.errno else e.strerror or e  # what to do comes after: said once
+            return UserError(f"could not write checkpoint {checkpoint_dir(self.run_dir, step)} ({reason}); "
                              f"the previous checkpoint ({previous}) is intact: free disk space, then continue with "
                              "--resume auto")
 

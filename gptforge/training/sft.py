@@ -30,6 +30,7 @@ from ..config import RunConfig, TrainConfig, apply_overrides
 from ..errors import UserError
 from ..layout import (CHAT_DATA_KIND, RUN_CONFIG_FILE, TOKENIZER_DIR, is_data_dir, latest_valid_checkpoint,
                       list_checkpoints)
+from ..numeric import MAX_STEPS, POSITIVE
 from ..outputs import CHAT_RUN, check_output
 from ..resolve import parse_set
 
@@ -75,8 +76,9 @@ def load_base(spec: str) -> Base:
     return Base(spec, model, tokenizer, run_config)
 
 
-def check_chat_data(data: str, base: Base) -> dict[str, Any]:
-    """The chat data's manifest, after checking it was prepared with --chat and with the base's tokenizer."""
+def check_chat_data(data: str, base: Base, option: str = "--data ") -> dict[str, Any]:
+    """The chat data's manifest, after checking it was prepared with --chat and with the base's tokenizer
+    (`option`: how the user named it, "--data " or "--set data.path=")."""
     import copy
 
     from ..chat.tokens import add_chat_tokens
@@ -85,16 +87,16 @@ def check_chat_data(data: str, base: Base) -> dict[str, Any]:
     from ..tokenizer import load_tokenizer
 
     if not is_data_dir(data):
-        raise UserError(f"--data {data}: not prepared data (no manifest.json); prepare conversations with "
+        raise UserError(f"{option}{data}: not prepared data (no manifest.json); prepare conversations with "
                         f"`gptforge prepare FILE.jsonl --chat --tokenizer {base.spec} --out {data}`")
     manifest = read_manifest(data)
     if manifest.get("kind") != CHAT_DATA_KIND:
-        raise UserError(f"--data {data} was prepared without --chat (plain text, no loss mask); prepare the "
+        raise UserError(f"{option}{data} was prepared without --chat (plain text, no loss mask); prepare the "
                         f"conversations with `gptforge prepare SOURCE --chat --tokenizer {base.spec} --out DIR`")
     expected = add_chat_tokens(copy.deepcopy(base.tokenizer))
     prepared = load_tokenizer(Path(data) / TOKENIZER_DIR)
     if tokenizer_fingerprint(prepared) != tokenizer_fingerprint(expected):
-        raise UserError(f"--data {data} was prepared with another tokenizer ({prepared.kind}, {prepared.vocab_size} "
+        raise UserError(f"{option}{data} was prepared with another tokenizer ({prepared.kind}, {prepared.vocab_size} "
                         f"ids) than --model {base.spec}'s ({expected.kind}, {expected.vocab_size} ids with the chat "
                         f"markers); prepare it again with --tokenizer {base.spec}")
     return manifest
@@ -133,10 +135,13 @@ def sft_config(base: Base, data: str, out: str, epochs: float | None = None, ove
         sample_prompts=[], sample_tokens=SAMPLE_TOKENS, sample_temperature=0.0, keep_checkpoints=2, max_time=0.0)
     config = RunConfig(model=model, train=train, data=dataclasses.replace(RunConfig().data, path=str(data)))
     config = apply_overrides(config, pairs)  # batch settings first: the epoch length depends on them
+    if config.data.path != str(data):  # the run trains on the resolved path: check it, before any directory
+        check_chat_data(config.data.path, base, option="--set data.path=")
+        data = config.data.path
     per_epoch = steps_per_epoch(data, config.seq_len, config.train, world_size)
     if "train.max_steps" in pairs and epochs is not None:
         raise UserError("--epochs and --set train.max_steps both set the run's length; pass one of them")
-    steps = config.train.max_steps if "train.max_steps" in pairs else max(1, round(per_epoch * (epochs or DEFAULT_EPOCHS)))
+    steps = config.train.max_steps if "train.max_steps" in pairs else planned_steps(per_epoch, epochs)
     every = max(1, min(per_epoch, steps) // 2)
     defaults = {"train.max_steps": steps, "train.warmup_steps": max(1, math.ceil(steps * WARMUP_FRACTION)),
                 "train.eval_every": every, "train.checkpoint_every": max(1, min(per_epoch, steps)),
@@ -144,6 +149,18 @@ def sft_config(base: Base, data: str, out: str, epochs: float | None = None, ove
                 "train.eval_batches": _val_batches(data, config, world_size)}
     defaults = {k: v for k, v in defaults.items() if k not in pairs}
     return apply_overrides(config, defaults)
+
+
+def planned_steps(per_epoch: int, epochs: float | None) -> int:
+    """The steps `epochs` passes take (None: the default), or a UserError where the plan is not a run: an
+    epoch count that is not a positive finite number, or more steps than any run plans (numeric.MAX_STEPS:
+    refused rather than capped, so the length a user asked for is never silently another)."""
+    epochs = DEFAULT_EPOCHS if epochs is None else POSITIVE.check(epochs, "--epochs")
+    steps = max(1, round(per_epoch * epochs))
+    if steps > MAX_STEPS:
+        raise UserError(f"--epochs {epochs:g}: that is {steps:,} steps ({per_epoch:,} per epoch), more than the "
+                        f"{MAX_STEPS:,} a run may plan; pass fewer epochs")
+    return steps
 
 
 def _val_batches(data: str, config: RunConfig, world_size: int) -> int:
@@ -220,8 +237,7 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
         base = None
     else:
         if not model or not data:
-            raise UserError("--model BASE_RUN and --data CHAT_DATA are needed to start a fine-tuning run "
-                            "(or --resume to continue one in --out)")
+            raise missing_inputs(out, resume)
         base = load_base(model)
         check_chat_data(data, base)
         config = sft_config(base, data, out, epochs, overrides, world_size)
@@ -243,6 +259,15 @@ def sft(model: str | None = None, data: str | None = None, out: str | None = Non
             D.teardown()
     result.last_samples = trainer.samples.last  # type: ignore[attr-defined]
     return result
+
+
+def missing_inputs(out: str, resume: str | None) -> UserError:
+    """Why a run without --model or --data cannot start: with --resume, `out` holds nothing to continue."""
+    if resume is not None:
+        return UserError(f"--resume: {out} has no fine-tuning run to resume (no valid checkpoint there); start one "
+                         f"with --model BASE_RUN --data CHAT_DATA --out {out}")
+    return UserError("--model BASE_RUN and --data CHAT_DATA are needed to start a fine-tuning run "
+                     "(or --resume to continue one in --out)")
 
 
 def _sample_prompts(config: RunConfig) -> list[dict[str, Any]]:

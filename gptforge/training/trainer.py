@@ -40,7 +40,7 @@ from ..layout import STATE_FILE, TOKENIZER_DIR
 from ..model import GPT
 from ..outputs import RUN, Inputs, OutputKind
 from . import distributed as D
-from .batches import open_batch_source
+from .batches import RESUME_COMMANDS, data_kind, open_batch_source
 from .checkpointer import Checkpointer
 from .metrics import MetricsLogger, device_peak_flops, import_backends
 from .optim import build_optimizer
@@ -130,6 +130,7 @@ class Trainer:
         self.batches = open_batch_source(config.data.path, "train", self.seq_len, tc.micro_batch_size,
                                          seed=config.data.seed, rank=self.rank, world_size=self.world_size,
                                          vocab_size=config.model.vocab_size)
+        self.resume_command = RESUME_COMMANDS[data_kind(config.data.path)]
         data_tokenizer = load_tokenizer_or_none(Path(config.data.path) / TOKENIZER_DIR, strict=True)
         callbacks = list(eval_callbacks)
         if tc.eval_tasks:
@@ -339,7 +340,7 @@ class Trainer:
         if reason == "interrupted":
             launcher = f"torchrun --nproc_per_node {self.world_size} -m " if self.world_size > 1 else ""
             self.log(f"stopped at step {c.step}; checkpoint {self.last_checkpoint}; continue with: "
-                     f"{launcher}gptforge train --out {self.run_dir.path} --resume auto")
+                     f"{launcher}{self.resume_command} --out {self.run_dir.path} --resume auto")
         return TrainResult(self.run_dir.path, c.step, c.tokens, reason, train_loss, val_loss,
                            self.last_checkpoint, self.resumed_from)
 
