@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "inside it (or --out FILE), so that sample / eval / export can load it.")
     p.add_argument("checkpoint", metavar="CKPT_DIR",
                    help="checkpoints/step_N of an FSDP run, or the run directory (its newest valid checkpoint)")
-    p.add_argument("--out", metavar="FILE", help="write here instead of CKPT_DIR/model.safetensors (a new file: nothing is replaced)")
+    p.add_argument("--out", metavar="FILE",
+                   help="write here instead of CKPT_DIR/model.safetensors (a new file: nothing is replaced)")
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..numeric import SEED
+
 FORMATS = ("hf", "gguf")
 
 
@@ -20,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer to include: gpt2 or a directory (default: the one saved with the model, else "
                              "gpt2 for a model with GPT-2's 50,257-id vocabulary)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=SEED, default=0,
                         help="seed of a preset's random weights (default 0), as `sample`/`serve --model PRESET "
                              "--seed N` draw them")
     parser.set_defaults(func=run)

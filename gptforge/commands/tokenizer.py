@@ -20,12 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("sources", nargs="+", metavar="SOURCE")
     train.add_argument("--vocab-size", type=VOCAB_SIZE, default=None,
                        help="total ids incl. 256 bytes and special tokens (required for bpe)")
-    train.add_argument("--out", required=True, help="directory to write (new or empty; --overwrite replaces a tokenizer directory)")
+    train.add_argument("--out", required=True,
+                       help="directory to write (new or empty; --overwrite replaces a tokenizer directory)")
     train.add_argument("--kind", choices=["bpe", "char"], default="bpe")
     train.add_argument("--glob", default=None, help="only files in folders matching this pattern, e.g. '*.py'")
     train.add_argument("--special-token", action="append", default=[], metavar="TOKEN",
                        help="extra special token besides <|endoftext|> (repeatable), e.g. <|im_start|>")
-    train.add_argument("--min-frequency", type=POSITIVE_INT, default=2, help="bpe: least count for a merge (default 2)")
+    train.add_argument("--min-frequency", type=POSITIVE_INT, default=2,
+                       help="bpe: least count for a merge (default 2)")
     train.add_argument("--overwrite", action="store_true", help="replace --out if it holds a tokenizer")
     train.set_defaults(func=run_train)
 

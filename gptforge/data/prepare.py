@@ -313,7 +313,8 @@ def summary(manifest: dict[str, Any], out_dir: str | os.PathLike) -> str:
     counts, splits, tok = manifest["counts"], manifest["splits"], manifest["tokenizer"]
     lines = [f"prepared {out_dir}: {counts['documents']:,} documents, {counts['bytes']:,} bytes -> "
              f"{splits['train']['tokens']:,} train + {splits['val']['tokens']:,} val tokens "
-             f"({tok['kind']} tokenizer, vocab {tok['vocab_size']:,}, {manifest['dtype']}) in {manifest['seconds']:.1f} s"]
+             f"({tok['kind']} tokenizer, vocab {tok['vocab_size']:,}, {manifest['dtype']}) "
+             f"in {manifest['seconds']:.1f} s"]
     if manifest.get("split"):
         lines.append(f"val split: {manifest['split']['detail']}")
     lines += [f"warning: {w}" for w in manifest["warnings"]]
