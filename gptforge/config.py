@@ -363,7 +363,8 @@ class TrainConfig:
     max_steps: int = 1000
     max_tokens: int = 0
     max_time: float = 0.0  # seconds
-    # optimizer and schedule
+    # optimizer and schedule; "muon": torch's Muon for the blocks' matrices, AdamW (lr, betas...) for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -374,6 +375,11 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0: off
+    muon_lr: float = 0.02  # Muon's peak (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
     # evaluation, samples, logging, checkpoints
     log_every: int = 10
     eval_every: int = 200
@@ -427,6 +433,10 @@ class TrainConfig:
             raise bad("beta1", f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.eps <= 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise bad("eps", "eps must be > 0, weight_decay and grad_clip >= 0")
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0 or self.muon_weight_decay < 0:
+            raise bad("muon_lr", "muon_lr must be > 0, muon_momentum in [0, 1), muon_weight_decay >= 0")
+        if not 1 <= self.muon_ns_steps < 100:
+            raise bad("muon_ns_steps", f"must be between 1 and 99, got {self.muon_ns_steps}")
         if self.batch_ramp_start < 1:
             raise bad("batch_ramp_start", f"must be a positive number of tokens, got {self.batch_ramp_start}")
 

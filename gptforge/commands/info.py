@@ -49,13 +49,14 @@ def run(args: argparse.Namespace) -> int:
     # The same resolver as `gptforge train`, so a file means the same model to both; bare keys are model keys.
     overrides = [item if "." in item.split("=", 1)[0] else f"model.{item}" for item in args.set]
     name = args.config or args.preset or "gpt2"
-    config = resolve_run_config(args.config, None if args.config else name, overrides=overrides).model
+    run_config = resolve_run_config(args.config, None if args.config else name, overrides=overrides)
+    config = run_config.model
     seq_len = args.seq_len or config.block_size
     if args.batch_size < 1 or args.inference_batch < 1 or args.world_size < 1:
         raise UserError("--batch-size, --inference-batch and --world-size must be at least 1")
     if not 1 <= seq_len <= config.block_size:
         raise UserError(f"--seq-len {seq_len} must be between 1 and the context {config.block_size}")
-    print(format_report(config, name, args.batch_size, seq_len, args.dtype, args.inference_batch))
+    print(format_report(config, name, args.batch_size, seq_len, args.dtype, args.inference_batch, run_config.train))
     if args.world_size > 1:
         print()
         print(format_distributed(config, args.world_size, args.batch_size, seq_len, args.dtype))
