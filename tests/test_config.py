@@ -101,3 +101,16 @@ def test_char_small_preset_brings_its_training_recipe_and_set_still_wins():
     # other presets keep the defaults apart from GPT-3's Table 2.1 LR
     gpt3 = resolve_run_config(preset="gpt3-small").train
     assert gpt3.lr == 6e-4 and gpt3.micro_batch_size == RunConfig().train.micro_batch_size
+
+
+def test_optimizer_and_muon_settings_from_set():
+    from gptforge.config import RunConfig
+    config = apply_overrides(RunConfig(), ["train.optimizer=muon", "train.muon_lr=0.05", "train.muon_momentum=0.9",
+                                           "train.muon_nesterov=false", "train.muon_ns_steps=3"])
+    t = config.train
+    assert (t.optimizer, t.muon_lr, t.muon_momentum, t.muon_nesterov, t.muon_ns_steps) == ("muon", 0.05, 0.9, False, 3)
+    with pytest.raises(UserError, match="train.optimizer.*'sgd' is not one of 'adamw', 'muon'"):
+        apply_overrides(RunConfig(), ["train.optimizer=sgd"])
+    for bad in ("train.muon_lr=0", "train.muon_momentum=1", "train.muon_ns_steps=0"):
+        with pytest.raises(UserError, match=bad.split("=")[0].split(".")[1]):
+            apply_overrides(RunConfig(), [bad])
