@@ -7,9 +7,9 @@ Character-level tinyshakespeare: train on the first 90% of the file, score on th
              1e-4 cosine after 100 warmup steps, weight decay 0.1, clip 1.0, no dropout, no biases, batches
              at random offsets).
   gptforge   `gptforge.training.train` (the product's trainer, run directory and all) with a recipe: `small-cpu`
-             (the char-small preset's training settings), `muon` (those with train.optimizer=muon: Muon for the
-             blocks' matrices, over fewer steps), or `same` (the reference's recipe through gptforge's own
-             defaults: the "before" figure).
+             (the char-small preset's training settings: Muon for the blocks' matrices, AdamW for the rest),
+             `adamw` (the preset's AdamW-only recipe before Muon: 5x the LR over 1,400 steps), or `same` (the
+             reference's recipe through gptforge's own defaults: the "before" figure).
 
 Each run is a fresh process with pinned threads; the arms alternate (reference, gptforge, reference, ...).
 Every run scores the whole held-out split (every 64-character window, the same function for both) at
@@ -20,7 +20,7 @@ target. The table gives medians and their ratio.
     python benchmarks/time_to_loss.py --data PATH/tinyshakespeare.txt              # 3 pairs, ~10 min
     python benchmarks/time_to_loss.py --data PATH --quick                          # 1 pair, 400 iters
     python benchmarks/time_to_loss.py --data PATH --arms reference,same,small-cpu  # before and after
-    python benchmarks/time_to_loss.py --data PATH --arms reference,small-cpu,muon  # AdamW vs Muon
+    python benchmarks/time_to_loss.py --data PATH --arms reference,adamw,small-cpu # AdamW vs Muon
     python benchmarks/time_to_loss.py --data PATH --profile    # step times in one process + where time goes
 """
 
@@ -43,7 +43,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REF = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, iters=2000, lr=1e-3, min_lr=1e-4,
            warmup=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0)
 N_SNAPSHOTS = 50  # weights kept per run, at equal fractions of its steps
-MUON_STEPS = 600  # the muon recipe's steps per 2,000 reference iterations
 
 
 def load_splits(path: str) -> tuple[list[str], "object", "object"]:
@@ -265,9 +264,10 @@ def _preset_train(name: str) -> dict:
 RECIPES = {
     "same": lambda iters: {},  # the reference's recipe with gptforge's defaults (bf16 autocast where native)
     # the char-small preset's training settings (gptforge.config.PRESET_TRAIN), steps scaled with --iters
-    "small-cpu": lambda iters: {**_preset_train("char-small"), "max_steps": iters * 7 // 10},
-    # Muon for the blocks' matrices (train.muon_* defaults), AdamW as above for the rest, fewer steps
-    "muon": lambda iters: {**_preset_train("char-small"), "optimizer": "muon", "max_steps": iters * MUON_STEPS // 2000},
+    "small-cpu": lambda iters: {**_preset_train("char-small"),
+                                "max_steps": iters * _preset_train("char-small")["max_steps"] // REF["iters"]},
+    # the preset before Muon: AdamW alone at 5x the reference's LR over 70% of its steps
+    "adamw": lambda iters: {**_preset_train("char-small"), "optimizer": "adamw", "max_steps": iters * 7 // 10},
 }
 
 
