@@ -31,7 +31,8 @@ AMD EPYC without native bf16 shared with other jobs). Steps to held-out 1.892 / 
     muon lr 0.04, momentum 0.95, 600 steps         not reached / 1.914
     muon lr 0.02, momentum 0.90, 600 steps              480 / 1.831
     muon lr 0.02, momentum 0.95, 300 steps of 24    not reached / 1.914
-    muon lr 0.02, momentum 0.95, 800 steps              544 / 1.778   <- the char-small preset
+    muon lr 0.02, momentum 0.95, 800 steps              544 / 1.778
+    muon lr 0.02, momentum 0.90, 800 steps              496 / 1.759   <- the char-small preset
 Interleaved step times (--profile): reference 840 ms, gptforge AdamW 1059-1172 ms, gptforge Muon 1691 ms
 (fp32 everywhere: this CPU has no native bf16).
 """

@@ -98,7 +98,7 @@ def test_char_small_preset_brings_its_training_recipe_and_set_still_wins():
     m, t = config.model, config.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
     assert (t.lr, t.micro_batch_size, t.max_steps, t.warmup_steps, t.beta2) == (5e-3, 12, 800, 50, 0.99)
-    assert (t.optimizer, t.muon_lr, t.muon_momentum) == ("muon", 0.02, 0.95)
+    assert (t.optimizer, t.muon_lr, t.muon_momentum) == ("muon", 0.02, 0.9)
     assert resolve_run_config(preset="char-small", overrides=["train.lr=1e-3"]).train.lr == 1e-3
     # other presets keep the defaults apart from GPT-3's Table 2.1 LR
     gpt3 = resolve_run_config(preset="gpt3-small").train
