@@ -7,6 +7,13 @@
           (`cuda_graph=True`: static cache, decode steps replayed as one graph): time to first token, time per
           output token after it, output tokens/s.
 
+  muon    time to loss: GPT-2 124M (gpt2's shape, the data's vocabulary) trained by the trainer itself for the
+          same number of steps with AdamW (the trainer's defaults) and with train.optimizer=muon, val loss at
+          every tenth of the run (eager: the first arm would otherwise pay the compilation the second reuses);
+          the target is AdamW's final val loss; reported: the step and training time
+          (evaluation excluded) of each arm's first val loss at or below it (`--ttl-data DIR`, a prepared data
+          directory; gpu_suite.sh prepares Python's standard library, char-level).
+
 MFU uses the trainer's FLOPs count (info.flops_per_token) and its table of device peaks (train.metrics).
 `--cpu-smoke` runs every path above on CPU at toy sizes (compile included, CUDA graphs falling back to the
 static cache they use) so that the suite is known to run before a GPU session spends time on it.
@@ -78,6 +85,45 @@ def train_cell(config: ModelConfig, seq_len: int, batch: int, steps: int, device
     return {"step_s": step_s, "tok_s": tok_s, "mfu": mfu, "warmup_s": warmup, "mem_gib": mem, "ok": ok}
 
 
+def ttl_arm(config: ModelConfig, data: str, optimizer: str, steps: int, batch: int, seq_len: int,
+            out: str) -> list[tuple[int, float, float]]:
+    """(step, seconds of training so far, val loss) at every tenth of a `steps`-step run of the trainer."""
+    from gptforge.config import DataConfig, RunConfig
+    from gptforge.resolve import fit_vocab_to_data
+    from gptforge.training.trainer import Trainer
+
+    every = max(1, steps // 10)
+    train = TrainConfig(out_dir=out, optimizer=optimizer, max_steps=steps, micro_batch_size=batch, seq_len=seq_len,
+                        warmup_steps=max(1, steps // 20), eval_every=every, eval_batches=8, log_every=every,
+                        checkpoint_every=10 * steps, sample_every=10 * steps, sample_tokens=0)
+    run = RunConfig(model=config, train=train, data=DataConfig(path=data))
+    trainer = Trainer(fit_vocab_to_data(run, explicit_vocab=False), log=lambda m: None)
+    points: list[tuple[int, float, float]] = []
+    evaluate = trainer.evaluate
+
+    def record() -> dict:
+        results = evaluate()
+        points.append((trainer.counters.step, trainer.counters.elapsed, results.get("val_loss", float("nan"))))
+        return results
+
+    trainer.evaluate = record  # counters.elapsed counts training steps only
+    trainer.fit()
+    return points
+
+
+def ttl_rows(config: ModelConfig, data: str, steps: int, batch: int, seq_len: int, work: str) -> list[str]:
+    """Muon vs AdamW over the same steps: the step and time at which each reaches AdamW's final val loss."""
+    points = {arm: ttl_arm(config, data, arm, steps, batch, seq_len, f"{work}/{arm}") for arm in ("adamw", "muon")}
+    target = points["adamw"][-1][2]
+    rows = []
+    for arm, pts in points.items():
+        hit = next(((s, t) for s, t, v in pts if v <= target), None)
+        reached = f"step {hit[0]:>5} at {hit[1]:7.1f} s" if hit else "not reached"
+        rows.append(f"muon   gpt2-124M {arm:5} {steps} steps B={batch} T={seq_len} | final val {pts[-1][2]:.4f} | "
+                    f"to {target:.4f} (adamw final): {reached} | {pts[-1][1]:7.1f} s training")
+    return rows
+
+
 def decode_cell(model: GPT, batch: int, prompt_len: int, new_tokens: int, cuda_graph: bool, repeats: int) -> dict:
     """Greedy generation of `new_tokens` per row through the engine; medians over `repeats` runs after one
     warm-up run (which also captures the graphs)."""
@@ -110,7 +156,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="every path on CPU at toy sizes (numbers meaningless)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per cell")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: train, decode")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: train, decode, muon")
+    p.add_argument("--ttl-data", default=None, help="prepared data directory for the muon time-to-loss row")
+    p.add_argument("--ttl-steps", type=int, default=600, help="steps of each arm of the muon row")
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     if a.cpu_smoke:
@@ -120,6 +168,7 @@ def main() -> None:
                        ("gpt3-small", ModelConfig(block_size=128, attention="alternating", window=32, **tiny), 128, 2)]
         decode_model = ModelConfig(block_size=64, **tiny)
         batches, prompt_len, new_tokens, repeats, steps = (1, 8, 32), 8, 8, 1, 2
+        ttl_model, ttl_steps, ttl_batch, ttl_T = ModelConfig(block_size=64, **tiny), 4, 2, 64
     else:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_suite: no CUDA device here; use --cpu-smoke to check the code paths on CPU")
@@ -128,6 +177,7 @@ def main() -> None:
         train_cases = [("gpt2", get_preset("gpt2"), 1024, 16), ("gpt3-small", get_preset("gpt3-small"), 2048, 8)]
         decode_model = get_preset("gpt2")
         batches, prompt_len, new_tokens, repeats, steps = (1, 8, 32), 16, 256, 3, a.steps
+        ttl_model, ttl_steps, ttl_batch, ttl_T = get_preset("gpt2"), a.ttl_steps, 16, 1024
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke: numbers meaningless)"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
     rows = []
@@ -149,6 +199,12 @@ def main() -> None:
                             f"{'bf16' if device.type == 'cuda' else 'fp32'} | TTFT {r['ttft_ms']:7.2f} ms | "
                             f"{r['tpot_ms']:6.3f} ms/token | {r['tok_s']:>9,.0f} tok/s")
                 print(rows[-1], flush=True)
+    if "muon" not in skip and a.ttl_data:
+        import tempfile
+        with tempfile.TemporaryDirectory() as work:
+            for row in ttl_rows(ttl_model, a.ttl_data, ttl_steps, ttl_batch, ttl_T, work):
+                rows.append(row)
+                print(row, flush=True)
     print("\n==== gpu_suite ====")
     print("\n".join(rows))
 

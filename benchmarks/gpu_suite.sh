@@ -2,6 +2,8 @@
 # Every GPU measurement of gptforge in one call (< 8 minutes on one H200), one table at the end:
 #   training tokens/s and MFU: gpt2 (T 1024) and gpt3-small (T 2048, band layers), bf16, torch.compile
 #   decode: gpt2 at batch 1, 8, 32, eager and CUDA graphs (time to first token, per output token, tokens/s)
+#   muon: GPT-2 124M, 600 steps with AdamW and with train.optimizer=muon on Python's standard library (char-level,
+#         prepared here): steps and time to AdamW's final val loss (unmeasured so far: no GPU run yet)
 #   FSDP2: a 2-step `gptforge train` under torchrun, train.parallel=fsdp, from data it prepares: one rank per
 #          GPU when there are two or more; with one GPU, 2 ranks on CPU (gloo), since gptforge refuses FSDP in
 #          a single process and NCCL cannot put two ranks on one GPU
@@ -25,9 +27,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 start=$(date +%s)
 
-"$PY" benchmarks/gpu_suite.py "$@" | tee "$WORK/suite.txt"  # e.g. --skip train, --steps 20
-
-# FSDP2 smoke: a tiny character corpus prepared here, two optimizer steps of a small GPT-2 under torchrun.
+# A tiny character corpus prepared here: the FSDP2 smoke's data, and the muon row's in the CPU smoke.
 "$PY" - "$WORK/corpus.txt" <<'EOF'
 import random, sys
 random.seed(0)
@@ -37,6 +37,15 @@ with open(sys.argv[1], "w") as f:
         f.write(" ".join(random.choice(words) for _ in range(12)) + ".\n")
 EOF
 "$PY" -m gptforge prepare "$WORK/corpus.txt" --tokenizer char --out "$WORK/data" > "$WORK/prepare.log" 2>&1
+TTL_DATA="$WORK/data"
+if [[ -z "$SMOKE" ]]; then  # the muon row's corpus on a GPU: Python's standard library, char-level
+  "$PY" -m gptforge prepare builtin:pystdlib --tokenizer char --out "$WORK/pystdlib" > "$WORK/prepare_ttl.log" 2>&1
+  TTL_DATA="$WORK/pystdlib"
+fi
+
+"$PY" benchmarks/gpu_suite.py --ttl-data "$TTL_DATA" "$@" | tee "$WORK/suite.txt"  # e.g. --skip train, --steps 20
+
+# FSDP2 smoke: two optimizer steps of a small GPT-2 under torchrun on the tiny corpus.
 NGPU=$(CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES-}" "$PY" -c "import torch; print(torch.cuda.device_count())")
 if (( NGPU >= 2 )); then NPROC=$NGPU; FSDP_DEVICE=auto; else NPROC=2; FSDP_DEVICE=cpu; fi
 fsdp_t0=$(date +%s)

@@ -7,8 +7,9 @@ Character-level tinyshakespeare: train on the first 90% of the file, score on th
              1e-4 cosine after 100 warmup steps, weight decay 0.1, clip 1.0, no dropout, no biases, batches
              at random offsets).
   gptforge   `gptforge.training.train` (the product's trainer, run directory and all) with a recipe: `small-cpu`
-             (the preset's default for small models), or `same` (the reference's recipe through gptforge's
-             own defaults: the "before" figure).
+             (the char-small preset's training settings: Muon for the blocks' matrices, AdamW for the rest),
+             `adamw` (the preset's AdamW-only recipe before Muon: 5x the LR over 1,400 steps), or `same` (the
+             reference's recipe through gptforge's own defaults: the "before" figure).
 
 Each run is a fresh process with pinned threads; the arms alternate (reference, gptforge, reference, ...).
 Every run scores the whole held-out split (every 64-character window, the same function for both) at
@@ -19,7 +20,21 @@ target. The table gives medians and their ratio.
     python benchmarks/time_to_loss.py --data PATH/tinyshakespeare.txt              # 3 pairs, ~10 min
     python benchmarks/time_to_loss.py --data PATH --quick                          # 1 pair, 400 iters
     python benchmarks/time_to_loss.py --data PATH --arms reference,same,small-cpu  # before and after
+    python benchmarks/time_to_loss.py --data PATH --arms reference,adamw,small-cpu # AdamW vs Muon
     python benchmarks/time_to_loss.py --data PATH --profile    # step times in one process + where time goes
+
+Muon sweep (one run each, `--child RECIPE` with target 1.892; steps are deterministic, times were not: a 2-core
+AMD EPYC without native bf16 shared with other jobs). Steps to held-out 1.892 / final held-out loss:
+    adamw (5e-3, 1,400 steps)                          1120 / 1.822
+    muon lr 0.01, momentum 0.95, 600 steps              564 / 1.878
+    muon lr 0.02, momentum 0.95, 600 steps              516 / 1.842
+    muon lr 0.04, momentum 0.95, 600 steps         not reached / 1.914
+    muon lr 0.02, momentum 0.90, 600 steps              480 / 1.831
+    muon lr 0.02, momentum 0.95, 300 steps of 24    not reached / 1.914
+    muon lr 0.02, momentum 0.95, 800 steps              544 / 1.778
+    muon lr 0.02, momentum 0.90, 800 steps              496 / 1.759   <- the char-small preset
+Interleaved step times (--profile): reference 840 ms, gptforge AdamW 1059-1172 ms, gptforge Muon 1691 ms
+(fp32 everywhere: this CPU has no native bf16).
 """
 
 from __future__ import annotations
@@ -262,7 +277,10 @@ def _preset_train(name: str) -> dict:
 RECIPES = {
     "same": lambda iters: {},  # the reference's recipe with gptforge's defaults (bf16 autocast where native)
     # the char-small preset's training settings (gptforge.config.PRESET_TRAIN), steps scaled with --iters
-    "small-cpu": lambda iters: {**_preset_train("char-small"), "max_steps": iters * 7 // 10},
+    "small-cpu": lambda iters: {**_preset_train("char-small"),
+                                "max_steps": iters * _preset_train("char-small")["max_steps"] // REF["iters"]},
+    # the preset before Muon: AdamW alone at 5x the reference's LR over 70% of its steps
+    "adamw": lambda iters: {**_preset_train("char-small"), "optimizer": "adamw", "max_steps": iters * 7 // 10},
 }
 
 
@@ -337,8 +355,9 @@ OP_GROUPS = (  # profiler op name fragments -> group (first match wins)
 
 
 def profile(data: str, steps: int = 20) -> None:
-    """Step time of the reference and of gptforge's trainer step (fp32 and its bf16 policy), interleaved in this
-    process, then a torch.profiler breakdown of gptforge's bf16 step by phase and by kind of op."""
+    """Step time of the reference and of gptforge's trainer step (fp32, its bf16 policy, and that with Muon),
+    interleaved in this process, then a torch.profiler breakdown of gptforge's bf16 step by phase and by kind of op."""
+    import dataclasses
     import statistics
 
     import torch
@@ -366,19 +385,23 @@ def profile(data: str, steps: int = 20) -> None:
         ref_opt = reference_optimizer(net)
         model = GPT(config.model)
         opt = build_optimizer(model, config.train, cpu)
+        muon_model = GPT(config.model)
+        muon_opt = build_optimizer(muon_model, dataclasses.replace(config.train, optimizer="muon"), cpu)
         bf16 = resolve_precision("auto", cpu)
 
-        def gptforge_step(precision: str) -> None:
+        def gptforge_step(precision: str, muon: bool = False) -> None:
+            net_, opt_ = (muon_model, muon_opt) if muon else (model, opt)
             with record_function("data"):
                 x, y = loader.next_batch()
             with record_function("forward + backward"):
-                loss = forward_backward(model, [(x, y)], 1, cpu, precision)
+                loss = forward_backward(net_, [(x, y)], 1, cpu, precision)
             with record_function("clip + AdamW"):
-                clip_and_step(model, opt, loss, REF["grad_clip"])
+                clip_and_step(net_, opt_, loss, REF["grad_clip"])
 
         arms = {"reference (eager fp32)": lambda: reference_step(net, ref_opt, train, REF["lr"]),
                 "gptforge step, fp32": lambda: gptforge_step("fp32"),
-                f"gptforge step, {bf16} (its default here)": lambda: gptforge_step(bf16)}
+                f"gptforge step, {bf16} (its default here)": lambda: gptforge_step(bf16),
+                f"gptforge step, {bf16}, Muon": lambda: gptforge_step(bf16, muon=True)}
         times: dict[str, list[float]] = {k: [] for k in arms}
         for rnd in range(6):
             for name, step in arms.items():

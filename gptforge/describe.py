@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import ModelConfig, get_preset
 from .errors import UserError
-from .info import describe_shape, parameter_counts
+from .info import describe_shape, format_group, optimizer_groups, parameter_counts
 from .layout import (METRICS_FILE, MODEL_CONFIG_FILE, RUN_CONFIG_FILE, STATE_FILE, TOKENIZER_DIR,
                      list_checkpoints, verify_checkpoint)
 from .loading import ModelSource, find_tokenizer_dir, read_json_object, resolve_model_source
@@ -101,6 +101,7 @@ def describe_model(spec: str) -> dict[str, Any]:
         info["run_dir"] = str(source.run_dir)
         info["data"] = run.data.path
         info["max_steps"], info["max_tokens"] = run.train.max_steps or None, run.train.max_tokens or None
+        info["optimizer"] = optimizer_groups(config, run.train)
         info["last"] = _last_losses(source.run_dir)
         info["checkpoints"] = _checkpoints(source)
         info.setdefault("checkpoint", None)
@@ -123,6 +124,8 @@ def format_description(info: dict[str, Any]) -> str:
                      else "  tokenizer    none saved with it (sample/eval use GPT-2's for a 50,257-id vocabulary)")
     if "data" in info:
         lines.append(f"  data         {info['data']}")
+    for i, group in enumerate(info.get("optimizer", [])):
+        lines.append(f"  {'optimizer' if i == 0 else '':<12} {format_group(group)}")
     if info["kind"] == "run":
         if info["checkpoint"] is None:
             lines.append("  progress     no valid checkpoint yet")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .fused_loss import chunk_rows
 from .units import human_bytes, human_count
 
@@ -32,6 +32,37 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     return {"total": total, "non_embedding": total - token_embedding - position_embedding,
             "per_layer": per_layer, "token_embedding": token_embedding,
             "position_embedding": position_embedding}
+
+
+def optimizer_groups(config: ModelConfig, train: TrainConfig) -> list[dict]:
+    """Which optimizer trains which parameters (as gptforge.training.optim builds them), from the configs alone.
+
+    adamw: every parameter, weight decay on the matrices and embeddings, none on biases and norms. muon: the
+    blocks' matrices (c_attn, attn c_proj, c_fc, mlp c_proj) to torch's Muon, the rest to that AdamW."""
+    counts = parameter_counts(config)
+    d, f = config.n_embd, config.ffn_dim
+    block_matrices = config.n_layer * (4 * d * d + 2 * d * f)
+    embeddings = counts["token_embedding"] + counts["position_embedding"]
+    rest = counts["total"] - embeddings - block_matrices  # biases and LayerNorms
+    adamw = dict(optimizer="adamw", lr=train.lr, betas=[train.beta1, train.beta2], eps=train.eps)
+    if train.optimizer == "adamw":
+        return [dict(adamw, params="embeddings (tied head) and block matrices", parameters=embeddings + block_matrices,
+                     weight_decay=train.weight_decay),
+                dict(adamw, params="biases and LayerNorms", parameters=rest, weight_decay=0.0)]
+    return [dict(optimizer="muon", params=f"block matrices ({4 * config.n_layer} tensors)", parameters=block_matrices,
+                 lr=train.muon_lr, momentum=train.muon_momentum, nesterov=train.muon_nesterov,
+                 ns_steps=train.muon_ns_steps, weight_decay=train.muon_weight_decay),
+            dict(adamw, params="embeddings (tied head)", parameters=embeddings, weight_decay=train.weight_decay),
+            dict(adamw, params="biases and LayerNorms", parameters=rest, weight_decay=0.0)]
+
+
+def format_group(g: dict) -> str:
+    """One `optimizer_groups` entry in a line: "muon   lr 0.02, momentum 0.95 ...: block matrices (..)"."""
+    settings = (f"lr {g['lr']:g}, momentum {g['momentum']:g}{' (Nesterov)' if g['nesterov'] else ''}, "
+                f"{g['ns_steps']} Newton-Schulz steps" if g["optimizer"] == "muon"
+                else f"lr {g['lr']:g}, betas {g['betas'][0]:g}/{g['betas'][1]:g}")
+    return (f"{g['optimizer']:<6} {settings}, weight decay {g['weight_decay']:g}: {g['params']} "
+            f"({human_count(g['parameters'])})")
 
 
 def mean_attended_keys(seq_len: int, window: int | None) -> float:
@@ -139,7 +170,7 @@ def describe_shape(config: ModelConfig) -> str:
 
 
 def format_report(config: ModelConfig, name: str, micro_batch: int, seq_len: int | None,
-                  dtype: str, inference_batch: int) -> str:
+                  dtype: str, inference_batch: int, train: TrainConfig | None = None) -> str:
     seq_len = seq_len or config.block_size
     counts = parameter_counts(config)
     flops = flops_per_token(config, seq_len)
@@ -159,4 +190,7 @@ def format_report(config: ModelConfig, name: str, micro_batch: int, seq_len: int
         lines.append("")
         lines.append(f"{title}: {human_bytes(estimate.total)}")
         lines.extend(f"  {part:<40} {human_bytes(size):>12}" for part, size in estimate.parts.items())
+    if train is not None:
+        lines += ["", f"training optimizer: train.optimizer = {train.optimizer}"]
+        lines.extend(f"  {format_group(g)}" for g in optimizer_groups(config, train))
     return "\n".join(lines)

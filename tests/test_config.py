@@ -89,15 +89,30 @@ def test_load_toml_errors(tmp_path):
 
 def test_char_small_preset_brings_its_training_recipe_and_set_still_wins():
     """char-small is nanoGPT's Shakespeare-char CPU shape with the faster recipe benchmarks/time_to_loss.py
-    measures (5x nanoGPT's LR over 70% of its steps); resolved through the one resolver every command uses."""
+    measures (Muon for the blocks' matrices over 40% of nanoGPT's steps, AdamW at 5x its LR for the rest);
+    resolved through the one resolver every command uses."""
     from gptforge.config import RunConfig
     from gptforge.resolve import resolve_run_config
 
     config = resolve_run_config(preset="char-small")
     m, t = config.model, config.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
-    assert (t.lr, t.micro_batch_size, t.max_steps, t.warmup_steps, t.beta2) == (5e-3, 12, 1400, 50, 0.99)
+    assert (t.lr, t.micro_batch_size, t.max_steps, t.warmup_steps, t.beta2) == (5e-3, 12, 800, 50, 0.99)
+    assert (t.optimizer, t.muon_lr, t.muon_momentum) == ("muon", 0.02, 0.9)
     assert resolve_run_config(preset="char-small", overrides=["train.lr=1e-3"]).train.lr == 1e-3
     # other presets keep the defaults apart from GPT-3's Table 2.1 LR
     gpt3 = resolve_run_config(preset="gpt3-small").train
     assert gpt3.lr == 6e-4 and gpt3.micro_batch_size == RunConfig().train.micro_batch_size
+
+
+def test_optimizer_and_muon_settings_from_set():
+    from gptforge.config import RunConfig
+    config = apply_overrides(RunConfig(), ["train.optimizer=muon", "train.muon_lr=0.05", "train.muon_momentum=0.9",
+                                           "train.muon_nesterov=false", "train.muon_ns_steps=3"])
+    t = config.train
+    assert (t.optimizer, t.muon_lr, t.muon_momentum, t.muon_nesterov, t.muon_ns_steps) == ("muon", 0.05, 0.9, False, 3)
+    with pytest.raises(UserError, match="train.optimizer.*'sgd' is not one of 'adamw', 'muon'"):
+        apply_overrides(RunConfig(), ["train.optimizer=sgd"])
+    for bad in ("train.muon_lr=0", "train.muon_momentum=1", "train.muon_ns_steps=0"):
+        with pytest.raises(UserError, match=bad.split("=")[0].split(".")[1]):
+            apply_overrides(RunConfig(), [bad])

@@ -58,6 +58,29 @@ def test_dense_model_round_trips_through_gpt2_layout(tmp_path):
     assert (ours(model, idx) - theirs).abs().max().item() <= 1e-4
 
 
+def test_muon_trained_model_exports_exactly(tmp_path):
+    """Muon changes how weights are trained, not what the model is: a few Muon steps, then the same export."""
+    from gptforge.config import TrainConfig
+    from gptforge.training.optim import build_optimizer
+    from gptforge.training.step import clip_and_step, forward_backward
+
+    config = ModelConfig(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    model = GPT(config)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", lr=1e-2), "cpu")
+    data = torch.randint(0, config.vocab_size, (4, 33), generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        loss = forward_backward(model, [(data[:, :-1], data[:, 1:])], 1, torch.device("cpu"), "fp32")
+        assert clip_and_step(model, opt, loss, 1.0)[0]
+    assert not torch.equal(model.state_dict()["transformer.h.0.mlp.c_fc.weight"],
+                           start["transformer.h.0.mlp.c_fc.weight"])  # Muon moved the block matrices
+    model.eval()
+    out = export_hf(model, None, tmp_path / "hf")
+    idx = torch.randint(0, config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    assert (ours(model, idx) - hf_logits(out, idx)).abs().max().item() <= 1e-4
+
+
 def test_model_without_biases_exports_with_zero_biases(tmp_path):
     config = ModelConfig(vocab_size=70, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=False)
     model = random_model(config)

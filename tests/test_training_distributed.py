@@ -160,6 +160,38 @@ def test_fsdp_two_ranks_follow_the_single_process_loss_curve(single_run, fsdp_ru
         torch.testing.assert_close(single_w[k], fsdp_w[k], atol=1e-4, rtol=1e-4)
 
 
+MUON = ["train.optimizer=muon", "train.muon_lr=0.02"]
+
+
+def test_muon_under_ddp_and_fsdp2_follows_the_single_process_curve(data_dir, tmp_path):
+    """Muon (with AdamW for the rest) on 2 ranks: DDP steps full copies; under FSDP2 torch's Muon receives
+    sharded DTensor parameters and orthogonalizes the whole matrix (DTensor gathers what each matmul of the
+    Newton-Schulz iteration needs), so both follow one process's curve and end at its weights."""
+    single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
+    _run(_train_cmd(data_dir, single, MUON))
+    _run(_train_cmd(data_dir, ddp, TWO_RANKS + MUON, nproc=2))
+    _run(_train_cmd(data_dir, fsdp, TWO_RANKS + MUON + ["train.parallel=fsdp"], nproc=2))
+    final = f"checkpoints/step_{MAX_STEPS}/model.safetensors"
+    single_w = load_file(str(single / final))
+    for run in (ddp, fsdp):
+        _assert_same_curve(single, run)
+        weights = load_file(str(run / final))
+        for k in single_w:
+            torch.testing.assert_close(single_w[k], weights[k], atol=1e-4, rtol=1e-4)
+    # Muon's momentum through DCP: a sharded checkpoint resumes bit for bit, a single-process one continues
+    # under FSDP2 on the same curve
+    fsdp_settings = TWO_RANKS + MUON + ["train.parallel=fsdp"]
+    same = _truncated_copy(fsdp, tmp_path / "same", 6)
+    assert "from step_6" in _run(_train_cmd(data_dir, same, fsdp_settings, nproc=2, resume=True)).stdout
+    assert load_file(str(same / final)).keys() == load_file(str(fsdp / final)).keys()
+    for k, v in load_file(str(fsdp / final)).items():
+        assert torch.equal(v, load_file(str(same / final))[k]), f"{k} differs after a Muon FSDP2 resume"
+    upgraded = _truncated_copy(single, tmp_path / "upgraded", 6)
+    assert "from step_6" in _run(_train_cmd(data_dir, upgraded, fsdp_settings, nproc=2, resume=True)).stdout
+    for step in (7, 8):
+        assert abs(_losses(upgraded)[step] - _losses(single)[step]) <= LOSS_ATOL
+
+
 def _truncated_copy(run: Path, dest: Path, last_step: int) -> Path:
     """A copy of `run` as if it had been killed right after checkpoint `last_step`."""
     shutil.copytree(run, dest)

@@ -53,10 +53,11 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _cmd(data_dir: Path, out: Path, resume: bool = False, slow_save_step: int | None = None) -> list[str]:
+def _cmd(data_dir: Path, out: Path, resume: bool = False, slow_save_step: int | None = None,
+         optimizer: str = "adamw") -> list[str]:
     launcher = ["-m", "gptforge"] if slow_save_step is None else ["-c", SLOW_SAVE, str(slow_save_step)]
     cmd = [sys.executable, *launcher, "train", "--data", str(data_dir), "--out", str(out)]
-    for s in SETTINGS:
+    for s in [*SETTINGS, f"train.optimizer={optimizer}"]:
         cmd += ["--set", s]
     return cmd + (["--resume", "auto"] if resume else [])
 
@@ -82,10 +83,23 @@ def _assert_identical(a: Path, b: Path, context: str = "") -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_run(data_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "run"
-    subprocess.run(_cmd(data_dir, out), env=_env(), check=True, capture_output=True, timeout=300)
-    return out
+def reference_runs(data_dir, tmp_path_factory):
+    """optimizer -> the run directory of an uninterrupted run with it (trained once per module)."""
+    runs: dict[str, Path] = {}
+
+    def get(optimizer: str) -> Path:
+        if optimizer not in runs:
+            out = tmp_path_factory.mktemp(f"reference-{optimizer}") / "run"
+            subprocess.run(_cmd(data_dir, out, optimizer=optimizer), env=_env(), check=True, capture_output=True,
+                           timeout=300)
+            runs[optimizer] = out
+        return runs[optimizer]
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_runs) -> Path:
+    return reference_runs("adamw")
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -110,12 +124,15 @@ def _logged_step(run: Path) -> int:
     return max(steps, default=0)
 
 
-def test_sigkill_at_random_step_then_resume_is_bitwise_identical(data_dir, reference_run, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sigkill_at_random_step_then_resume_is_bitwise_identical(data_dir, reference_runs, tmp_path, optimizer):
+    """With Muon the checkpoint carries its momentum buffers beside AdamW's moments."""
     # A different step each run covers more kill points over time; a failure names its step, and
     # GPTFORGE_TEST_KILL_STEP=N replays it.
     kill_at = int(os.environ.get(KILL_STEP_ENV) or random.Random().randint(4, MAX_STEPS - 3))
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(data_dir, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(data_dir, out, optimizer=optimizer), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     _wait_for(lambda: _logged_step(out) >= kill_at, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -123,11 +140,11 @@ def test_sigkill_at_random_step_then_resume_is_bitwise_identical(data_dir, refer
               f"replay with {KILL_STEP_ENV}={kill_at})"
     print(context)
     assert _logged_step(out) < MAX_STEPS, f"the run finished before it could be killed {context}"
-    resumed = subprocess.run(_cmd(data_dir, out, resume=True), env=_env(), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(_cmd(data_dir, out, resume=True, optimizer=optimizer), env=_env(), capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, f"{context}\n{resumed.stderr}"
     assert "resuming" in resumed.stdout, context
-    _assert_identical(reference_run, out, context)
+    _assert_identical(reference_runs(optimizer), out, context)
 
 
 def test_kill_during_checkpoint_write_resumes_from_previous(data_dir, reference_run, tmp_path):

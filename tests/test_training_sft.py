@@ -37,12 +37,10 @@ def _qa(n: int, seed: int) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory) -> Path:
+def _train_base(root: Path, optimizer: str = "adamw") -> Path:
     """A tiny base model trained for a few steps on text that has every character the chats use."""
     from gptforge.training.trainer import train
 
-    root = tmp_path_factory.mktemp("sft_base")
     text = "".join(f"what is {i % 31} plus {i % 17}? {i % 31} plus {i % 17} is {i % 31 + i % 17}.\n"
                    for i in range(2000)) + "systemuserassistant\n"
     (root / "corpus.txt").write_text(text)
@@ -50,11 +48,16 @@ def base_run(tmp_path_factory) -> Path:
     config = RunConfig(model=ModelConfig(vocab_size=64, **BASE_SHAPE),
                        train=TrainConfig(out_dir=str(root / "base"), max_steps=40, micro_batch_size=8, lr=3e-3,
                                          warmup_steps=5, eval_every=40, sample_every=1000, log_every=20,
-                                         checkpoint_every=40, device="cpu"),
+                                         checkpoint_every=40, device="cpu", optimizer=optimizer),
                        data=DataConfig(path=str(root / "data")))
     from gptforge.resolve import fit_vocab_to_data
     train(fit_vocab_to_data(config, explicit_vocab=False), log=lambda m: None)
     return root / "base"
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    return _train_base(tmp_path_factory.mktemp("sft_base"))
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,24 @@ def test_fine_tuning_lowers_the_masked_val_loss(base_run, chat_data, tmp_path):
     again = sft(str(out), str(chat_data), str(tmp_path / "chat2"), overrides=["train.max_steps=2",
                 "train.device=cpu"], log=lambda m: None)
     assert again.step == 2
+
+
+@pytest.mark.parametrize("sft_optimizer", ["adamw", "muon"])
+def test_a_muon_trained_base_fine_tunes_with_either_optimizer(chat_data, tmp_path, sft_optimizer):
+    """SFT reads only the base's weights: a base trained with Muon fine-tunes like any other, with SFT's own
+    AdamW default or with train.optimizer=muon."""
+    from gptforge.training.sft import sft
+
+    base = _train_base(tmp_path, optimizer="muon")
+    out = tmp_path / "chat"
+    result = sft(str(base), str(chat_data), str(out), epochs=1,
+                 overrides=["train.device=cpu", "train.micro_batch_size=8", "train.lr=2e-3",
+                            f"train.optimizer={sft_optimizer}", "train.muon_lr=0.005"], log=lambda m: None)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert result.step > 0 and val[-1] < 0.9 * val[0], val
+    assert json.loads((out / "config.json").read_text())["train"]["optimizer"] == sft_optimizer
+    assert json.loads((base / "config.json").read_text())["train"]["optimizer"] == "muon"
 
 
 # ---- exact resume --------------------------------------------------------------------------------------

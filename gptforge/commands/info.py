@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     seq_len = args.seq_len or config.block_size
     if not 1 <= seq_len <= config.block_size:
         raise UserError(f"--seq-len {seq_len} must be between 1 and the context {config.block_size}")
-    print(format_report(config, name, args.batch_size, seq_len, args.dtype, args.inference_batch))
+    print(format_report(config, name, args.batch_size, seq_len, args.dtype, args.inference_batch, run_config.train))
     source = vocab_source(run_config)
     if source:
         print(f"\n{source}")

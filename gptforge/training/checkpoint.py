@@ -1,7 +1,7 @@
 """Checkpoints that survive crashes: one directory per step, written atomically and checksummed.
 
-`checkpoints/step_N/` holds `model.safetensors` (gptforge.weights), `optimizer.safetensors` (AdamW moments
-and step counts, no pickle), `state.json` (step, tokens seen, loader position, RNG states, anything the
+`checkpoints/step_N/` holds `model.safetensors` (gptforge.weights), `optimizer.safetensors` (AdamW moments,
+Muon's momentum, step counts; no pickle), `state.json` (step, tokens seen, loader position, RNG states, anything the
 trainer needs to continue bit for bit) and `checksums.json` (sha256 of each). The directory is built
 under a temporary name and renamed into place (gptforge.atomic.atomic_directory), so a kill or a full
 disk mid-save leaves the previous checkpoint as the newest one. Checksums catch what the rename cannot:
@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..layout import (CHECKPOINTS_DIR, CHECKSUMS_FILE, OPTIMIZER_FILE, REQUIRED_FILES, STATE_FILE, WEIGHTS_FILE,
                       checkpoint_dir, latest_valid_checkpoint, list_checkpoints, sha256_file, verify_checkpoint)
 from ..weights import load_state_into, read_weights, save_weights
+from .optim import Optimizers, optimizers_of
 
 # re-exported for callers that import them from here (the names are defined once, in gptforge.layout)
 __all__ = ["CHECKPOINTS_DIR", "checkpoint_dir", "latest_valid_checkpoint", "list_checkpoints", "load_checkpoint",
@@ -34,59 +35,92 @@ __all__ = ["CHECKPOINTS_DIR", "checkpoint_dir", "latest_valid_checkpoint", "list
 # ---- optimizer state <-> safetensors ----------------------------------------------------------------
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten an optimizer's state into named tensors plus JSON metadata (its param groups).
+def optimizer_tensors(optimizer: torch.optim.Optimizer | Optimizers
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimizer's state into named tensors plus JSON metadata (its param groups, and which torch
+    optimizer holds how many of them: AdamW alone, or AdamW and Muon).
 
     State is keyed by parameter *name* (from each group's "names"), not position, so a checkpoint cannot be
-    loaded into a differently ordered model without an error.
+    loaded into a differently ordered model without an error. Parameter names are unique across the
+    optimizers, so AdamW's moments and Muon's momentum buffers share one namespace.
     """
-    sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     groups = []
-    for group in sd["param_groups"]:
-        names = group.get("names") or [f"param_{i}" for i in group["params"]]
-        for index, name in zip(group["params"], names):
-            for key, value in sd["state"].get(index, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{name}::{key}"] = value.detach().to("cpu").contiguous()
-                else:
-                    scalars.setdefault(name, {})[key] = value
-        groups.append({k: v for k, v in group.items() if k != "params"})
-    metadata = {"param_groups": json.dumps(groups), "scalars": json.dumps(scalars)}
+    kinds = []
+    for opt in optimizers_of(optimizer):
+        sd = opt.state_dict()
+        kinds.append([type(opt).__name__, len(sd["param_groups"])])
+        for group in sd["param_groups"]:
+            names = group.get("names") or [f"param_{i}" for i in group["params"]]
+            for index, name in zip(group["params"], names):
+                for key, value in sd["state"].get(index, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"{name}::{key}"] = value.detach().to("cpu").contiguous()
+                    else:
+                        scalars.setdefault(name, {})[key] = value
+            groups.append({k: v for k, v in group.items() if k != "params"})
+    metadata = {"param_groups": json.dumps(groups), "scalars": json.dumps(scalars), "optimizers": json.dumps(kinds)}
     return tensors, metadata
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+def saved_optimizers(metadata: dict[str, str], n_groups: int) -> list[list]:
+    """[[class name, groups], ...] of a checkpoint; one written before Muon existed holds one AdamW."""
+    return json.loads(metadata["optimizers"]) if "optimizers" in metadata else [["AdamW", n_groups]]
+
+
+def check_same_optimizers(saved: list[list], optimizer: torch.optim.Optimizer | Optimizers, source: str) -> None:
+    """A UserError naming train.optimizer when the checkpoint's optimizers are not this run's."""
+    def name(kinds: list) -> str:
+        return "muon" if any(k[0] == "Muon" for k in kinds) else "adamw"
+
+    current = [[type(o).__name__, len(o.param_groups)] for o in optimizers_of(optimizer)]
+    if [list(k) for k in saved] != current:
+        raise UserError(f"optimizer state in {source} is for train.optimizer={name(saved)}, this run has "
+                        f"train.optimizer={name(current)}; resume with --set train.optimizer={name(saved)} "
+                        "or start a fresh run")
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer | Optimizers, tensors: dict[str, torch.Tensor],
                            metadata: dict[str, str], source: str) -> None:
-    """Inverse of `optimizer_tensors`: rebuild the state dict by parameter name and load it."""
+    """Inverse of `optimizer_tensors`: rebuild each optimizer's state dict by parameter name and load it."""
     saved_groups = json.loads(metadata["param_groups"])
     scalars = json.loads(metadata.get("scalars", "{}"))
-    current = optimizer.state_dict()
-    if len(saved_groups) != len(current["param_groups"]):
+    saved_kinds = saved_optimizers(metadata, len(saved_groups))
+    if len(optimizers_of(optimizer)) == 1 and len(saved_kinds) == 1 and \
+            len(saved_groups) != len(optimizer.param_groups):
         raise UserError(f"optimizer state in {source} has {len(saved_groups)} parameter groups, this run has "
-                        f"{len(current['param_groups'])}; start a fresh run or resume with the same setup")
-    state: dict[int, dict[str, Any]] = {}
-    groups = []
-    for saved, group in zip(saved_groups, current["param_groups"]):
-        names = group.get("names") or [f"param_{i}" for i in group["params"]]
-        if saved.get("names", names) != names:
-            raise UserError(f"optimizer state in {source} is for different parameters than this model; "
-                            "resume with the model configuration the run was started with")
-        for index, name in zip(group["params"], names):
-            entry = {key.split("::", 1)[1]: t for key, t in tensors.items() if key.split("::", 1)[0] == name}
-            entry.update(scalars.get(name, {}))
-            if entry:
-                state[index] = entry
-        groups.append({**saved, "params": group["params"]})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+                        f"{len(optimizer.param_groups)}; start a fresh run or resume with the same setup")
+    check_same_optimizers(saved_kinds, optimizer, source)
+    by_name: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        name, field = key.split("::", 1)
+        by_name.setdefault(name, {})[field] = t
+    offset = 0
+    for opt in optimizers_of(optimizer):
+        current = opt.state_dict()
+        state: dict[int, dict[str, Any]] = {}
+        groups = []
+        for saved, group in zip(saved_groups[offset:], current["param_groups"]):
+            names = group.get("names") or [f"param_{i}" for i in group["params"]]
+            if saved.get("names", names) != names:
+                raise UserError(f"optimizer state in {source} is for different parameters than this model; "
+                                "resume with the model configuration the run was started with")
+            for index, name in zip(group["params"], names):
+                entry = dict(by_name.get(name, {}))
+                entry.update(scalars.get(name, {}))
+                if entry:
+                    state[index] = entry
+            groups.append({**saved, "params": group["params"]})
+        offset += len(current["param_groups"])
+        opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ---- save / load --------------------------------------------------------------------------------------
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int = 3) -> Path:
+                    optimizer: torch.optim.Optimizer | Optimizers, state: dict[str, Any], keep: int = 3) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints.
 
     `model` must be the plain GPT (not a compiled or distributed wrapper). An OSError while writing (e.g.
@@ -158,7 +192,7 @@ def check_resume_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+                    optimizer: torch.optim.Optimizer | Optimizers | None = None) -> dict[str, Any]:
     """Load weights (and optimizer state) from checkpoint `path` into `model`; return its state.json.
 
     Refuses a checkpoint whose model shape differs from `model`'s, naming the differing fields.

@@ -23,12 +23,14 @@ from ..layout import WEIGHTS_FILE, checkpoint_dir, is_sharded_checkpoint
 from . import checkpoint as ckpt
 from . import distributed as D
 from .dist_checkpoint import consolidate, load_full_into_sharded, load_sharded, save_sharded
+from .optim import Optimizers
 
 
 class Checkpointer:
     """Writes checkpoints of `model` + `optimizer` into `run_dir` (a collective under torchrun)."""
 
-    def __init__(self, run_dir: Path, parallel: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, run_dir: Path, parallel: str, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer | Optimizers,
                  model_config: ModelConfig, keep: int, log: Callable[[str], None]) -> None:
         self.run_dir = run_dir
         self.parallel = parallel

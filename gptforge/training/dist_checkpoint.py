@@ -44,7 +44,9 @@ from ..model import GPT
 from ..outputs import WEIGHTS_FILE_KIND, check_output
 from ..weights import TIED_KEYS, read_weights, save_weights
 from . import distributed as D
-from .checkpoint import json_default, model_config_differences, read_state
+from .checkpoint import (check_same_optimizers, json_default, model_config_differences, read_state,
+                         saved_optimizers)
+from .optim import Optimizers, optimizers_of
 
 __all__ = ["consolidate", "is_sharded_checkpoint", "load_full_into_sharded", "load_sharded", "save_sharded"]
 
@@ -59,7 +61,7 @@ def write_checksums(root: Path) -> None:
     atomic.write_text(root / CHECKSUMS_FILE, json.dumps(sums, indent=1))
 
 
-def save_sharded(final: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save_sharded(final: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | Optimizers,
                  state: dict[str, Any], model_config: ModelConfig) -> Path:
     """Write a sharded checkpoint to `final` from every rank (a collective: all ranks must call it).
 
@@ -74,7 +76,7 @@ def save_sharded(final: str | os.PathLike, model: nn.Module, optimizer: torch.op
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     D.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizers_of(optimizer))
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))
     D.barrier()
     error = None
@@ -93,7 +95,8 @@ def save_sharded(final: str | os.PathLike, model: nn.Module, optimizer: torch.op
     return final
 
 
-def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+def load_sharded(path: str | os.PathLike, model: nn.Module,
+                 optimizer: torch.optim.Optimizer | Optimizers | None) -> dict[str, Any]:
     """Load a sharded checkpoint into an FSDP2 model (and optimizer) on every rank; returns state.json.
 
     DCP reshards: the checkpoint may come from a different number of ranks.
@@ -111,15 +114,15 @@ def load_sharded(path: str | os.PathLike, model: nn.Module, optimizer: torch.opt
         dcp.load({"model": model_sd}, checkpoint_id=str(path / SHARDED_DIR))
         set_model_state_dict(model, model_sd)
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizers_of(optimizer))
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, checkpoint_id=str(path / SHARDED_DIR))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        set_state_dict(model, optimizers_of(optimizer), model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     return json.loads((path / STATE_FILE).read_text())
 
 
 def load_full_into_sharded(path: str | os.PathLike, model: nn.Module,
-                           optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+                           optimizer: torch.optim.Optimizer | Optimizers | None) -> dict[str, Any]:
     """Load a single-file checkpoint (from one process or DDP) into an FSDP2 model on every rank.
 
     Each rank reads the full tensors and keeps its own shard (`full_state_dict=True`); the AdamW moments,
@@ -150,9 +153,11 @@ def load_full_into_sharded(path: str | os.PathLike, model: nn.Module,
                 metadata = f.metadata() or {}
             groups = json.loads(metadata["param_groups"])
             scalars = json.loads(metadata.get("scalars", "{}"))
+            saved_kinds = saved_optimizers(metadata, len(groups))
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise UserError(f"optimizer state {path / OPTIMIZER_FILE} is unreadable ({e}); "
                             "resume from an earlier checkpoint") from None
+        check_same_optimizers(saved_kinds, optimizer, str(path))
         state: dict[str, dict[str, Any]] = {}
         for key, tensor in stored.items():
             name, field = key.split("::", 1)
@@ -160,7 +165,8 @@ def load_full_into_sharded(path: str | os.PathLike, model: nn.Module,
         for name, values in scalars.items():
             state.setdefault(name, {}).update(values)
         param_groups = [{**{k: v for k, v in g.items() if k != "names"}, "params": g["names"]} for g in groups]
-        set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": param_groups}, options=full)
+        set_optimizer_state_dict(model, optimizers_of(optimizer), {"state": state, "param_groups": param_groups},
+                                 options=full)
     return read_state(path)
 
 

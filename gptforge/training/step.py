@@ -18,6 +18,7 @@ import torch
 from ..config import TrainConfig
 from ..errors import UserError
 from . import distributed as D
+from .optim import Optimizers, optimizers_of
 from .precision import autocast
 from .schedule import accumulation_steps, lr_at, tokens_per_step_at
 
@@ -92,7 +93,7 @@ def forward_backward(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
     return total / n_batches
 
 
-def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Optimizers, loss: torch.Tensor,
                   grad_clip: float) -> tuple[bool, float, float]:
     """Clip the global grad norm to `grad_clip` (0: no clipping), then step unless loss or gradient is
     non-finite.
@@ -115,28 +116,33 @@ def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss
     return ok, loss_value, norm_value
 
 
-def step_with_scaled_gradients(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+def step_with_scaled_gradients(optimizer: torch.optim.Optimizer | Optimizers, params: list[torch.Tensor],
                                factor: float) -> None:
     """optimizer.step() as if every gradient of `params` had first been multiplied by `factor`.
 
     Fused Adam/AdamW (`_step_supports_amp_scaling`) divide each gradient by the optimizer's `grad_scale`
     tensor inside their one kernel: the protocol torch's GradScaler uses to unscale fp16 gradients, here
     carrying 1 / factor. That holds for FSDP2's DTensor parameters too (a one-element tensor beside them is
-    taken as replicated). Other optimizers get the gradients multiplied first.
+    taken as replicated). Other optimizers (Muon beside AdamW under train.optimizer=muon) get their
+    gradients multiplied first.
     """
     if factor == 1.0:
         optimizer.step()
         return
-    if getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=params[0].device)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale
-        return
-    for p in params:
-        p.grad.mul_(factor)
-    optimizer.step()
+    wanted = {id(p) for p in params}
+    for opt in optimizers_of(optimizer):
+        if getattr(opt, "_step_supports_amp_scaling", False):
+            opt.grad_scale = torch.tensor(1.0 / factor, dtype=torch.float32, device=params[0].device)
+            try:
+                opt.step()
+            finally:
+                del opt.grad_scale
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in wanted and p.grad is not None:
+                    p.grad.mul_(factor)
+        opt.step()
 
 
 def is_oom(error: BaseException) -> bool:

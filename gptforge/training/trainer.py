@@ -1,4 +1,5 @@
-"""The training loop: batches in, AdamW steps out, with checkpoints that resume bit for bit.
+"""The training loop: batches in, optimizer steps (AdamW, or Muon + AdamW) out, with checkpoints that resume
+bit for bit.
 
 `Trainer` composes small parts, each with one job and testable alone:
 
@@ -12,10 +13,10 @@
     StopRules      (stopping.py)     limits and signals, agreed by all ranks
     capture_rng / restore_rng (rng.py)
 
-Everything a step depends on (weights, AdamW moments, step and token counters, the batch source's position,
-every RNG) is in each checkpoint, and everything else (learning rate, batch size during the ramp) is a pure
-function of those counters, so a run killed at any point and resumed produces the same weights as one that
-never stopped (on CPU with deterministic settings).
+Everything a step depends on (weights, AdamW moments and Muon's momentum, step and token counters, the batch
+source's position, every RNG) is in each checkpoint, and everything else (learning rate, batch size during the
+ramp) is a pure function of those counters, so a run killed at any point and resumed produces the same weights
+as one that never stopped (on CPU with deterministic settings).
 
 SFT is this loop with another batch source (chosen by the data's manifest) and a RunConfig whose
 `train.init_from` names the model to start from.
@@ -34,7 +35,7 @@ import torch
 from ..config import RunConfig
 from ..errors import UserError
 from ..host_memory import keep_freed_memory
-from ..info import flops_per_token
+from ..info import flops_per_token, format_group, optimizer_groups
 from ..units import human_count
 from ..layout import STATE_FILE, TOKENIZER_DIR
 from ..model import GPT
@@ -43,7 +44,7 @@ from . import distributed as D
 from .batches import RESUME_COMMANDS, data_kind, open_batch_source
 from .checkpointer import Checkpointer
 from .metrics import MetricsLogger, device_peak_flops, import_backends
-from .optim import build_optimizer
+from .optim import build_optimizer, set_lr
 from .plot import plot_losses
 from .precision import resolve_device, resolve_precision
 from .progress import ProgressLog, console_log
@@ -307,6 +308,8 @@ class Trainer:
         self.log(f"training {human_count(self.raw_model.num_parameters())} parameters on {self.device} "
                  f"({self.precision}{', compiled' if tc.compile else ''}); {human_count(self.plan.full_tokens)} "
                  f"tokens per step = {self.plan.describe(self.parallel)}; run directory {self.run_dir.path}")
+        for i, group in enumerate(optimizer_groups(self.config.model, tc)):
+            self.log(f"{'optimizer' if i == 0 else '':<9} {format_group(group)}")
         self.raw_model.train()
         train_loss = val_loss = None
         if self.resumed_from is None:
@@ -346,8 +349,7 @@ class Trainer:
 
     def _step(self, lr: float, n_micro: int) -> tuple[bool, float, float]:
         """One optimizer step over `n_micro` micro-batches at learning rate `lr`."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         try:
             batches = (self.batches.next_batch() for _ in range(n_micro))
             loss = forward_backward(self.model, batches, n_micro, self.device, self.precision)
