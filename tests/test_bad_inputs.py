@@ -272,7 +272,7 @@ _SETTINGS = [
         "max_steps", "max_tokens", "max_time", "lr", "min_lr_ratio", "warmup_steps", "decay_fraction", "beta1",
         "beta2", "eps", "weight_decay", "grad_clip", "log_every", "eval_every", "eval_batches", "eval_limit",
         "sample_every", "sample_tokens", "sample_temperature", "sample_top_k", "checkpoint_every",
-        "keep_checkpoints", "max_bad_steps")],
+        "keep_checkpoints", "max_bad_steps", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_ns_steps")],
     ("train.seed", ("4294967296",)), ("train.max_steps", ("1e12",)),
     ("data.seed", ("-5", "nan", "4294967296")),
     *[(f"model.{name}", ("-1", "nan", "inf")) for name in (
