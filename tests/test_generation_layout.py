@@ -55,6 +55,23 @@ def test_prepared_model_keeps_its_weights_and_agrees(dtype, tmp_path):
     assert all(isinstance(m, PrepackedLinear) and not isinstance(m.weight, PrepackedLinear) for m in linears(model))
 
 
+def test_reorders_made_side_by_side_equal_one_by_one(monkeypatch):
+    # prepare_for_decoding reorders on one thread per core; each copy must still be its own weight's.
+    if not onednn(torch.float32):
+        pytest.skip("oneDNN's prepacked linear does not run here")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    model = make_model("alternating", dtype=torch.float32)
+    prepare_for_decoding(model)
+    generator = torch.Generator().manual_seed(0)
+    for module in linears(model):
+        x = torch.randn(3, module.in_features, generator=generator)
+        alone = layout.reorder(module, module.rows)
+        with torch.inference_mode():
+            got = torch.ops.mkldnn._linear_pointwise(x, module.packed, module.bias, "none", [], "")
+            want = torch.ops.mkldnn._linear_pointwise(x, alone, module.bias, "none", [], "")
+        assert got.shape == (3, module.rows) and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_prepacked_rows_do_not_depend_on_their_batch(dtype):
     """A served row's logits are the same alone or among 15 others (torch's fp32 F.linear changes kernels

@@ -89,6 +89,16 @@ def test_gpt2_agrees_with_tiktoken_r50k(gpt2_ranks, tmp_path, monkeypatch):
     assert ours.decode_bytes(ids) == reference.decode_bytes(ids)
 
 
+def test_gpt2_ranks_parse_to_every_line_of_the_file(gpt2_ranks):
+    # The reference: each `base64(token) rank` line decoded on its own (parse_ranks splits the file once).
+    import base64
+    data = gpt2_ranks.read_bytes()
+    expected = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines())}
+    ranks = gpt2_module.parse_ranks(data, str(gpt2_ranks))
+    assert ranks == expected and len(ranks) == 50_256
+    assert ranks[b"!"] == 0 and ranks[b" the"] == 262
+
+
 def test_gpt2_saved_directory_is_self_contained(gpt2_ranks, tmp_path, monkeypatch):
     tok = GPT2Tokenizer(gpt2_ranks)
     tok.save(tmp_path / "tok")

@@ -13,6 +13,7 @@ Where the file is looked for, in order: `$GPTFORGE_GPT2_RANKS`; `<cache>/gpt2.ti
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
 import hashlib
 import os
@@ -64,11 +65,10 @@ def parse_ranks(data: bytes, source: str) -> dict[bytes, int]:
     if digest != GPT2_RANKS_SHA256:
         raise UserError(f"GPT-2 ranks file {source} is damaged or not GPT-2's (sha256 {digest[:12]}…, expected "
                         f"{GPT2_RANKS_SHA256[:12]}…); delete it and {HOW_TO_GET}")
-    ranks: dict[bytes, int] = {}
-    for line in data.splitlines():
-        token, rank = line.split()
-        ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    # Verified, so exactly GPT-2's `token rank` lines: split once and decode in C (3x faster than line by line,
+    # ~0.06 s of every `sample` start-up on a 2-core CPU).
+    fields = data.split()
+    return dict(zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2])))
 
 
 @functools.lru_cache(maxsize=4)
