@@ -13,7 +13,11 @@ Models: `gpt2` (the GPT-2 124M preset, random weights, GPT-2's tokenizer) and `d
 4 layers of 192, 128-token context, served here from random weights with a 4,096-id byte-level BPE trained
 on tests/data/shakespeare.txt plus the chat markers).
 
+On a small shared CPU pass `--threads 1`: with torch's default threads on 2 loaded cores the demo server
+ran ~10x slower and the rounds were noise. The GPT-2 preset there runs ~1-2 s a step at batch 16.
+
     python benchmarks/serve_structured_load.py                          # both models
+    python benchmarks/serve_structured_load.py --models demo --rounds 5 --requests 4 --max-tokens 64 --threads 1
     python benchmarks/serve_structured_load.py --models demo --rounds 1 --requests 1 --max-tokens 8  # tiny
 """
 
