@@ -43,27 +43,32 @@ def start_server(model: str, max_batch: int, threads: int | None) -> tuple[subpr
         env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", "--model", model, "--port", str(port),
                              "--max-batch", str(max_batch), "--max-queued", "256", "--name", "bench"], env=env)
-    url = f"http://127.0.0.1:{port}"
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}")
+
+
+def wait_ready(proc: subprocess.Popen, url: str) -> str:
+    """`url` once the server `proc` answers /health (SystemExit if it exits or takes over 300 s)."""
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"the server for --max-batch {max_batch} exited ({proc.returncode})")
+            raise SystemExit(f"the server {proc.args[-6:]} exited ({proc.returncode})")
         if time.monotonic() > deadline:
             proc.kill()
             raise SystemExit("the server did not become ready in 300 s")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
+                return url
         except httpx.TransportError:
             pass
         time.sleep(0.2)
 
 
-async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int, seed: int, ignore_eos: bool
-                      ) -> tuple[float, list[float], int]:
-    """(time to first token, gaps between tokens, tokens generated) of one streamed completion."""
+async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int, seed: int, ignore_eos: bool,
+                      extra: dict | None = None) -> tuple[float, list[float], int]:
+    """(time to first token, gaps between tokens, tokens generated) of one streamed completion; `extra`:
+    more body fields (response_format, ...)."""
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos, **(extra or {})}
     start = time.perf_counter()
     first, last, gaps, tokens = None, None, [], 0
     async with http.stream("POST", url + "/v1/completions", json=body) as r:

@@ -35,3 +35,9 @@ def test_quantized_decode_times_every_arm_and_kernel(tmp_path):
                "--arms", "fp32,bf16,int8,int4-bf16", "--shapes", "128x96", "--threads", "1", "--clock", "cpu",
                cwd=tmp_path)
     assert "| int4-bf16 |" in out and "| int8 x bf16 |" in out and "| int4 g128 |" in out
+
+
+def test_serve_structured_load_measures_free_rows_beside_json_ones(tmp_path):
+    out = _run("serve_structured_load.py", "--models", "demo", "--rounds", "1", "--requests", "1",
+               "--max-tokens", "4", "--json-tokens", "16", cwd=tmp_path)
+    assert "| demo |" in out and "B/A" in out and "JSON replies" in out
