@@ -281,7 +281,7 @@ def _check_same_filesystem(path: Path, option: str) -> None:
 
 def _refuse_existing(path: Path, kind: OutputKind, option: str, existing: str | None, replace: bool) -> None:
     flag = kind.replace_flag
-    if kind.is_directory and existing in ("a pretraining run", "a fine-tuning (sft) run", "a training run"):
+    if kind.is_directory and _is_run(path):
         raise UserError(f"{option} {path} is {existing}; only `gptforge train`/`sft` continue or restart a run "
                         f"and this command never replaces one: choose another {option}")
     if not replace:
@@ -328,7 +328,7 @@ def check_output(path: str | os.PathLike, kind: OutputKind, *, replace: bool = F
     if kind.is_run:
         if existing is None or kind.recognises(path):
             return True  # a new run among loose files, or a run the trainer will continue or restart
-        if existing == "a pretraining run":
+        if _is_run(path) and run_data_kind(path) == "plain":
             raise UserError(f"{option} {path} is a pretraining run; sft never continues or restarts one (resume "
                             f"it with `gptforge train --out {path} --resume`): choose another {option}")
         raise UserError(f"{option} {path} holds {existing}, not a run; choose another {option}")
@@ -336,10 +336,8 @@ def check_output(path: str | os.PathLike, kind: OutputKind, *, replace: bool = F
         _check_same_filesystem(path, option)
         if not any(path.iterdir()):
             return True  # an empty folder: nothing to lose
-    if replace and kind.replace_flag is not None and kind.recognises(path):
-        return True
-    if replace and kind.replace_flag is None and kind.recognises(path):
-        return True  # replaced by the command without a flag: its own earlier output (eval's report)
+    if replace and kind.recognises(path):
+        return True  # its own earlier output (without a flag for eval's report: `replace` is the caller's word)
     _refuse_existing(path, kind, option, existing, replace)
     raise AssertionError("unreachable")
 
