@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -36,22 +37,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_server(model: str, max_batch: int, threads: int | None,
+                 extra_args: list[str] | None = None, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`gptforge serve` on a free port, once it answers /health; `extra_args`: more options (--dtype, ...)."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.Popen([sys.executable, "-m", "gptforge", "serve", "--model", model, "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-queued", "256", "--name", "bench"], env=env)
-    return proc, wait_ready(proc, f"http://127.0.0.1:{port}")
+    return launch(lambda port: [sys.executable, "-m", "gptforge", "serve", "--model", model, "--port", str(port),
+                                "--max-batch", str(max_batch), "--max-queued", "256", "--name", "bench",
+                                *(extra_args or [])], env, log)
 
 
-def wait_ready(proc: subprocess.Popen, url: str) -> str:
+def launch(command: Callable[[int], list[str]], env: dict | None = None,
+           log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """Any HTTP server with a /health route (another program too, e.g. llama-server): `command(port)` is its
+    command line for a free port; its output goes to `log` when given (else to this terminal)."""
+    port = free_port()
+    out = open(log, "wb") if log is not None else None
+    try:
+        proc = subprocess.Popen(command(port), env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        if out is not None:
+            out.close()  # the child holds its own descriptor
+    return proc, wait_ready(proc, f"http://127.0.0.1:{port}", log)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path | None = None) -> str:
     """`url` once the server `proc` answers /health (SystemExit if it exits or takes over 300 s)."""
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
-            raise SystemExit(f"the server {proc.args[-6:]} exited ({proc.returncode})")
+            tail = f"; the end of its log {log}:\n{log.read_text(errors='replace')[-2000:]}" if log else ""
+            raise SystemExit(f"the server {proc.args[:3]}... exited ({proc.returncode}){tail}")
         if time.monotonic() > deadline:
             proc.kill()
             raise SystemExit("the server did not become ready in 300 s")
@@ -89,13 +107,16 @@ async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int, seed: 
     return (first if first is not None else time.perf_counter() - start), gaps, tokens
 
 
-async def load(url: str, clients: int, requests: int, max_tokens: int, ignore_eos: bool = True) -> dict[str, float]:
+async def load(url: str, clients: int, requests: int, max_tokens: int, ignore_eos: bool = True,
+               extra: dict | None = None) -> dict[str, float]:
+    """`clients` concurrent clients, each streaming `requests` completions one after the other; `extra`: more
+    body fields of every request."""
     ttfts, gaps, tokens = [], [], 0
 
     async def client(c: int) -> None:
         nonlocal tokens
         for i in range(requests):
-            t, g, n = await one_request(http, url, max_tokens, 1000 * c + i, ignore_eos)
+            t, g, n = await one_request(http, url, max_tokens, 1000 * c + i, ignore_eos, extra)
             ttfts.append(t)
             gaps.extend(g)
             tokens += n
