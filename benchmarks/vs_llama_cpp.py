@@ -51,7 +51,7 @@ AMX) llama.cpp's q8_0 repack path crashes; `--repack` turns it on where it works
 quantized rows faster there: say which you used when you quote numbers).
 
     python benchmarks/vs_llama_cpp.py                 # all rows and pairs, 5 rounds, 2 threads: ~15 min
-    python benchmarks/vs_llama_cpp.py --quick         # 1 round, short runs, all rows: ~1 min once files exist
+    python benchmarks/vs_llama_cpp.py --quick         # 1 round, short runs, all rows: ~1-2 min once files exist
     python benchmarks/vs_llama_cpp.py --rows decode,prompt --dtypes fp32,int8 --rounds 3
     python benchmarks/vs_llama_cpp.py --rows serve --serve-dtypes bf16 --clients 16
     python benchmarks/vs_llama_cpp.py --rows check --model runs/demo-chat    # a trained model's greedy tokens
