@@ -23,8 +23,9 @@ target. The table gives medians and their ratio.
     python benchmarks/time_to_loss.py --data PATH --arms reference,adamw,small-cpu # AdamW vs Muon
     python benchmarks/time_to_loss.py --data PATH --profile    # step times in one process + where time goes
 
-Muon sweep (one run each, `--child RECIPE` with target 1.892; steps are deterministic, times were not: a 2-core
-AMD EPYC without native bf16 shared with other jobs). Steps to held-out 1.892 / final held-out loss:
+Muon sweep (one run each, `--child RECIPE` with the target fed on stdin). Steps are deterministic, times are
+not. First sweep, target 1.892, a 2-core AMD EPYC without native bf16 (fp32 everywhere), shared with other
+jobs; steps to the target / final held-out loss:
     adamw (5e-3, 1,400 steps)                          1120 / 1.822
     muon lr 0.01, momentum 0.95, 600 steps              564 / 1.878
     muon lr 0.02, momentum 0.95, 600 steps              516 / 1.842
@@ -32,9 +33,19 @@ AMD EPYC without native bf16 shared with other jobs). Steps to held-out 1.892 / 
     muon lr 0.02, momentum 0.90, 600 steps              480 / 1.831
     muon lr 0.02, momentum 0.95, 300 steps of 24    not reached / 1.914
     muon lr 0.02, momentum 0.95, 800 steps              544 / 1.778
-    muon lr 0.02, momentum 0.90, 800 steps              496 / 1.759   <- the char-small preset
-Interleaved step times (--profile): reference 840 ms, gptforge AdamW 1059-1172 ms, gptforge Muon 1691 ms
-(fp32 everywhere: this CPU has no native bf16).
+    muon lr 0.02, momentum 0.90, 800 steps              496 / 1.759
+Second sweep (lr 0.02, momentum 0.9), target 1.9002, a 2-core AMD EPYC Zen 4 with native bf16, one thread per
+run (`echo 1.9002 | python benchmarks/time_to_loss.py --child 'small-cpu:SETTINGS' --data PATH`); the reference's
+2,000 iterations took 125.9 s there (median of 3). Seconds to the target (steps) / final loss:
+    batch 12, 800 steps, 5 Newton-Schulz steps     32.7 s (512) / 1.758   (median of 3, the full benchmark)
+    batch 12, 800 steps, 4 Newton-Schulz steps     30.0 s (512) / 1.763
+    batch 16, 600 steps, 5 Newton-Schulz steps     28.4 s (384) / 1.775   <- the char-small preset
+    batch 16, 600 steps, 4 Newton-Schulz steps     27.8 s (396) / 1.783
+    batch 24, 400 steps, 5 Newton-Schulz steps     27.1 s (280) / 1.811
+    batch 24, 400 steps, 4 Newton-Schulz steps     26.6 s (288) / 1.819   (another job started mid-run)
+A Muon step costs ~19 ms of Newton-Schulz on one core whatever the batch (torch's Muon, bf16, 16 matrices of
+128 x 128..512; AdamW's step at batch 12 is ~44 ms, Muon's ~64 ms), so fewer, larger steps win on time until the
+final loss starts to give; batch 16 keeps it well under 1.83.
 """
 
 from __future__ import annotations
@@ -279,8 +290,9 @@ RECIPES = {
     # the char-small preset's training settings (gptforge.config.PRESET_TRAIN), steps scaled with --iters
     "small-cpu": lambda iters: {**_preset_train("char-small"),
                                 "max_steps": iters * _preset_train("char-small")["max_steps"] // REF["iters"]},
-    # the preset before Muon: AdamW alone at 5x the reference's LR over 70% of its steps
-    "adamw": lambda iters: {**_preset_train("char-small"), "optimizer": "adamw", "max_steps": iters * 7 // 10},
+    # the preset before Muon: AdamW alone at 5x the reference's LR over 70% of its steps, at its batch
+    "adamw": lambda iters: {**_preset_train("char-small"), "optimizer": "adamw", "max_steps": iters * 7 // 10,
+                            "micro_batch_size": REF["batch_size"], "warmup_steps": 50},
 }
 
 

@@ -146,11 +146,13 @@ GPT3_PEAK_LR: dict[str, float] = {
 
 # Training settings a preset brings with it (over the TrainConfig defaults; TOML and --set still win).
 # char-small: the recipe benchmarks/time_to_loss.py measures. On tinyshakespeare AdamW at 5x nanoGPT's LR reached
-# the final held-out loss of nanoGPT's 2,000-iteration CPU recipe (LR 1e-3, batch 12) after ~1,120 of 1,400 steps
-# (final 1.822); Muon for the blocks' matrices (train.optimizer=muon) reaches it after ~500 of 800 steps and ends
-# at 1.759, each step ~1.4-1.6x AdamW's on a CPU without native bf16 (the Newton-Schulz matmuls).
+# the final held-out loss of nanoGPT's 2,000-iteration CPU recipe (LR 1e-3, batch 12) after ~1,100 of 1,400 steps
+# (final 1.818); Muon for the blocks' matrices (train.optimizer=muon) reaches it after ~510 of 800 steps at batch
+# 12 (final 1.758) and after ~390 of 600 at batch 16 (final 1.775), which is faster in wall time: a Muon step's
+# Newton-Schulz iterations cost the same whatever the batch (~19 ms of a ~64 ms step at batch 12 on one core), so
+# fewer, larger steps pay them less often. Sweep: benchmarks/time_to_loss.py's docstring.
 PRESET_TRAIN: dict[str, dict[str, Any]] = {
-    "char-small": dict(micro_batch_size=12, max_steps=800, lr=5e-3, warmup_steps=50, beta2=0.99,
+    "char-small": dict(micro_batch_size=16, max_steps=600, lr=5e-3, warmup_steps=40, beta2=0.99,
                        min_lr_ratio=0.1, weight_decay=0.1, optimizer="muon", muon_lr=0.02, muon_momentum=0.9),
 }
 

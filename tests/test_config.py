@@ -89,7 +89,7 @@ def test_load_toml_errors(tmp_path):
 
 def test_char_small_preset_brings_its_training_recipe_and_set_still_wins():
     """char-small is nanoGPT's Shakespeare-char CPU shape with the faster recipe benchmarks/time_to_loss.py
-    measures (Muon for the blocks' matrices over 40% of nanoGPT's steps, AdamW at 5x its LR for the rest);
+    measures (Muon for the blocks' matrices over 30% of nanoGPT's steps at batch 16, AdamW at 5x its LR for the rest);
     resolved through the one resolver every command uses."""
     from gptforge.config import RunConfig
     from gptforge.resolve import resolve_run_config
@@ -97,7 +97,7 @@ def test_char_small_preset_brings_its_training_recipe_and_set_still_wins():
     config = resolve_run_config(preset="char-small")
     m, t = config.model, config.train
     assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (4, 4, 128, 64)
-    assert (t.lr, t.micro_batch_size, t.max_steps, t.warmup_steps, t.beta2) == (5e-3, 12, 800, 50, 0.99)
+    assert (t.lr, t.micro_batch_size, t.max_steps, t.warmup_steps, t.beta2) == (5e-3, 16, 600, 40, 0.99)
     assert (t.optimizer, t.muon_lr, t.muon_momentum) == ("muon", 0.02, 0.9)
     assert resolve_run_config(preset="char-small", overrides=["train.lr=1e-3"]).train.lr == 1e-3
     # other presets keep the defaults apart from GPT-3's Table 2.1 LR
