@@ -89,21 +89,30 @@ async def one_request(http: httpx.AsyncClient, url: str, max_tokens: int, seed: 
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos, **(extra or {})}
     start = time.perf_counter()
     first, last, gaps, tokens = None, None, [], 0
-    async with http.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["text"]:
-                now = time.perf_counter()
-                if first is None:
-                    first = now - start
-                else:
-                    gaps.append(now - last)
-                last = now
+    for attempt in range(2):
+        try:
+            async with http.stream("POST", url + "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if chunk["choices"] and chunk["choices"][0]["text"]:
+                        now = time.perf_counter()
+                        if first is None:
+                            first = now - start
+                        else:
+                            gaps.append(now - last)
+                        last = now
+            break
+        except httpx.RemoteProtocolError:
+            # The server closed a kept-alive connection just as this request went out on it (seen with
+            # llama-server between one client's requests): nothing was answered, so send it once more on a
+            # new connection, on the same clock. A stream cut after it began is an error.
+            if attempt or first is not None:
+                raise
     return (first if first is not None else time.perf_counter() - start), gaps, tokens
 
 
