@@ -44,7 +44,9 @@ def test_int4_round_trip_by_hand():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(48, 64), (50, 40)])  # (out, in); 50 x 40: int4 pads rows and inputs
+# (out, in); 50 x 40: int4 pads rows and inputs; 40 and 72 inputs: int8 pads to 16s (unpadded, torch's kernel
+# crashed at 15 x 40 and gave garbage at 1 x 72 on an AVX-512 Zen 4)
+@pytest.mark.parametrize("shape", [(48, 64), (50, 40), (48, 72)])
 def test_quantized_linear_is_exact_to_its_own_reference(kind, shape):
     """The product equals dequantize(W) @ bf16(x) + b up to the bf16 rounding of the product's result, and the
     dequantized weight is within half a step of the original."""

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 QUANTIZE_CHOICES = ("int8", "int4")
 INT4_GROUP = 32  # inputs sharing one int4 scale and zero; the kernel takes 32, 64, 128 or 256
 INT4_ROWS = 16  # the int4 packer needs the output rows in multiples of this (zero rows pad the rest)
+# The int8 kernel's vectorized loop reads the inputs 16 at a time: on an AVX-512 CPU (Zen 4) an input width
+# that is not a multiple of 16 gave garbage (40 x 72) or a segmentation fault (15 x 40). Zero inputs pad it.
+INT8_INPUTS = 16
 COMPUTE_DTYPE = torch.bfloat16
 
 
@@ -82,14 +85,14 @@ class QuantizedLinear(nn.Linear):
         self.kind = kind
         self.rows = linear.out_features if rows is None else rows
         weight = self.weight.detach()[: self.rows].float()
+        # zero inputs up to the multiple the kernel needs (the activations get the same zero columns in
+        # forward), and for int4 zero rows up to a multiple of INT4_ROWS: any layer width quantizes
+        self.pad_in = -self.in_features % (INT8_INPUTS if kind == "int8" else INT4_GROUP)
         if kind == "int8":
-            q, scale = quantize_int8(weight)
+            q, scale = quantize_int8(F.pad(weight, (0, self.pad_in)))
             self.register_buffer("qweight", q, persistent=False)
             self.register_buffer("scale", scale, persistent=False)
             return
-        # int4: zero rows up to a multiple of INT4_ROWS, zero inputs up to a multiple of the group (the
-        # activations get the same zero columns in forward): any layer width quantizes
-        self.pad_in = -self.in_features % INT4_GROUP
         weight = F.pad(weight, (0, self.pad_in, 0, -self.rows % INT4_ROWS))
         q, scale, zero = quantize_int4(weight)
         self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
@@ -99,11 +102,11 @@ class QuantizedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         h = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        if self.pad_in:
+            h = F.pad(h, (0, self.pad_in))
         if self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(h, self.qweight, self.scale)
         else:
-            if self.pad_in:
-                h = F.pad(h, (0, self.pad_in))
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(h, self.qweight, INT4_GROUP, self.scale_zero)
             y = y[:, : self.rows]
         y = y.to(x.dtype)
@@ -114,7 +117,7 @@ class QuantizedLinear(nn.Linear):
     def dequantized_weight(self) -> torch.Tensor:
         """The (rows, in) fp32 weight this product multiplies by (for tests and error reports)."""
         if self.kind == "int8":
-            return dequantize_int8(self.qweight, self.scale)
+            return dequantize_int8(self.qweight, self.scale)[:, : self.in_features]
         n_pad = self.qweight.shape[0]
         k_pad = self.in_features + self.pad_in
         q = unpack_int4(self.qweight, n_pad, k_pad)
