@@ -65,3 +65,23 @@ def test_torchs_own_class_where_bf16_is_native(monkeypatch):
     monkeypatch.setattr(M, "resolve_precision", lambda spec, device: "fp32")
     opt = M.muon_optimizer(params, torch.device("cpu"), lr=0.02)
     assert type(opt) is M.Muon and opt.ns_dtype == torch.float32
+
+
+def test_a_run_that_asks_for_fp32_orthogonalizes_in_fp32(monkeypatch):
+    """train.precision=fp32 on a CPU with native bf16: the Newton-Schulz runs in fp32 (torch's would run in bf16,
+    where another summation order of the same gradient moves the weights by whole bf16 steps of an update)."""
+    from gptforge.training import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    params = _params()
+    assert type(M.muon_optimizer(params, torch.device("cpu"), "auto", lr=0.02)) is torch.optim.Muon
+    opt = M.muon_optimizer(params, torch.device("cpu"), "fp32", lr=0.02)
+    assert type(opt) is M.Muon and opt.ns_dtype == torch.float32
+    from gptforge.config import ModelConfig, TrainConfig
+    from gptforge.model import GPT
+    from gptforge.training.optim import build_optimizer, optimizers_of
+
+    model = GPT(ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    for spec, expected in (("fp32", M.Muon), ("auto", torch.optim.Muon)):
+        built = optimizers_of(build_optimizer(model, TrainConfig(optimizer="muon", precision=spec), "cpu"))
+        assert [type(o) for o in built if isinstance(o, torch.optim.Muon)] == [expected]

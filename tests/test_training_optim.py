@@ -40,7 +40,9 @@ def _update(batches, n_batches, optimizer="adamw"):
     model = GPT(ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, n_embd=32))
     # eps 1e-3, not 1e-8: Adam's first update is lr·g/(|g|+eps), whose slope at g≈0 is lr/eps, so with a tiny
     # eps a gradient entry near zero turns float rounding (~1e-10) into a visible update difference
-    opt = build_optimizer(model, TrainConfig(lr=1e-2, eps=1e-3, optimizer=optimizer), "cpu")
+    # precision fp32 as the forward: Muon's Newton-Schulz in fp32 too (in bf16 a rounding difference between
+    # the two gradient sums can flip a bf16 rounding of the update and hide the arithmetic checked here)
+    opt = build_optimizer(model, TrainConfig(lr=1e-2, eps=1e-3, optimizer=optimizer, precision="fp32"), "cpu")
     loss = forward_backward(model, batches, n_batches, torch.device("cpu"), "fp32")
     ok, _, norm = clip_and_step(model, opt, loss, grad_clip=1.0)
     assert ok

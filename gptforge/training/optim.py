@@ -108,9 +108,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig,
     adamw = torch.optim.AdamW(param_groups(model, config.weight_decay, frozenset(names)), lr=config.lr,
                               betas=(config.beta1, config.beta2), eps=config.eps, **kwargs)
     muon_group = {"params": [params[n] for n in names], "names": names, "lr_scale": config.muon_lr / config.lr}
-    muon = muon_optimizer([muon_group], device, lr=config.muon_lr, weight_decay=config.muon_weight_decay,
-                            momentum=config.muon_momentum, nesterov=config.muon_nesterov,
-                            ns_steps=config.muon_ns_steps, adjust_lr_fn="original")
+    muon = muon_optimizer([muon_group], device, config.precision, lr=config.muon_lr,
+                          weight_decay=config.muon_weight_decay, momentum=config.muon_momentum,
+                          nesterov=config.muon_nesterov, ns_steps=config.muon_ns_steps, adjust_lr_fn="original")
     return Optimizers([adamw, muon])
 
 
