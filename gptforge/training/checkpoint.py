@@ -64,6 +64,17 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer | Optimizers
     return tensors, metadata
 
 
+def state_by_name(tensors: dict[str, torch.Tensor], scalars: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each parameter name's saved optimizer state: its tensors (stored as NAME::FIELD) and its scalars."""
+    state: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, field = key.split("::", 1)
+        state.setdefault(name, {})[field] = tensor
+    for name, values in scalars.items():
+        state.setdefault(name, {}).update(values)
+    return state
+
+
 def saved_optimizers(metadata: dict[str, str], n_groups: int) -> list[list]:
     """[[class name, groups], ...] of a checkpoint; one written before Muon existed holds one AdamW."""
     return json.loads(metadata["optimizers"]) if "optimizers" in metadata else [["AdamW", n_groups]]
@@ -92,10 +103,7 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer | Optimizers, tensor
         raise UserError(f"optimizer state in {source} has {len(saved_groups)} parameter groups, this run has "
                         f"{len(optimizer.param_groups)}; start a fresh run or resume with the same setup")
     check_same_optimizers(saved_kinds, optimizer, source)
-    by_name: dict[str, dict[str, Any]] = {}
-    for key, t in tensors.items():
-        name, field = key.split("::", 1)
-        by_name.setdefault(name, {})[field] = t
+    by_name = state_by_name(tensors, scalars)
     offset = 0
     for opt in optimizers_of(optimizer):
         current = opt.state_dict()
@@ -107,10 +115,8 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer | Optimizers, tensor
                 raise UserError(f"optimizer state in {source} is for different parameters than this model; "
                                 "resume with the model configuration the run was started with")
             for index, name in zip(group["params"], names):
-                entry = dict(by_name.get(name, {}))
-                entry.update(scalars.get(name, {}))
-                if entry:
-                    state[index] = entry
+                if by_name.get(name):
+                    state[index] = by_name[name]
             groups.append({**saved, "params": group["params"]})
         offset += len(current["param_groups"])
         opt.load_state_dict({"state": state, "param_groups": groups})

@@ -45,7 +45,7 @@ from ..outputs import WEIGHTS_FILE_KIND, check_output
 from ..weights import TIED_KEYS, read_weights, save_weights
 from . import distributed as D
 from .checkpoint import (check_same_optimizers, json_default, model_config_differences, read_state,
-                         saved_optimizers)
+                         saved_optimizers, state_by_name)
 from .optim import Optimizers, optimizers_of
 
 __all__ = ["consolidate", "is_sharded_checkpoint", "load_full_into_sharded", "load_sharded", "save_sharded"]
@@ -158,12 +158,7 @@ def load_full_into_sharded(path: str | os.PathLike, model: nn.Module,
             raise UserError(f"optimizer state {path / OPTIMIZER_FILE} is unreadable ({e}); "
                             "resume from an earlier checkpoint") from None
         check_same_optimizers(saved_kinds, optimizer, str(path))
-        state: dict[str, dict[str, Any]] = {}
-        for key, tensor in stored.items():
-            name, field = key.split("::", 1)
-            state.setdefault(name, {})[field] = tensor
-        for name, values in scalars.items():
-            state.setdefault(name, {}).update(values)
+        state = state_by_name(stored, scalars)
         param_groups = [{**{k: v for k, v in g.items() if k != "names"}, "params": g["names"]} for g in groups]
         set_optimizer_state_dict(model, optimizers_of(optimizer), {"state": state, "param_groups": param_groups},
                                  options=full)
