@@ -44,7 +44,7 @@ speed: > 1 means gptforge is faster.
 llama.cpp's binaries come from `--llama-bin DIR`, else $GPTFORGE_LLAMA_CPP_BIN, else gptforge's cache
 ($GPTFORGE_CACHE or ~/.cache/gptforge)/llama.cpp/build-0.3.36/bin. When the cache lacks one, the script builds
 them there from the llama-cpp-python 0.3.36 sdist's vendor/llama.cpp (`pip download --no-binary :all:`, cmake +
-ninja, -DLLAMA_CURL=OFF, -DGGML_NATIVE=ON; about 15 minutes on 2 cores, once). Threads: `--threads` on both
+ninja, -DLLAMA_CURL=OFF, -DGGML_NATIVE=ON; 6-15 minutes on 2 cores, once). Threads: `--threads` on both
 sides (llama.cpp -t and -tb; gptforge torch.set_num_threads / OMP_NUM_THREADS). Weight repacking is OFF by
 default (`llama-bench --repack 0`, `llama-server`/`llama-completion --no-repack`): on some CPUs (Intel with
 AMX) llama.cpp's q8_0 repack path crashes; `--repack` turns it on where it works (and may make llama.cpp's
@@ -203,7 +203,7 @@ def build_llama_cpp(root: Path, targets: list[str]) -> None:
     src, build = root / f"src-{LLAMA_CPP_PYTHON}", root / f"build-{LLAMA_CPP_PYTHON}"
     if not (src / "CMakeLists.txt").is_file():
         fetch_llama_cpp_source(src)
-    print(f"building llama.cpp ({', '.join(targets)}) in {build}: about 15 minutes on 2 cores, once", flush=True)
+    print(f"building llama.cpp ({', '.join(targets)}) in {build}: 6-15 minutes on 2 cores, once", flush=True)
     if not (build / "build.ninja").is_file():
         _run_build_step(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
                          "-DLLAMA_CURL=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_BUILD_TESTS=OFF",

@@ -5,8 +5,8 @@ following GPT-2/nanoGPT convention, the token and position embeddings (2-D table
 the tied output head). Biases and LayerNorm gains/shifts (1-D) are not decayed: shrinking them toward zero
 only fights the normalisation.
 
-Muon (`train.optimizer = "muon"`, torch.optim.Muon; see muon.py for CPUs without native bf16): momentum orthogonalized by Newton-Schulz iterations. It is
-meant for hidden layers' 2-D weights only (torch refuses any other shape), so it takes the attention and MLP
+Muon (`train.optimizer = "muon"`, torch.optim.Muon; muon.py says when its iteration runs in fp32 instead):
+momentum orthogonalized by Newton-Schulz iterations. It is meant for hidden layers' 2-D weights only (torch refuses any other shape), so it takes the attention and MLP
 matrices inside the blocks; the embeddings (whose rows are looked up, not multiplied: an orthogonalized update
 would spread each token's gradient over every row) and the tied head, the biases and the LayerNorms stay with
 AdamW exactly as above. Two torch optimizers, stepped as one by `Optimizers`; the schedule scales both.
