@@ -36,6 +36,8 @@ speed: > 1 means gptforge is faster.
           --max-batch 16` against `llama-server -np 16 -cb -c 16*1024` (the model's 1,024-token context in
           every slot), each with `--threads`; llama.cpp's requests carry `cache_prompt: false`, so neither side
           reuses an earlier request's prompt. Also time to first token p50 of each.
+  (`--compile`: gptforge's decode, prompt and check rows run `prepare_for_decoding(model, compile=True)`, as
+  `sample --compile` does; the prompt is still the eager prefill, and ttft and serve have no compile.)
   check   greedy tokens (32, temperature 0, the same prompt ids) of each gptforge dtype against its llama.cpp
           pair (llama-server's /completion with return_tokens): identical, or the first position where they
           differ and gptforge's logit margin there (random weights give near-ties; a trained --model makes
@@ -55,6 +57,7 @@ quantized rows faster there: say which you used when you quote numbers).
     python benchmarks/vs_llama_cpp.py --rows decode,prompt --dtypes fp32,int8 --rounds 3
     python benchmarks/vs_llama_cpp.py --rows serve --serve-dtypes bf16 --clients 16
     python benchmarks/vs_llama_cpp.py --rows check --model runs/demo-chat    # a trained model's greedy tokens
+    python benchmarks/vs_llama_cpp.py --rows decode,prompt,check --compile  # gptforge's compiled decode step
 """
 
 from __future__ import annotations
@@ -315,16 +318,21 @@ def _quantize_q4(bin_dir: Path | None, f32: Path, out: Path, mix: bool) -> Path:
 
 # ---- rows ------------------------------------------------------------------------------------------------------
 
-def load_gptforge(spec: str, name: str):
-    """The model as `gptforge sample --dtype D [--quantize Q]` prepares it, and its tokenizer."""
+def load_gptforge(spec: str, name: str, compile: bool = False):
+    """The model as `gptforge sample --dtype D [--quantize Q] [--compile]` prepares it (compiled already, when
+    `compile`), and its tokenizer."""
     import torch
 
     from gptforge.generation import prepare_for_decoding
+    from gptforge.generation.compiled import compiled_decoder
     from gptforge.loading import default_tokenizer, load_model
 
     pair = PAIRS[name]
     model, tokenizer = load_model(spec, "cpu", getattr(torch, pair.dtype))
-    return prepare_for_decoding(model, quantize=pair.quantize), tokenizer or default_tokenizer(model, spec)
+    prepare_for_decoding(model, quantize=pair.quantize, compile=compile)
+    if compile:
+        print(f"  {name}: compiled the decode step in {compiled_decoder(model).warm_up():.1f} s", flush=True)
+    return model, tokenizer or default_tokenizer(model, spec)
 
 
 def prefill_rate(model, prompt: list[int]) -> float:
@@ -359,7 +367,7 @@ def speed_rows(args: argparse.Namespace, spec: str, ggufs: dict[str, Path], bin_
     from quantized_decode import decode_rate
 
     tests = [r for r in ("decode", "prompt") if r in args.rows]
-    models = {name: load_gptforge(spec, name)[0] for name in args.dtypes}
+    models = {name: load_gptforge(spec, name, args.compile)[0] for name in args.dtypes}
     g = torch.Generator().manual_seed(0)
     vocab = next(iter(models.values())).config.vocab_size
     start_token = [int(torch.randint(0, vocab, (1,), generator=g))]
@@ -385,7 +393,7 @@ def speed_rows(args: argparse.Namespace, spec: str, ggufs: dict[str, Path], bin_
     out = []
     for test in tests:
         what = (f"batch-1 decode, {args.new_tokens} tokens" if test == "decode"
-                else f"{args.prompt_tokens}-token prompt")
+                else f"{args.prompt_tokens}-token prompt") + (", gptforge --compile" if args.compile else "")
         rows = [(f"{name} / {PAIRS[name].gguf}", compare(ours[(test, name)], theirs[(test, name)]))
                 for name in args.dtypes]
         out.append(f"\n{what}, tok/s\n" + format_table(["gptforge / llama.cpp", "gptforge", "llama.cpp",
@@ -508,7 +516,7 @@ def check_rows(args: argparse.Namespace, spec: str, ggufs: dict[str, Path], bin_
     ours, theirs, margins = {}, {}, {}
     ids: list[int] = []
     for name in args.dtypes:
-        model, tokenizer = load_gptforge(spec, name)
+        model, tokenizer = load_gptforge(spec, name, args.compile)
         ids = tokenizer.encode(PROMPT)
         ours[name] = generate_ids(model, [ids], config)[0]
         proc, url = launch(lambda port: [str(bin_dir / "llama-server"), "-m", str(ggufs[name]), "--host",
@@ -579,6 +587,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="let llama.cpp repack weights (default off: its q8_0 AMX repack path crashes on some CPUs)")
     p.add_argument("--q4-mix", action="store_true",
                    help="q4_0 with llama-quantize's default mix (output head q6_K) instead of --pure")
+    p.add_argument("--compile", action="store_true",
+                   help="gptforge's decode, prompt and check rows with the compiled decode step (`sample "
+                        "--compile`; compiled once per pair before the rounds); ttft and serve stay eager")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 round, 16 decode tokens, 1 and 4 clients x 1 request x 16 tokens, "
                         "16 check tokens")

@@ -24,8 +24,8 @@ def prepared(monkeypatch):
     seen = []
     real = gptforge.generation.prepare_for_decoding
 
-    def spy(model, quantize=None):
-        seen.append((quantize, real(model, quantize=quantize)))
+    def spy(model, quantize=None, compile=False):
+        seen.append((quantize, real(model, quantize=quantize, compile=compile)))
         return model
 
     monkeypatch.setattr(gptforge.generation, "prepare_for_decoding", spy)

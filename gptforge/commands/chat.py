@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, TextIO
 
 from ..errors import UserError
 from ..numeric import SEED
-from ._options import (add_device_options, add_json_output_options, add_quantize_option, add_sampling_options,
-                       check_json_output, json_output_fields, resolve_device_for, sampling_config)
+from ._options import (add_compile_option, add_device_options, add_json_output_options, add_quantize_option,
+                       add_sampling_options, check_json_output, json_output_fields, prepare_model,
+                       resolve_device_for, sampling_config)
 
 if TYPE_CHECKING:
     from ..chat.session import ChatSession
@@ -48,13 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_output_options(p, also_json=True)
     add_device_options(p)
     add_quantize_option(p)
+    add_compile_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..chat.session import ChatSession, require_chat_model
     from ..devices import resolve_dtype
-    from ..generation import prepare_for_decoding
     from ..loading import load_model
 
     config = sampling_config(args, **json_output_fields(args))
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("standard input is empty; pipe a message, use -p TEXT, or run on a terminal to chat")
     device = resolve_device_for(args)
     model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    prepare_for_decoding(model, quantize=args.quantize)  # on CPU: faster products (prepacked or quantized)
+    prepare_model(model, args)  # on CPU: faster products (prepacked, quantized, compiled)
     require_chat_model(tokenizer, f"--model {args.model}")
     check_json_output(config, tokenizer, args)
     session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed,

@@ -9,8 +9,9 @@ import re
 import secrets
 import sys
 
-from ._options import (add_device_options, add_json_output_options, add_quantize_option, add_sampling_options,
-                       check_json_output, json_output_fields, resolve_device_for, sampling_config)
+from ._options import (add_compile_option, add_device_options, add_json_output_options, add_quantize_option,
+                       add_sampling_options, check_json_output, json_output_fields, prepare_model,
+                       resolve_device_for, sampling_config)
 from ..errors import UserError
 from ..numeric import SAMPLES, SEED
 
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_output_options(p)
     add_device_options(p)
     add_quantize_option(p)
+    add_compile_option(p)
     p.set_defaults(func=run)
 
 
@@ -92,7 +94,6 @@ def unescape(text: str, option: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_dtype
-    from ..generation import prepare_for_decoding
     from ..loading import default_tokenizer, load_model, resolve_model_source
 
     config = sampling_config(args, stop=tuple(unescape(text, "--stop") for text in args.stop),
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model_source(args.model)
     seeds = args.seed or [fresh_seed()]  # chosen first: a preset's random weights are drawn from it too
     model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device), seed=seeds[0])
-    prepare_for_decoding(model, quantize=args.quantize)  # on CPU: faster products (prepacked or quantized)
+    prepare_model(model, args, batch=args.num_samples)  # on CPU: faster products (prepacked, quantized, compiled)
     # Everything alive now (torch's modules, the model) lives until exit: freezing it keeps the collector off
     # those objects, and the interpreter's final collection then takes ~0.2 s instead of ~0.8 s.
     gc.freeze()

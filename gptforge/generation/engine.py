@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UserError
 from ..model import GPT
+from .compiled import compiled_decoder
 from .constrained import build_constraints
 from .kv_cache import CudaGraphDecoder, KVCache
 from .sampling import Sampler, SamplingConfig
@@ -71,8 +72,13 @@ class TokenGenerator:
         if not 1 <= self.context_keep <= block:
             raise ValueError(f"context_keep must be in [1, {block}], got {context_keep}")
         self.end_ids = end_id_set(eot_id)
-        self.static = static or cuda_graph  # fixed-shape decode steps (see KVCache)
+        # prepare_for_decoding(model, compile=True): decode steps by the compiled step, on a static cache
+        self.compiled = compiled_decoder(model)
+        self.static = static or cuda_graph or self.compiled is not None  # fixed-shape decode steps (see KVCache)
         self.cuda_graph = cuda_graph
+        # a captured graph, or a compiled step (compiled again for every batch size), keeps the batch size:
+        # finished rows stay in it instead of being dropped
+        self.fixed_batch = cuda_graph or self.compiled is not None
         self._decode = None
         self.configs = list(configs)
         self.histories: list[list[int]] = []
@@ -146,8 +152,8 @@ class TokenGenerator:
                 self._select(live)
                 logits = self._prefill([self._window(i) for i in self.rows])
                 continue
-            if not self.cuda_graph and len(live) <= (1 - COMPACT_FRACTION) * len(self.rows):
-                self._select(live)  # a captured graph has a fixed batch: it keeps finished rows instead
+            if not self.fixed_batch and len(live) <= (1 - COMPACT_FRACTION) * len(self.rows):
+                self._select(live)
                 tokens = tokens[torch.tensor(live, device=self.device)]
             logits = self._decode(tokens)
 
@@ -180,6 +186,8 @@ class TokenGenerator:
         self._decode = lambda tokens: self._step(tokens.view(-1, 1), self.cache)
         if self.cuda_graph and self.device.type == "cuda":
             self._decode = CudaGraphDecoder(self._step, self.cache).decode
+        elif self.compiled is not None:
+            self._decode = lambda tokens: self.compiled.decode(tokens.view(-1, 1), self.cache)
         return logits
 
     def _step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -107,18 +107,33 @@ class KVCache:
                 self.keys[layer].index_copy_(2, ring, k[:, :, T - size:])
                 self.values[layer].index_copy_(2, ring, v[:, :, T - size:])
             return k, v, mask
+        if self.static:
+            return self.static_update(layer, k, v)
         keys, values = self.keys[layer], self.values[layer]
-        if self.static:  # the slot is a device tensor: same work every step, whole buffer under a mask
-            slot = (self._t if window is None else self._t % size).view(1)
-            keys.index_copy_(2, slot, k)
-            values.index_copy_(2, slot, v)
-            return keys, values, mask
         t = self.length
         slot = t if window is None else t % size
         keys[:, :, slot:slot + 1].copy_(k)
         values[:, :, slot:slot + 1].copy_(v)
         n = min(t + 1, size)  # slots holding this row's past (all of a full ring)
         return keys[:, :, :n], values[:, :, :n], mask
+
+    def static_update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`update` of a static cache's decode step: the slot is the device tensor `_t` (in a ring, `_t` modulo
+        the buffer's own length), so the same work runs every step and attention spans the whole buffer under
+        this step's mask. It reads no Python number that changes per step or per cache, which is what lets a
+        compiled step (gptforge.generation.compiled) run unchanged for every step and every capacity."""
+        keys, values = self.keys[layer], self.values[layer]
+        slot = (self._t if self.windows[layer] is None else self._t % keys.size(2)).view(1)
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        return keys, values, self._masks[self.windows[layer]]
+
+    def capacity_dims(self) -> list[tuple[torch.Tensor, int]]:
+        """Each buffer and current mask whose size follows the capacity, with that dimension: what a compiled
+        step must not specialize on."""
+        buffers = [(t, 2) for t in (*self.keys, *self.values)]  # (B, nh, size, hd)
+        return buffers + [(m, 3) for m in self._masks.values() if m is not None]  # (B, 1, Tq, size)
 
     def advance(self, T: int) -> None:
         """The forward has stored T new slots in every layer."""

@@ -1,0 +1,128 @@
+"""The compiled decode step (prepare_for_decoding(model, compile=True), sample/chat --compile): the logits of
+every step against the eager static-cache step, one compile for every capacity and step (band rings
+included), quantized products compiled too, and the CLI's compile, errors and device rule."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from chat_models import chat_tokenizer, random_chat_model, save_chat_checkpoint
+
+from gptforge.cli import main
+from gptforge.config import ModelConfig
+from gptforge.errors import UserError
+from gptforge.generation import KVCache, SamplingConfig, generate_ids, generate_text, prepare_for_decoding
+from gptforge.generation.compiled import CompiledDecoder, compiled_decoder
+from gptforge.loading import load_model
+from gptforge.model import GPT
+
+GREEDY = SamplingConfig(temperature=0.0, stop_at_eot=False)
+
+
+def band_model(n_embd: int = 32, seed: int = 0) -> GPT:
+    """GPT-3 style (dense and band layers alternating: a band layer's cache is a ring), large random weights
+    so greedy decoding does not collapse onto one id."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=n_embd,
+                         attention="alternating", window=6)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def step_logits(model: GPT, prompt: list[int], steps: int, capacity: int, decode) -> list[torch.Tensor]:
+    """Greedy decoding on a static cache: the logits of each decode step, computed by `decode(tokens, cache)`."""
+    with torch.inference_mode():
+        cache = KVCache(model.config, [0], capacity, static=True)
+        logits = model.head(model.hidden_states(torch.tensor([prompt]), kv_cache=cache)[:, -1])
+        out = []
+        for _ in range(steps):
+            logits = decode(logits.argmax(-1).view(1, 1), cache)
+            out.append(logits.clone())
+        return out
+
+
+def eager_decode(model: GPT):
+    return lambda tokens, cache: model.head(model.hidden_states(tokens, kv_cache=cache)[:, -1])
+
+
+def test_compiled_steps_equal_eager_steps_and_one_compile_serves_every_capacity():
+    """Every step's logits equal the eager static step's to fp32 rounding, over a ring that wraps (window 6,
+    20 steps); generations of other capacities and prompt lengths reuse the one compiled graph."""
+    eager = band_model()
+    compiled = prepare_for_decoding(copy.deepcopy(eager), compile=True)
+    decoder = compiled_decoder(compiled)
+    decoder.warm_up()
+    before = graphs_compiled()
+    for prompt, steps, capacity in (([5, 6, 7], 20, 23), ([1, 2, 3, 4, 5, 6, 7, 8], 12, 30), ([9], 4, 5)):
+        got = step_logits(compiled, prompt, steps, capacity, decoder.decode)
+        want = step_logits(eager, prompt, steps, capacity, eager_decode(eager))
+        for step, (g, w) in enumerate(zip(got, want)):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+        assert [int(g.argmax()) for g in got] == [int(w.argmax()) for w in want]
+    assert graphs_compiled() == before  # no compile after the warm-up
+    # TokenGenerator decodes with the attached step: the same tokens as the unprepared model's dynamic cache
+    prompt = [[3, 1, 4, 1, 5]]
+    assert generate_ids(compiled, prompt, GREEDY.replace(max_new_tokens=15)) == \
+        generate_ids(eager, prompt, GREEDY.replace(max_new_tokens=15))
+    assert graphs_compiled() == before
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_products_compile_to_the_same_logits(kind):
+    """A quantized model's compiled step computes what its eager step does (bf16 products: to bf16 rounding)."""
+    eager = prepare_for_decoding(band_model(), quantize=kind)
+    compiled = prepare_for_decoding(copy.deepcopy(eager), compile=True)
+    got = step_logits(compiled, [5, 6, 7], 10, 16, compiled_decoder(compiled).decode)
+    want = step_logits(eager, [5, 6, 7], 10, 16, eager_decode(eager))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * float(w.abs().max()))
+
+
+def test_sample_and_chat_compile_before_the_first_prompt(tiny_run, tmp_path, capsys):
+    argv = ["sample", "--model", str(tiny_run), "hello", "--max-new-tokens", "12", "--temperature", "0",
+            "--seed", "1", "--no-stop-at-eot", "--json"]
+    assert main([*argv, "--compile"]) == 0
+    captured = capsys.readouterr()
+    assert "compiling the decode step" in captured.err and "compiled in" in captured.err
+    model, tokenizer = load_model(str(tiny_run))
+    config = GREEDY.replace(max_new_tokens=12)
+    assert json.loads(captured.out)["samples"][0]["text"] == generate_text(model, tokenizer, ["hello"], config,
+                                                                           seed=1)[0]
+    tok = chat_tokenizer()
+    spec = save_chat_checkpoint(tmp_path / "chat", random_chat_model(tok, end_at=30), tok)
+    assert main(["chat", "--model", spec, "-p", "hi", "--max-new-tokens", "4", "--compile"]) == 0
+    assert "compiled in" in capsys.readouterr().err
+
+
+def test_a_compile_that_fails_is_one_line(tiny_run, capsys, monkeypatch):
+    """No working C++ compiler: one line that says what --compile needs, exit code 2."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    model = band_model(n_embd=48, seed=3)  # shapes no other test compiled: nothing cached to fall back on
+    decoder = CompiledDecoder(model)
+    with pytest.raises(UserError, match="--compile: torch.compile could not build the decode step .*C\\+\\+ compiler"):
+        decoder.warm_up()
+
+
+def test_compile_off_the_cpu_is_refused(capsys, monkeypatch):
+    import gptforge.devices
+
+    monkeypatch.setattr(gptforge.devices, "resolve_device", lambda name: torch.device("cuda"))
+    assert main(["sample", "--model", "char-small", "hi", "--compile", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile: the compiled decode step runs on CPU only" in err[0]
+    with pytest.raises(UserError, match="for the CPU"):
+        CompiledDecoder(band_model().to("meta"))
