@@ -16,9 +16,11 @@ bypasses inductor's on-disk cache, so a new process compiles again), and one mor
 (inductor's frozen constants). So it is opt-in, for sessions long enough to repay it (a chat, a long sample).
 
 How it stays one compile per batch size: the decode step runs on a static KVCache (fixed shapes, the slot is a
-device tensor), inside a `_StepView` that hands the model only tensors, never the Python step counter, and the
-buffers' slot dimension is marked dynamic, so every capacity and every step reuses the same code. The prefill
-stays eager (prepacked products beat llama.cpp at prompt lengths already).
+device tensor), inside a `_StepView` that hands the model only tensors, never a Python number that changes per
+step; the buffers' slot dimension and the number of filled slots (the size of a tensor) are marked dynamic, so
+every capacity and every step reuse the same code, which attends over the filled slots only. (A band layer's
+ring compiles once more, when it first fills.) The prefill stays eager: prepacked products already beat
+llama.cpp at prompt lengths.
 """
 
 from __future__ import annotations
@@ -33,27 +35,35 @@ from ..model import GPT
 from .kv_cache import KVCache
 
 #: inductor settings of the compiled step (set only while it runs)
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                    "max_autotune_report_choices_stats": False}
 _ATTRIBUTE = "compiled_decoder"  # where prepare_for_decoding(compile=True) keeps a model's CompiledDecoder
+#: compiled graphs of the step kept in one process, all decoders together (one per model and batch size)
+RECOMPILE_LIMIT = 64
 #: slots of the cache the warm-up compiles on; any capacity then reuses the code (the dimension is dynamic)
 WARM_UP_CAPACITY = 4
 
 
 class _StepView:
     """What the model sees of a static KVCache inside the compiled step (its `start_step`/`update`/`advance`):
-    this step's positions, computed before the call, and the cache's static update. The Python step counter
-    is advanced around the call, outside the compiled code, since reading it inside would make every step a
-    new compile."""
+    this step's positions, computed before the call, and the cache's static update, cut to the slots filled so
+    far. Python numbers that change per step (the step counter, how many slots are filled) never reach the
+    compiled code, since each one would be a new compile: the filled length travels as the size of a tensor
+    (`spans`, one per attention window, marked dynamic), so the step attends over what is filled, not the
+    whole buffer (a chat's cache is sized for its longest reply)."""
 
-    def __init__(self, cache: KVCache, positions: torch.Tensor) -> None:
+    def __init__(self, cache: KVCache, positions: torch.Tensor, spans: dict[int | None, torch.Tensor]) -> None:
         self.cache = cache
         self.positions = positions
+        self.spans = spans
 
     def start_step(self, T: int) -> torch.Tensor:
         return self.positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        return self.cache.static_update(layer, k, v)
+        keys, values, mask = self.cache.static_update(layer, k, v)
+        n = self.spans[self.cache.windows[layer]].size(0)
+        return keys[:, :, :n], values[:, :, :n], mask[..., :n]
 
     def advance(self, T: int) -> None:
         pass
@@ -84,24 +94,35 @@ class CompiledDecoder:
         # a module whose parameters are the model's: what freezing turns into constants it lays out once
         self._compiled = torch.compile(_DecodeStep(model))
         import torch._inductor.config as inductor_config  # (here: it takes ~1 s to import)
+        import torch._inductor.select_algorithm as select_algorithm
+
+        # the autotuner writes a table of its timings to stderr for every product, a module flag, not a setting
+        select_algorithm.PRINT_AUTOTUNE = False
 
         # set around each call, since compiles happen at calls (the first, and a new batch size): passed as
         # torch.compile(options=...) instead, freezing did not take effect (103 -> 40 tokens/s measured)
-        self._settings = inductor_config.patch(INDUCTOR_OPTIONS)
+        self._inductor_settings = inductor_config.patch(INDUCTOR_OPTIONS)
+        # Every decoder's step is the same Python code, and dynamo keeps one list of compiled graphs per code
+        # object, 8 by default: a process that compiles several models (a benchmark, a notebook) would find
+        # the list full and silently run the step uncompiled.
+        self._dynamo_settings = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 
     def decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed one token per row, (B, 1), after what the static `cache` holds: the next-token logits."""
         if not cache.static:
             raise ValueError("a compiled decode step needs a static KVCache")
         positions = cache.start_step(1)  # checks the capacity; this step's masks, from the device slot
-        for tensor, dim in cache.capacity_dims():  # one compile for every capacity
-            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        spans = {window: cache.slot_range(n) for window, n in cache.decode_spans().items()}
+        for tensor, dim in (*cache.capacity_dims(), *((span, 0) for span in spans.values())):
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)  # one compile for every capacity and step
         try:
-            with self._settings:
-                logits = self._compiled(tokens, _StepView(cache, positions))
+            with self._dynamo_settings, self._inductor_settings:
+                logits = self._compiled(tokens, _StepView(cache, positions, spans))
         except (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--compile: torch.compile could not build the decode step ({first[:200]}); "
+            inner = getattr(e, "inner_exception", e)  # (what inductor raised, under dynamo's wrapper)
+            lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+            what = f"{type(inner).__name__}: {lines[0]}" if lines else type(inner).__name__
+            raise UserError(f"--compile: torch.compile could not build the decode step ({what[:200]}); "
                             "it needs a working C++ compiler (g++ or clang); install one or leave --compile "
                             "out") from None
         cache.advance(1)

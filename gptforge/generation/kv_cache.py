@@ -44,14 +44,19 @@ class KVCache:
         self.windows: list[int | None] = [config.window if config.is_band_layer(i) else None
                                           for i in range(config.n_layer)]
         self.sizes = [capacity if w is None else min(w, capacity) for w in self.windows]
+        # A static cache's dense buffers get one spare slot, never written and always masked out, so the slots
+        # a step attends over are never the whole buffer: a compiled step (which attends over the filled
+        # slots only) would otherwise compile again for the one step that fills the buffer (a slice of the
+        # whole buffer is contiguous, a shorter one is not, and the compiled matmul differs).
+        self.spare = 1 if static else 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        for size in self.sizes:
-            shape = (self.batch, config.n_head, size, config.head_dim)
+        for window, size in zip(self.windows, self.sizes):
+            shape = (self.batch, config.n_head, size + (self.spare if window is None else 0), config.head_dim)
             # zeros, not empty: masked-out entries still enter the matmul, and garbage NaNs would leak
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
-        self._slots = torch.arange(capacity, device=device)
+        self._slots = torch.arange(capacity + 1, device=device)
         self.pad: torch.Tensor | None = None  # (B, 1) left padding, None when no row is padded
         self.max_pad = max(pads)
         if self.max_pad:
@@ -129,6 +134,16 @@ class KVCache:
         values.index_copy_(2, slot, v)
         return keys, values, self._masks[self.windows[layer]]
 
+    def decode_spans(self) -> dict[int | None, int]:
+        """For the decode step about to run, the slots each window's layers have filled, this step's included:
+        what a static step needs to attend over (the rest of its buffer is masked out anyway)."""
+        return {w: min(self.length + 1, self.capacity if w is None else min(w, self.capacity))
+                for w in set(self.windows)}
+
+    def slot_range(self, n: int) -> torch.Tensor:
+        """The slot numbers 0 .. n-1 (a view, no allocation)."""
+        return self._slots[:n]
+
     def capacity_dims(self) -> list[tuple[torch.Tensor, int]]:
         """Each buffer and current mask whose size follows the capacity, with that dimension: what a compiled
         step must not specialize on."""
@@ -171,7 +186,7 @@ class KVCache:
     def _static_mask(self, window: int | None) -> torch.Tensor:
         """(B, 1, 1, size) mask over the whole buffer from the device slot `_t`: slots not yet written,
         padding, and (in a ring) entries that hold which slot is computed on the device."""
-        size = self.capacity if window is None else min(window, self.capacity)
+        size = self.capacity + self.spare if window is None else min(window, self.capacity)
         t = self._t
         ring = self._slots[:size]
         slot_of = ring if window is None else t - torch.remainder(t - ring, size)
