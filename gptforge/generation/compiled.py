@@ -26,6 +26,7 @@ llama.cpp at prompt lengths.
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -96,8 +97,10 @@ class CompiledDecoder:
         import torch._inductor.config as inductor_config  # (here: it takes ~1 s to import)
         import torch._inductor.select_algorithm as select_algorithm
 
-        # the autotuner writes a table of its timings to stderr for every product, a module flag, not a setting
+        # the autotuner writes a table of its timings to stderr for every product (a module flag, not a
+        # setting), and warns about a deprecated storage API it calls itself: neither is the user's business
         select_algorithm.PRINT_AUTOTUNE = False
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
 
         # set around each call, since compiles happen at calls (the first, and a new batch size): passed as
         # torch.compile(options=...) instead, freezing did not take effect (103 -> 40 tokens/s measured)
