@@ -44,6 +44,24 @@ def test_int4_round_trip_by_hand():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_quantizing_in_row_blocks_equals_one_block_and_leaves_the_weight_alone(kind, monkeypatch):
+    """Start-up quantizes QUANTIZE_ROWS rows at a time, working in place on a copy of each block: the result
+    equals the whole matrix in one block, for fp32 and bf16 weights, and the weight itself is not touched."""
+    import gptforge.generation.quantize as quantize
+
+    quantize_fn = quantize_int8 if kind == "int8" else quantize_int4
+    torch.manual_seed(0)
+    for weight in (torch.randn(37, 64) * 0.02, (torch.randn(37, 64) * 0.02).bfloat16()):
+        original = weight.clone()
+        monkeypatch.setattr(quantize, "QUANTIZE_ROWS", 1_000)
+        whole = quantize_fn(weight)
+        monkeypatch.setattr(quantize, "QUANTIZE_ROWS", 5)  # 8 blocks, the last of 2 rows
+        blocks = quantize_fn(weight)
+        assert all(torch.equal(a, b) for a, b in zip(whole, blocks))
+        assert torch.equal(weight, original)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 # (out, in); 50 x 40: int4 pads rows and inputs; 40 and 72 inputs: int8 pads to 16s (unpadded, torch's kernel
 # crashed at 15 x 40 and gave garbage at 1 x 72 on an AVX-512 Zen 4)
 @pytest.mark.parametrize("shape", [(48, 64), (50, 40), (48, 72)])

@@ -36,14 +36,26 @@ INT4_ROWS = 16  # the int4 packer needs the output rows in multiples of this (ze
 # that is not a multiple of 16 gave garbage (40 x 72) or a segmentation fault (15 x 40). Zero inputs pad it.
 INT8_INPUTS = 16
 COMPUTE_DTYPE = torch.bfloat16
+QUANTIZE_ROWS = 2048  # rows quantized at a time (see _row_blocks)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> q (N, K) int8 in -127..127, scale (N,) bf16: the row's largest |w| maps to 127."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(COMPUTE_DTYPE)
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=COMPUTE_DTYPE)
+    for rows in _row_blocks(weight):
+        w = weight.detach()[rows].to(torch.float32, copy=True)  # a copy: the steps below work in place
+        block_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(COMPUTE_DTYPE)
+        scale[rows] = block_scale
+        q[rows] = w.div_(block_scale.float()[:, None]).round_().clamp_(-127, 127)
     return q, scale
+
+
+def _row_blocks(weight: torch.Tensor) -> list[slice]:
+    """Quantization works QUANTIZE_ROWS rows at a time: every step is per row, so the result is the same as in
+    one go, and the temporaries stay in the CPU's cache instead of each being a fresh whole-matrix allocation
+    (GPT-2's 50,257-row head: 0.25 -> 0.07 s for int8, measured on the 2-core Zen 4). Start-up is what waits."""
+    return [slice(i, i + QUANTIZE_ROWS) for i in range(0, weight.shape[0], QUANTIZE_ROWS)]
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,12 +68,18 @@ def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.
     n, k = weight.shape
     if k % group:
         raise ValueError(f"int4 groups of {group} need the input width to be a multiple of it, got {k}")
-    w = weight.detach().float().reshape(n, k // group, group)
-    low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scale = ((high - low) / 15).clamp(min=1e-12).to(COMPUTE_DTYPE)
-    zero = (low + 8 * scale.float()).to(COMPUTE_DTYPE)
-    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None]) + 8
-    return q.clamp(0, 15).to(torch.int32).reshape(n, k), scale, zero
+    q = torch.empty(n, k, dtype=torch.int32)
+    scale = torch.empty(n, k // group, dtype=COMPUTE_DTYPE)
+    zero = torch.empty(n, k // group, dtype=COMPUTE_DTYPE)
+    for rows in _row_blocks(weight):
+        w = weight.detach()[rows].to(torch.float32, copy=True).reshape(-1, k // group, group)  # (copy: in place)
+        low, high = w.amin(dim=-1), w.amax(dim=-1)
+        block_scale = ((high - low) / 15).clamp(min=1e-12).to(COMPUTE_DTYPE)
+        block_zero = (low + 8 * block_scale.float()).to(COMPUTE_DTYPE)
+        levels = w.sub_(block_zero.float()[..., None]).div_(block_scale.float()[..., None]).round_().add_(8)
+        q[rows] = levels.clamp_(0, 15).reshape(-1, k)
+        scale[rows], zero[rows] = block_scale, block_zero
+    return q, scale, zero
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
