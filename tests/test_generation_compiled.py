@@ -107,14 +107,14 @@ def test_sample_and_chat_compile_before_the_first_prompt(tiny_run, tmp_path, cap
     assert "compiled in" in capsys.readouterr().err
 
 
-def test_a_compile_that_fails_is_one_line(tiny_run, capsys, monkeypatch):
+def test_a_compile_that_fails_is_one_line():
     """No working C++ compiler: one line that says what --compile needs, exit code 2."""
     import torch._inductor.config as inductor_config
     from torch._inductor.utils import fresh_cache
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     decoder = CompiledDecoder(band_model())
-    with fresh_cache(), pytest.raises(UserError) as raised:  # nothing compiled earlier to fall back on
+    with (inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}), fresh_cache(),  # nothing cached to reuse
+          pytest.raises(UserError) as raised):
         decoder.warm_up()
     message = str(raised.value)
     assert message.startswith("--compile: torch.compile could not build the decode step (")
