@@ -34,8 +34,8 @@ def add_quantize_option(p: argparse.ArgumentParser) -> None:
 def add_compile_option(p: argparse.ArgumentParser) -> None:
     """--compile, for the commands that decode one conversation or prompt at a time (sample, chat)."""
     p.add_argument("--compile", action="store_true",
-                   help="CPU only: compile the decode step with torch.compile before the first prompt (30-60 s "
-                        "for GPT-2 on 2 cores, needs a C++ compiler) for 1.5-2.3x the tokens/s afterwards; "
+                   help="CPU only: compile the decode step with torch.compile before the first prompt (12-45 s "
+                        "for GPT-2 on 2 cores, needs a C++ compiler) for 1.4-2.4x the tokens/s afterwards; "
                         "worth it for a long session (default: off)")
 
 
@@ -69,7 +69,7 @@ def prepare_model(model, args: argparse.Namespace, batch: int = 1) -> None:
     prepare_for_decoding(model, quantize=args.quantize, compile=getattr(args, "compile", False))
     decoder = compiled_decoder(model)
     if decoder is not None:
-        print("compiling the decode step (torch.compile, once per run; ~30-60 s for GPT-2 on 2 cores)...",
+        print("compiling the decode step (torch.compile, once per run; 12-45 s for GPT-2 on 2 cores)...",
               file=sys.stderr, flush=True)
         print(f"compiled in {decoder.warm_up(batch):.1f} s", file=sys.stderr, flush=True)
 

@@ -8,12 +8,14 @@ oneDNN's prepacked bf16 product streams at ~19 GB/s at one row where a plain sum
 Inductor with `freezing` (the weights become constants it lays out once) and `max_autotune` (it times its own
 C++ GEMM template against aten's and keeps the faster per shape) fixes both: its generated micro-kernels read
 bf16 weights at ~26 GB/s at one row, and the rest of the step becomes a few fused C++ loops. Measured on GPT-2
-124M, 2 threads, 2-core AMD EPYC (Zen 4, AVX-512 BF16), tokens/s eager -> compiled: fp32 37 -> 75, bf16 65 ->
-109, int8 78 -> 180, int4 122 -> 185 (benchmarks/vs_llama_cpp.py --compile has the side-by-side table).
+124M, 2 threads, 2-core AMD EPYC (Zen 4, AVX-512 BF16), batch-1 tokens/s eager -> compiled (benchmarks/
+vs_llama_cpp.py without and with --compile, medians of 5 rounds): fp32 34 -> 56, bf16 58 -> 94-104, int8 69 ->
+146-168, int4 109 -> 151-184; llama.cpp on the same weights: 48-52, 105-109, 170-189, 185-214.
 
-What it costs: the compile itself, ~30-60 s for GPT-2 on 2 cores, once per process and per batch size (freezing
-bypasses inductor's on-disk cache, so a new process compiles again), and one more copy of the linear weights
-(inductor's frozen constants). So it is opt-in, for sessions long enough to repay it (a chat, a long sample).
+What it costs: the compile itself, once per process and per batch size: 26-45 s for GPT-2 on 2 cores, 12-30 s
+when inductor finds its autotuning results on disk from an earlier run (freezing bypasses its cache of whole
+graphs, so a new process always compiles again); and one more copy of the linear weights (inductor's frozen
+constants). So it is opt-in, for sessions long enough to repay it (a chat, a long sample).
 
 How it stays one compile per batch size: the decode step runs on a static KVCache (fixed shapes, the slot is a
 device tensor), inside a `_StepView` that hands the model only tensors, never a Python number that changes per
