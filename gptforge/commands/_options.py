@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..generation import SamplingConfig
+    from ..model import GPT
 
 
 def add_device_options(p: argparse.ArgumentParser, dtype_note: str = "") -> None:
@@ -58,7 +59,7 @@ def resolve_device_for(args: argparse.Namespace) -> "torch.device":
     return device
 
 
-def prepare_model(model, args: argparse.Namespace, batch: int = 1) -> None:
+def prepare_model(model: "GPT", args: argparse.Namespace, batch: int = 1) -> None:
     """prepare_for_decoding with the command's --quantize and --compile; a compile happens here, for `batch`
     rows, with a line on stderr before and after, rather than silently inside the first reply."""
     import sys
@@ -137,6 +138,7 @@ def check_json_output(config: "SamplingConfig", tokenizer: Any, args: argparse.N
 def sampling_config(args: argparse.Namespace, **more: Any) -> "SamplingConfig":
     """The SamplingConfig the sampling options describe (`more`: a command's other fields, e.g. stop)."""
     from ..generation import SamplingConfig
+    from ..model import GPT
 
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
