@@ -1,6 +1,7 @@
 """The compiled decode step (prepare_for_decoding(model, compile=True), sample/chat --compile): the logits of
 every step against the eager static-cache step, one compile for every capacity and step (band rings
-included), quantized products compiled too, and the CLI's compile, errors and device rule."""
+included), rows independent of their neighbours, quantized products compiled too, and the CLI's compile,
+errors and device rule."""
 
 from __future__ import annotations
 
@@ -41,13 +42,15 @@ def graphs_compiled() -> int:
 
 
 def step_logits(model: GPT, prompt: list[int], steps: int, capacity: int, decode) -> list[torch.Tensor]:
-    """Greedy decoding on a static cache: the logits of each decode step, computed by `decode(tokens, cache)`."""
+    """Greedy decoding on a static cache: the logits of each decode step, computed by `decode(tokens, cache)`.
+    `prompt`: one row's ids, or a list of rows of one length."""
+    rows = prompt if isinstance(prompt[0], list) else [prompt]
     with torch.inference_mode():
-        cache = KVCache(model.config, [0], capacity, static=True)
-        logits = model.head(model.hidden_states(torch.tensor([prompt]), kv_cache=cache)[:, -1])
+        cache = KVCache(model.config, [0] * len(rows), capacity, static=True)
+        logits = model.head(model.hidden_states(torch.tensor(rows), kv_cache=cache)[:, -1])
         out = []
         for _ in range(steps):
-            logits = decode(logits.argmax(-1).view(1, 1), cache)
+            logits = decode(logits.argmax(-1).view(-1, 1), cache)
             out.append(logits.clone())
         return out
 
@@ -78,6 +81,21 @@ def test_compiled_steps_equal_eager_steps_and_one_compile_serves_every_capacity(
     assert generate_ids(compiled, prompt, GREEDY.replace(max_new_tokens=15)) == \
         generate_ids(eager, prompt, GREEDY.replace(max_new_tokens=15))
     assert graphs_compiled() == before + 1
+
+
+def test_a_row_does_not_depend_on_its_neighbours():
+    """In a batch, a row's logits are the same bits whatever the other rows hold. Across batch sizes (one
+    compiled graph each, whose autotuner may choose other fp32 kernels) they agree to fp32 rounding."""
+    model = prepare_for_decoding(band_model(), compile=True)
+    decode = compiled_decoder(model).decode
+    row = [3, 1, 4, 1, 5]
+    beside_one = step_logits(model, [row, [9, 2, 6, 5, 3]], 8, 16, decode)
+    beside_other = step_logits(model, [row, [1, 1, 1, 1, 1]], 8, 16, decode)
+    alone = step_logits(model, row, 8, 16, decode)
+    for a, b, c in zip(beside_one, beside_other, alone):
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(a[0], c[0], rtol=1e-5, atol=1e-5)
+        assert int(a[0].argmax()) == int(c[0].argmax())
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
