@@ -137,8 +137,7 @@ class KVCache:
     def decode_spans(self) -> dict[int | None, int]:
         """For the decode step about to run, the slots each window's layers have filled, this step's included:
         what a static step needs to attend over (the rest of its buffer is masked out anyway)."""
-        return {w: min(self.length + 1, self.capacity if w is None else min(w, self.capacity))
-                for w in set(self.windows)}
+        return {window: min(self.length + 1, size) for window, size in zip(self.windows, self.sizes)}
 
     def slot_range(self, n: int) -> torch.Tensor:
         """The slot numbers 0 .. n-1 (a view, no allocation)."""
