@@ -83,6 +83,22 @@ def test_compiled_steps_equal_eager_steps_and_one_compile_serves_every_capacity(
     assert graphs_compiled() == before + 1
 
 
+def test_each_model_runs_its_own_graph():
+    """Two models of the same shapes and other weights: the second compiles its own graph and decodes with its
+    own weights. (The step skips dynamo's checks of the modules, so only keeping each decoder's graphs apart
+    stops the first model's frozen weights from serving the second.)"""
+    first, second = band_model(seed=0), band_model(seed=1)
+    want = step_logits(second, [5, 6, 7], 2, 8, eager_decode(second))  # (the ring of 6 does not fill)
+    prepare_for_decoding(first, compile=True)
+    compiled_decoder(first).warm_up()
+    prepare_for_decoding(second, compile=True)
+    before = graphs_compiled()
+    got = step_logits(second, [5, 6, 7], 2, 8, compiled_decoder(second).decode)
+    assert graphs_compiled() == before + 1
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_a_row_does_not_depend_on_its_neighbours():
     """In a batch, a row's logits are the same bits whatever the other rows hold. Across batch sizes (one
     compiled graph each, whose autotuner may choose other fp32 kernels) they agree to fp32 rounding."""
