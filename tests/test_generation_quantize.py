@@ -45,8 +45,8 @@ def test_int4_round_trip_by_hand():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantizing_in_row_blocks_equals_one_block_and_leaves_the_weight_alone(kind, monkeypatch):
-    """Start-up quantizes QUANTIZE_ROWS rows at a time, working in place on a copy of each block: the result
-    equals the whole matrix in one block, for fp32 and bf16 weights, and the weight itself is not touched."""
+    """Start-up quantizes QUANTIZE_ROWS rows at a time, into a buffer reused by every block: the result equals
+    the whole matrix in one block, for fp32 and bf16 weights, and the weight itself is not touched."""
     import gptforge.generation.quantize as quantize
 
     quantize_fn = quantize_int8 if kind == "int8" else quantize_int4
@@ -173,3 +173,64 @@ def test_quantized_trained_model_keeps_its_perplexity_and_greedy_choices(trained
     assert abs(ratio - 1) <= ppl_tolerance
     assert agreement >= min_agreement
     assert same_tokens >= min_greedy
+
+
+def _adversarial_weights() -> list[torch.Tensor]:
+    """Rows that stress the quantizers' arithmetic: exact .5 ties (round half to even), zero rows (+0 and -0),
+    all-negative rows, tiny and subnormal values, huge values, constant rows; fp32 and bf16, over several
+    row blocks (QUANTIZE_ROWS) with a short last one, and a weight whose rows are strided."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1100, 64, generator=g) * 0.02
+    half = torch.arange(64) - 32 + 0.5
+    w[0], w[1], w[2] = 0.0, -0.0, -torch.rand(64, generator=g)
+    w[3], w[4], w[5] = torch.randn(64, generator=g) * 1e-30, 1e-40, torch.randn(64, generator=g) * 1e30
+    w[6], w[7] = half * 2**-7, half * 2**-6  # int8: scale 2^-7 / 2^-6 (the 127 set below): every q a tie
+    w[6, 0], w[7, 0] = 127 * 2**-7, -127 * 2**-6
+    w[8], w[9], w[10, ::2] = 5.0, -5.0, 1e-38
+    w[11] = (torch.arange(64) % 32) * 2**-5  # int4: groups spanning 0..31/32 (scale 2^-5 * 31/15, not exact)
+    w[12] = (torch.arange(64) % 16) * 2**-4  # int4: min 0, max 15/16 -> scale 2^-4, zero 0.5: ties at k/16
+    w[13:400] = torch.randint(-8, 8, (387, 64), generator=g).float() * 2**-5 + 2**-6  # ties and near-ties
+    return [w, w.bfloat16(), w[:, :32].contiguous(), w.t().contiguous().t()]  # (the last: column-major storage)
+
+
+def _reference_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).bfloat16()
+    return torch.clamp(torch.round(w / scale.float()[:, None]), -127, 127).to(torch.int8), scale
+
+
+def _reference_int4(w: torch.Tensor, group: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w = w.float().reshape(w.shape[0], -1, group)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12).bfloat16()
+    zero = (low + 8 * scale.float()).bfloat16()
+    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None]) + 8
+    return q.clamp(0, 15).to(torch.int32).reshape(w.shape[0], -1), scale, zero
+
+
+@pytest.mark.parametrize("rows", [1_000, 256])
+def test_quantizers_are_bit_identical_to_the_plain_formulas(rows, monkeypatch):
+    """The quantizers (blocks of rows, a reused fp32 buffer, the abs-max as max(max, -min), an fp32 weight read
+    in place) give exactly the bits of the formulas written plainly, on adversarial rows; and a QuantizedLinear's
+    buffers (int4 packed a block of rows at a time, its zero rows appended to the last block) are exactly the
+    whole matrix's, padded and packed at once."""
+    import gptforge.generation.quantize as quantize
+
+    monkeypatch.setattr(quantize, "QUANTIZE_ROWS", rows)
+    for w in _adversarial_weights():
+        original = w.clone()
+        for got, want in ((quantize_int8(w), _reference_int8(w)), (quantize_int4(w), _reference_int4(w))):
+            assert all(a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.is_floating_point() else a,
+                                                          b.view(torch.uint8) if b.is_floating_point() else b)
+                       for a, b in zip(got, want))
+        assert torch.equal(w, original)
+        for n in (w.shape[0], w.shape[0] - 3):  # the int4 head case: 3 + 1 zero rows up to a multiple of 16
+            linear = torch.nn.Linear(w.shape[1], n, bias=False, dtype=w.dtype)
+            linear.weight.data = w[:n].clone()
+            q8, q4 = QuantizedLinear(linear, "int8"), QuantizedLinear(linear, "int4")
+            q, scale = _reference_int8(w[:n])
+            assert torch.equal(q8.qweight, q) and torch.equal(q8.scale.view(torch.int16), scale.view(torch.int16))
+            q, scale, zero = _reference_int4(torch.nn.functional.pad(w[:n], (0, 0, 0, -n % 16)))
+            assert torch.equal(q4.qweight, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1)
+            assert torch.equal(q4.scale_zero.view(torch.int16), scale_zero.view(torch.int16))

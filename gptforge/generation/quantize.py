@@ -25,6 +25,8 @@ for 1..16 rows): a quantized model keeps the batch-invariance rule.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,26 +38,54 @@ INT4_ROWS = 16  # the int4 packer needs the output rows in multiples of this (ze
 # that is not a multiple of 16 gave garbage (40 x 72) or a segmentation fault (15 x 40). Zero inputs pad it.
 INT8_INPUTS = 16
 COMPUTE_DTYPE = torch.bfloat16
-QUANTIZE_ROWS = 2048  # rows quantized at a time (see _row_blocks)
+QUANTIZE_ROWS = 1024  # rows quantized at a time (see _row_blocks)
+INT4_PACK_ROWS = 256  # int4 blocks are a multiple of this: of every row block the packer packs on its own
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> q (N, K) int8 in -127..127, scale (N,) bf16: the row's largest |w| maps to 127."""
     q = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty(weight.shape[0], dtype=COMPUTE_DTYPE)
-    for rows in _row_blocks(weight):
-        w = weight.detach()[rows].to(torch.float32, copy=True)  # a copy: the steps below work in place
-        block_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(COMPUTE_DTYPE)
+    scratch = None
+    for rows, w in _row_blocks(weight):
+        if scratch is None:  # the first block is the largest
+            scratch = torch.empty(w.numel(), dtype=torch.float32)
+        w, x = _in_fp32(w, scratch)
+        # max(max, -min) is the largest |w| exactly (negation is exact), and reads w without a |w| temporary
+        largest = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_())
+        block_scale = (largest / 127).clamp(min=1e-12).to(COMPUTE_DTYPE)
         scale[rows] = block_scale
-        q[rows] = w.div_(block_scale.float()[:, None]).round_().clamp_(-127, 127)
+        q[rows] = torch.div(w, block_scale.float()[:, None], out=x).round_().clamp_(-127, 127)
     return q, scale
 
 
-def _row_blocks(weight: torch.Tensor) -> list[slice]:
-    """Quantization works QUANTIZE_ROWS rows at a time: every step is per row, so the result is the same as in
-    one go, and the temporaries stay in the CPU's cache instead of each being a fresh whole-matrix allocation
-    (GPT-2's 50,257-row head: 0.25 -> 0.07 s for int8, measured on the 2-core Zen 4). Start-up is what waits."""
-    return [slice(i, i + QUANTIZE_ROWS) for i in range(0, weight.shape[0], QUANTIZE_ROWS)]
+def _row_blocks(weight: torch.Tensor, rows: int | None = None,
+                multiple: int = 1) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, block): the weight QUANTIZE_ROWS rows at a time (rounded up to a multiple of `multiple`), views
+    of it, zero rows appended up to `rows` when that is more than it has (int4's padding, without copying the
+    rest). Every step is per row, so the result is the same as in one go, and each block's temporaries stay in
+    the CPU's cache instead of each being a fresh whole-matrix allocation (GPT-2's 50,257-row head, int8:
+    0.25 -> 0.07 s for 2048-row blocks instead of one, on the 2-core Zen 4); of 256 to 4096 rows, 1024 was the
+    best or within noise of it for GPT-2 on 1 and 2 threads. Start-up is what waits."""
+    weight = weight.detach()
+    n = weight.shape[0]
+    rows = n if rows is None else rows
+    step = -(-QUANTIZE_ROWS // multiple) * multiple
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        block = weight[start:end]
+        if end > n:
+            block = F.pad(block, (0, 0, 0, end - max(start, n)))
+        yield slice(start, end), block
+
+
+def _in_fp32(block: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block in fp32, x): x a view of the flat fp32 `scratch` (reused by every block) shaped like `block`,
+    for the quantizer's steps to write. An fp32 block is read where it is, the first step writing x out of
+    place (one pass less than copying it first; the weight is left alone); another dtype is converted into x
+    and the steps work in place (an op mixing bf16 and fp32 operands takes a slower, casting path)."""
+    x = scratch[: block.numel()].view(block.shape)
+    return (block if block.dtype == torch.float32 else x.copy_(block)), x
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -66,20 +96,39 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) float with K a multiple of `group` -> q (N, K) int32 in 0..15, scale and zero (N, K / group) bf16."""
     n, k = weight.shape
-    if k % group:
-        raise ValueError(f"int4 groups of {group} need the input width to be a multiple of it, got {k}")
     q = torch.empty(n, k, dtype=torch.int32)
     scale = torch.empty(n, k // group, dtype=COMPUTE_DTYPE)
     zero = torch.empty(n, k // group, dtype=COMPUTE_DTYPE)
-    for rows in _row_blocks(weight):
-        w = weight.detach()[rows].to(torch.float32, copy=True).reshape(-1, k // group, group)  # (copy: in place)
+    for rows, _, block_scale, block_zero in _int4_blocks(weight, group, q=q):
+        scale[rows], zero[rows] = block_scale, block_zero
+    return q, scale, zero
+
+
+def _int4_blocks(weight: torch.Tensor, group: int, rows: int | None = None, q: torch.Tensor | None = None,
+                 multiple: int = 1) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """quantize_int4 a block of rows at a time (_row_blocks(weight, rows, multiple)): (rows, levels, scale, zero)
+    for each, the levels written into q[rows], or without q into one int32 buffer reused by every block (read
+    each before the next)."""
+    n, k = weight.shape
+    if k % group:
+        raise ValueError(f"int4 groups of {group} need the input width to be a multiple of it, got {k}")
+    scratch = buffer = None
+    for block_rows, w in _row_blocks(weight, rows, multiple):
+        if scratch is None:  # the first block is the largest
+            scratch = torch.empty(w.numel(), dtype=torch.float32)
+        m = w.shape[0]
+        w, x = _in_fp32(w.reshape(m, k // group, group), scratch)  # (a view unless the weight's rows are strided)
         low, high = w.amin(dim=-1), w.amax(dim=-1)
         block_scale = ((high - low) / 15).clamp(min=1e-12).to(COMPUTE_DTYPE)
         block_zero = (low + 8 * block_scale.float()).to(COMPUTE_DTYPE)
-        levels = w.sub_(block_zero.float()[..., None]).div_(block_scale.float()[..., None]).round_().add_(8)
-        q[rows] = levels.clamp_(0, 15).reshape(-1, k)
-        scale[rows], zero[rows] = block_scale, block_zero
-    return q, scale, zero
+        torch.sub(w, block_zero.float()[..., None], out=x)  # (w may be x: then in place)
+        x.div_(block_scale.float()[..., None]).round_().add_(8).clamp_(0, 15)
+        if q is None:
+            buffer = torch.empty(m, k, dtype=torch.int32) if buffer is None or len(buffer) < m else buffer
+            levels = buffer[:m]
+        else:
+            levels = q[block_rows]
+        yield block_rows, levels.copy_(x.view(m, k)), block_scale, block_zero
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -107,18 +156,26 @@ class QuantizedLinear(nn.Linear):
         self.pad_in = -self.in_features % (INT8_INPUTS if kind == "int8" else INT4_GROUP)
         pad_rows = 0 if kind == "int8" else -self.rows % INT4_ROWS
         # the weight as it is where no padding is needed: F.pad would copy it whole, and the quantizers
-        # already read it in blocks converted to fp32 (GPT-2's head: a 154 MB copy, 65 ms of start-up)
+        # already read it in blocks converted to fp32 (GPT-2's head: a 154 MB copy, 65 ms of start-up);
+        # int4's zero rows are appended to the last block only
         weight = self.weight.detach()[: self.rows]
-        if self.pad_in or pad_rows:
-            weight = F.pad(weight, (0, self.pad_in, 0, pad_rows))
+        if self.pad_in:
+            weight = F.pad(weight, (0, self.pad_in))
         if kind == "int8":
             q, scale = quantize_int8(weight)
             self.register_buffer("qweight", q, persistent=False)
             self.register_buffer("scale", scale, persistent=False)
             return
-        q, scale, zero = quantize_int4(weight)
-        self.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), persistent=False)
-        scale_zero = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (K / group, N, 2)
+        # packed a block of rows at a time: the packer packs every 64 rows (32 on AVX2) on their own, into
+        # their own bytes, so blocks of INT4_PACK_ROWS give the bytes of the whole matrix packed at once,
+        # without a whole-matrix int32 copy of the levels (GPT-2's head: 154 MB)
+        n, k = self.rows + pad_rows, weight.shape[1]
+        packed = torch.empty(n, k // 2, dtype=torch.uint8)
+        scale_zero = torch.empty(k // INT4_GROUP, n, 2, dtype=COMPUTE_DTYPE)  # (K / group, N, 2)
+        for rows, q, scale, zero in _int4_blocks(weight, INT4_GROUP, n, multiple=INT4_PACK_ROWS):
+            packed[rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            scale_zero[:, rows, 0], scale_zero[:, rows, 1] = scale.t(), zero.t()
+        self.register_buffer("qweight", packed, persistent=False)
         self.register_buffer("scale_zero", scale_zero, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
