@@ -8,6 +8,7 @@ then the cache `$GPTFORGE_CACHE` or `~/.cache/gptforge`), and when absent the `g
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def _empty_working_directory(tmp_path_factory, monkeypatch):
     checkout holds (the README's main job leaves data/pystdlib, data/pystdlib-qa and runs/ in it) can never
     change a result, and no test can write into the checkout by a relative path."""
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(autouse=True)
+def _collectable_after_each_test():
+    """sample and chat freeze the collector's objects (gc.freeze: a CLI process keeps them until exit); in the
+    one long test process that would keep every earlier test's garbage alive, so each test gives them back."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture

@@ -62,11 +62,17 @@ def resolve_device_for(args: argparse.Namespace) -> "torch.device":
 def prepare_model(model: "GPT", args: argparse.Namespace, batch: int = 1) -> None:
     """prepare_for_decoding with the command's --quantize and --compile; a compile happens here, for `batch`
     rows, with a line on stderr before and after, rather than silently inside the first reply."""
+    import gc
     import sys
 
     from ..generation import prepare_for_decoding
     from ..generation.compiled import compiled_decoder
 
+    # Everything alive now (torch's modules, the model) lives until exit. Freezing it keeps the collector off
+    # those ~170,000 objects: quantizing allocates enough to trigger a full collection (~75 ms of start-up),
+    # and the interpreter's final one at exit takes ~0.2 s instead of ~0.8 s. (What the load left as garbage
+    # is a few dozen objects, no tensors: nothing large is kept alive.)
+    gc.freeze()
     prepare_for_decoding(model, quantize=args.quantize, compile=getattr(args, "compile", False))
     decoder = compiled_decoder(model)
     if decoder is not None:
