@@ -8,14 +8,18 @@ oneDNN's prepacked bf16 product streams at ~19 GB/s at one row where a plain sum
 Inductor with `freezing` (the weights become constants it lays out once) and `max_autotune` (it times its own
 C++ GEMM template against aten's and keeps the faster per shape) fixes both: its generated micro-kernels read
 bf16 weights at ~26 GB/s at one row, and the rest of the step becomes a few fused C++ loops. Measured on GPT-2
-124M, 2 threads, 2-core AMD EPYC (Zen 4, AVX-512 BF16), batch-1 tokens/s eager -> compiled (benchmarks/
-vs_llama_cpp.py without and with --compile, medians of 5 rounds): fp32 34 -> 56, bf16 58 -> 94-104, int8 69 ->
-146-168, int4 109 -> 151-184; llama.cpp on the same weights: 48-52, 105-109, 170-189, 185-214.
+124M, 2 threads, 2-core AMD EPYC (Zen 4, AVX-512 BF16), batch-1 tokens/s, medians of 5 rounds, eager ->
+compiled, and llama.cpp on the same weights in the same runs as the compiled figures (benchmarks/
+vs_llama_cpp.py [--compile]; two compiled runs): fp32 37 -> 60-63 (llama.cpp 59), bf16 71 -> 122-126
+(123-124), int8 82 -> 227-235 (208-229), int4 129 -> 206-215 (227-236).
 
-What it costs: the compile itself, once per process and per batch size: 26-45 s for GPT-2 on 2 cores, 12-30 s
-when inductor finds its autotuning results on disk from an earlier run (freezing bypasses its cache of whole
-graphs, so a new process always compiles again); and one more copy of the linear weights (inductor's frozen
-constants). So it is opt-in, for sessions long enough to repay it (a chat, a long sample).
+What it costs: the compile itself, once per process and per batch size: 37-55 s for GPT-2 on 2 cores, less
+when inductor finds its autotuning results on disk from an earlier run (~24 s fp32 and bf16), and less again
+where it finds the whole compiled graph there too (~10 s int8 and int4; an fp32 or bf16 graph holds oneDNN
+weight tensors inductor cannot store, so it is compiled again in each process); and one more copy of the
+linear weights (inductor's frozen constants). So it is opt-in, for sessions long enough to repay it (a chat, a
+long sample). The autotuner's timings decide the kernels, and its choices are kept on disk: a compile on a
+machine busy with other work can keep slower ones.
 
 How it stays one compile per batch size: the decode step runs on a static KVCache (fixed shapes, the slot is a
 device tensor), inside a `_StepView` that hands the model only tensors, never a Python number that changes per

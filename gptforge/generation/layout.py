@@ -78,7 +78,7 @@ def prepare_for_decoding(model: GPT, quantize: str | None = None, compile: bool 
     batches, in place: every parameter, name and shape stays as it was, and outputs agree to float rounding.
     `quantize` "int8" or "int4": their products use quantized copies of the weights instead (CPU only;
     gptforge.generation.quantize says how, and what it costs in fidelity). `compile`: decode steps run as
-    one step compiled by torch.compile (CPU only, tens of seconds to compile on first use, 1.4-2.4x the
+    one step compiled by torch.compile (CPU only, tens of seconds to compile on first use, 1.6-2.8x the
     tokens/s; gptforge.generation.compiled). For inference: prepare after loading, and do not train a
     prepared model. Returns `model`."""
     if quantize is not None:
