@@ -35,8 +35,8 @@ def add_quantize_option(p: argparse.ArgumentParser) -> None:
 def add_compile_option(p: argparse.ArgumentParser) -> None:
     """--compile, for the commands that decode one conversation or prompt at a time (sample, chat)."""
     p.add_argument("--compile", action="store_true",
-                   help="CPU only: compile the decode step with torch.compile before the first prompt (12-45 s "
-                        "for GPT-2 on 2 cores, needs a C++ compiler) for 1.4-2.4x the tokens/s afterwards; "
+                   help="CPU only: compile the decode step with torch.compile before the first prompt (10-55 s "
+                        "for GPT-2 on 2 cores, needs a C++ compiler) for 1.6-2.8x the tokens/s afterwards; "
                         "worth it for a long session (default: off)")
 
 
@@ -76,7 +76,7 @@ def prepare_model(model: "GPT", args: argparse.Namespace, batch: int = 1) -> Non
     prepare_for_decoding(model, quantize=args.quantize, compile=getattr(args, "compile", False))
     decoder = compiled_decoder(model)
     if decoder is not None:
-        print("compiling the decode step (torch.compile, once per run; 12-45 s for GPT-2 on 2 cores)...",
+        print("compiling the decode step (torch.compile, once per run; 10-55 s for GPT-2 on 2 cores)...",
               file=sys.stderr, flush=True)
         print(f"compiled in {decoder.warm_up(batch):.1f} s", file=sys.stderr, flush=True)
 
@@ -144,7 +144,6 @@ def check_json_output(config: "SamplingConfig", tokenizer: Any, args: argparse.N
 def sampling_config(args: argparse.Namespace, **more: Any) -> "SamplingConfig":
     """The SamplingConfig the sampling options describe (`more`: a command's other fields, e.g. stop)."""
     from ..generation import SamplingConfig
-    from ..model import GPT
 
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
