@@ -13,11 +13,14 @@ commit) for a before/after comparison.
 `import torch` should take <= 0.2 s for GPT-2 124M): each round a fresh interpreter times, in wall and CPU
 seconds (CPU time is steadier on a machine shared with other work), `import torch`, gptforge's own imports,
 loading the weights from disk, `prepare_for_decoding`, the tokenizer and the first greedy token, as
-`sample` runs them; beside it the whole `gptforge sample --max-new-tokens 1` process. `--model` is a
-.safetensors file, checkpoint or run (default: GPT-2 124M with random weights, written once to
-`--scratch`, so loading from disk is measured).
+`sample` runs them (its collector freeze and its quantized-weights cache included: with `--quantize` the
+first round fills the cache, and the median is of reads from it). Beside it the whole `gptforge sample
+--max-new-tokens 1` process and a process that imports torch and ends as `sample` ends (`import torch, gc;
+gc.freeze()`: a plain `import torch` process spends ~0.4 s more collecting torch's objects at exit, which
+`sample` skips). `--model` is a .safetensors file, checkpoint or run (default: GPT-2 124M with random
+weights, written once to `--scratch`, so loading from disk is measured).
 
-    python benchmarks/cli_startup.py --phases --rounds 5 [--baseline-tree /tmp/old]
+    python benchmarks/cli_startup.py --phases --rounds 5 [--dtype bfloat16] [--quantize int8|int4]
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def timed(command: list[str], tree: Path | None) -> float:
 PROMPT = "Hello, my name is"
 
 
-def child_phases(model_spec: str, dtype: str | None) -> None:
+def child_phases(model_spec: str, dtype: str | None, quantize: str | None) -> None:
     """One start-up, timed phase by phase the way `gptforge sample` runs them; prints one JSON line."""
     clocks = [(time.perf_counter(), time.process_time())]
     phases: dict[str, list[float]] = {}
@@ -60,14 +63,15 @@ def child_phases(model_spec: str, dtype: str | None) -> None:
     from gptforge.cli import build_parser  # noqa: F401  (what `gptforge sample` imports before running it)
     from gptforge.commands.sample import fresh_seed  # noqa: F401
     from gptforge.devices import resolve_dtype
-    from gptforge.generation import generate, prepare_for_decoding
+    from gptforge.commands._options import prepare_model
+    from gptforge.generation import generate
     from gptforge.generation.sampling import SamplingConfig
     from gptforge.loading import default_tokenizer, load_model, resolve_model_source
     mark("import gptforge (cli, sample, generation, loading)")
     source = resolve_model_source(model_spec)
     model, tokenizer = load_model(source, "cpu", resolve_dtype(dtype, torch.device("cpu")), seed=0)
     mark("load weights")
-    prepare_for_decoding(model)
+    prepare_model(model, argparse.Namespace(quantize=quantize, compile=False), weights_file=source.weights)  # as sample
     mark("prepare_for_decoding")
     tokenizer = tokenizer or default_tokenizer(model, model_spec)
     mark("tokenizer")
@@ -93,8 +97,9 @@ def run_phases(args: argparse.Namespace) -> None:
     child = [sys.executable, str(Path(__file__).resolve()), "--child", model]
     whole = [sys.executable, "-m", "gptforge", "sample", "--model", model, "--max-new-tokens", "1",
              "--temperature", "0", "--seed", "0", PROMPT]
-    if args.dtype:
-        child, whole = child + ["--dtype", args.dtype], whole + ["--dtype", args.dtype]
+    for option, value in (("--dtype", args.dtype), ("--quantize", args.quantize)):
+        if value:
+            child, whole = child + [option, value], whole + [option, value]
     trees = [REPO] + ([args.baseline_tree.resolve()] if args.baseline_tree else [])
     rounds: dict[Path, list[dict[str, list[float]]]] = {tree: [] for tree in trees}
     whole_s: dict[Path, list[float]] = {tree: [] for tree in trees}
@@ -108,7 +113,7 @@ def run_phases(args: argparse.Namespace) -> None:
             subprocess.run(whole, check=True, stdout=subprocess.DEVNULL, env=env, cwd=tree)
             whole_s[tree].append(time.perf_counter() - start)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import torch"], check=True, env=env)
+        subprocess.run([sys.executable, "-c", "import torch, gc; gc.freeze()"], check=True, env=env)
         torch_s.append(time.perf_counter() - start)
     print(f"gptforge sample start-up, {model}, {args.threads} thread(s): medians of {args.rounds} fresh processes"
           ", wall / CPU seconds")
@@ -119,7 +124,7 @@ def run_phases(args: argparse.Namespace) -> None:
         print(f"{name:<52} " + " ".join(cells))
     print(f"{'whole process: gptforge sample --max-new-tokens 1':<52} "
           + " ".join(f"{statistics.median(whole_s[tree]):>9.3f} {'':>9}" for tree in trees))
-    print(f"{'whole process: python -c (import torch)':<52} {statistics.median(torch_s):>9.3f}")
+    print(f"{'whole process: import torch, gc.freeze()':<52} {statistics.median(torch_s):>9.3f}")
 
 
 def main() -> None:
@@ -129,13 +134,15 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="time `sample`'s start-up phase by phase")
     parser.add_argument("--model", default=None, help="--phases: the weights to load (default: random GPT-2)")
     parser.add_argument("--dtype", default=None, help="--phases: as sample's --dtype (default float32)")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="--phases: as sample's --quantize (default none)")
     parser.add_argument("--threads", type=int, default=2, help="--phases: OMP_NUM_THREADS (default 2)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp"), help="--phases: where the default "
                         "model's weights are written once (default /tmp)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        child_phases(args.child, args.dtype)
+        child_phases(args.child, args.dtype, args.quantize)
         return
     if args.phases:
         run_phases(args)

@@ -12,6 +12,7 @@ import gc
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,9 @@ def _pin_gpt2_ranks(path: Path) -> None:
     from gptforge.tokenizer.gpt2 import ENV_RANKS
     os.environ[ENV_RANKS] = str(path)
 
+
+# Quantized weights a test's `--quantize` stores go to a folder of this session's own, never the user's cache.
+os.environ["GPTFORGE_QUANTIZED_CACHE"] = tempfile.mkdtemp(prefix="gptforge-quantized-cache-")
 
 _ranks = _find_gpt2_ranks()
 if _ranks is not None:

@@ -15,17 +15,18 @@ from gptforge.cli import main
 from gptforge.evals.runner import run_tasks
 from gptforge.generation import SamplingConfig, generate_text, prepare_for_decoding
 from gptforge.generation.quantize import QuantizedLinear
-from gptforge.loading import load_model
+from gptforge.loading import load_model, resolve_model_source
 
 
 @pytest.fixture
 def prepared(monkeypatch):
-    """The models the commands prepare, and the quantize argument each was prepared with."""
+    """The models the commands prepare: (quantize, model, weights_file) as each was prepared."""
     seen = []
     real = gptforge.generation.prepare_for_decoding
 
-    def spy(model, quantize=None, compile=False):
-        seen.append((quantize, real(model, quantize=quantize, compile=compile)))
+    def spy(model, quantize=None, compile=False, weights_file=None):
+        seen.append((quantize, real(model, quantize=quantize, compile=compile, weights_file=weights_file),
+                     weights_file))
         return model
 
     monkeypatch.setattr(gptforge.generation, "prepare_for_decoding", spy)
@@ -37,8 +38,10 @@ def test_sample_quantizes_and_generates_what_the_api_does(tiny_run, capsys, prep
             "--seed", "1", "--no-stop-at-eot", "--json", "--quantize", "int4"]
     assert main(argv) == 0
     text = json.loads(capsys.readouterr().out)["samples"][0]["text"]
-    (kind, model), = prepared
+    (kind, model, weights_file), = prepared
     assert kind == "int4" and isinstance(model.lm_head, QuantizedLinear) and model.lm_head.kind == "int4"
+    # the file it loaded, so the quantized copy is cached for the next run (test_generation_quantized_cache)
+    assert weights_file == resolve_model_source(str(tiny_run)).weights and weights_file.is_file()
     expected_model, tokenizer = load_model(str(tiny_run))
     prepare_for_decoding(expected_model, quantize="int4")
     config = SamplingConfig(max_new_tokens=10, temperature=0.0, stop_at_eot=False)
@@ -49,7 +52,7 @@ def test_chat_quantizes(tmp_path, capsys, prepared):
     tok = chat_tokenizer()
     spec = save_chat_checkpoint(tmp_path / "chat", random_chat_model(tok, end_at=30), tok)
     assert main(["chat", "--model", spec, "-p", "hi", "--max-new-tokens", "4", "--quantize", "int8"]) == 0
-    assert [kind for kind, _ in prepared] == ["int8"]
+    assert [(kind, weights_file.parent) for kind, _, weights_file in prepared] == [("int8", tmp_path / "chat")]
     assert isinstance(prepared[0][1].transformer.h[0].mlp.c_fc, QuantizedLinear)
 
 

@@ -11,6 +11,8 @@ from ..errors import UserError
 from ..numeric import COUNT_OR_OFF, POSITIVE_INT, Range
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from ..generation import SamplingConfig
@@ -59,9 +61,10 @@ def resolve_device_for(args: argparse.Namespace) -> "torch.device":
     return device
 
 
-def prepare_model(model: "GPT", args: argparse.Namespace, batch: int = 1) -> None:
-    """prepare_for_decoding with the command's --quantize and --compile; a compile happens here, for `batch`
-    rows, with a line on stderr before and after, rather than silently inside the first reply."""
+def prepare_model(model: "GPT", args: argparse.Namespace, batch: int = 1, weights_file: Path | None = None) -> None:
+    """prepare_for_decoding with the command's --quantize and --compile (`weights_file`: what the model was
+    loaded from, for the quantized-weights cache); a compile happens here, for `batch` rows, with a line on
+    stderr before and after, rather than silently inside the first reply."""
     import gc
     import sys
 
@@ -73,7 +76,8 @@ def prepare_model(model: "GPT", args: argparse.Namespace, batch: int = 1) -> Non
     # and the interpreter's final one at exit takes ~0.2 s instead of ~0.8 s. (What the load left as garbage
     # is a few dozen objects, no tensors: nothing large is kept alive.)
     gc.freeze()
-    prepare_for_decoding(model, quantize=args.quantize, compile=getattr(args, "compile", False))
+    prepare_for_decoding(model, quantize=args.quantize, compile=getattr(args, "compile", False),
+                         weights_file=weights_file)
     decoder = compiled_decoder(model)
     if decoder is not None:
         print("compiling the decode step (torch.compile, once per run; 10-55 s for GPT-2 on 2 cores)...",

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..chat.session import ChatSession, require_chat_model
     from ..devices import resolve_dtype
-    from ..loading import load_model
+    from ..loading import load_model, resolve_model_source
 
     config = sampling_config(args, **json_output_fields(args))
     message = args.prompt
@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if not message.strip():
             raise UserError("standard input is empty; pipe a message, use -p TEXT, or run on a terminal to chat")
     device = resolve_device_for(args)
-    model, tokenizer = load_model(args.model, device, resolve_dtype(args.dtype, device))
-    prepare_model(model, args)  # on CPU: faster products (prepacked, quantized, compiled)
+    source = resolve_model_source(args.model)
+    model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device))
+    prepare_model(model, args, weights_file=source.weights)  # on CPU: faster products (prepacked, quantized, compiled)
     require_chat_model(tokenizer, f"--model {args.model}")
     check_json_output(config, tokenizer, args)
     session = ChatSession(model, tokenizer, config, system=args.system, seed=args.seed,

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = tokenizer or default_tokenizer(model, args.model)
     if args.quantize is not None:  # scored as `sample --quantize` would generate
         from ..generation import prepare_for_decoding
-        prepare_for_decoding(model, quantize=args.quantize)
+        prepare_for_decoding(model, quantize=args.quantize, weights_file=source.weights)
 
     results = runner.run_tasks(model, tokenizer, tasks, data, args.limit, args.batch_size, options,
                                progress=not args.no_progress and sys.stderr.isatty())

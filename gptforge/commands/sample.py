@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model_source(args.model)
     seeds = args.seed or [fresh_seed()]  # chosen first: a preset's random weights are drawn from it too
     model, tokenizer = load_model(source, device, resolve_dtype(args.dtype, device), seed=seeds[0])
-    prepare_model(model, args, batch=args.num_samples)  # on CPU: faster products (prepacked, quantized, compiled)
+    # on CPU: faster products (prepacked, quantized, compiled)
+    prepare_model(model, args, batch=args.num_samples, weights_file=source.weights)
     args.provenance = source.provenance()
     tokenizer = tokenizer or default_tokenizer(model, args.model)
     check_json_output(config, tokenizer, args)

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(source, device, dtype, seed=args.seed)
         if tokenizer is None:
             tokenizer = default_tokenizer(model, args.model)
-        prepare_for_decoding(model, quantize=args.quantize)
+        prepare_for_decoding(model, quantize=args.quantize, weights_file=source.weights)
         return model, tokenizer
 
     def failed(e: BaseException) -> None:  # loading (or setting up what it loaded) failed: stop serving

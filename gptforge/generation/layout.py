@@ -29,6 +29,7 @@ missing or the CPU is not x86, fp32 weights are instead re-laid column-major in 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from ..model import GPT
 from .compiled import attach_compiled_decoder
 from .quantize import QuantizedLinear, quantize_model
+from .quantized_cache import quantize_cached
 
 # The batch size oneDNN blocks a reordered weight for: fp32 layouts blocked for 16 rows are as fast at one row
 # and 1.2-1.6x faster at 16 (GPT-2's blocks and head, dev-17m's head); bf16 ones are fastest blocked for one row.
@@ -73,15 +75,20 @@ def reorder(linear: nn.Linear, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH[weight.dtype])
 
 
-def prepare_for_decoding(model: GPT, quantize: str | None = None, compile: bool = False) -> GPT:
+def prepare_for_decoding(model: GPT, quantize: str | None = None, compile: bool = False,
+                         weights_file: str | os.PathLike | None = None) -> GPT:
     """Make `model`'s CPU linear layers (the tied output head included) compute faster at decoding's small
     batches, in place: every parameter, name and shape stays as it was, and outputs agree to float rounding.
     `quantize` "int8" or "int4": their products use quantized copies of the weights instead (CPU only;
-    gptforge.generation.quantize says how, and what it costs in fidelity). `compile`: decode steps run as
-    one step compiled by torch.compile (CPU only, tens of seconds to compile on first use, 1.6-2.8x the
-    tokens/s; gptforge.generation.compiled). For inference: prepare after loading, and do not train a
-    prepared model. Returns `model`."""
-    if quantize is not None:
+    gptforge.generation.quantize says how, and what it costs in fidelity). `weights_file`: the file the
+    model was loaded from, unchanged since; the quantized copy is then kept on disk for the next run of the
+    same file (gptforge.generation.quantized_cache). `compile`: decode steps run as one step compiled by
+    torch.compile (CPU only, tens of seconds to compile on first use, 1.6-2.8x the tokens/s;
+    gptforge.generation.compiled). For inference: prepare after loading, and do not train a prepared model.
+    Returns `model`."""
+    if quantize is not None and weights_file is not None:
+        quantize_cached(model, quantize, weights_file)
+    elif quantize is not None:
         quantize_model(model, quantize)
     else:
         _prepack(model)

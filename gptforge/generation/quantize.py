@@ -32,6 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 QUANTIZE_CHOICES = ("int8", "int4")
+#: what a QuantizedLinear of each kind holds (besides the model's own parameters): see quantized_layout
+QUANTIZED_BUFFERS = {"int8": ("qweight", "scale"), "int4": ("qweight", "scale_zero")}
 INT4_GROUP = 32  # inputs sharing one int4 scale and zero; the kernel takes 32, 64, 128 or 256
 INT4_ROWS = 16  # the int4 packer needs the output rows in multiples of this (zero rows pad the rest)
 # The int8 kernel's vectorized loop reads the inputs 16 at a time: on an AVX-512 CPU (Zen 4) an input width
@@ -143,7 +145,11 @@ class QuantizedLinear(nn.Linear):
     saving are unchanged; the tied embedding lookup stays exact); the quantized copy is a snapshot taken
     here, so quantize after loading the weights. Inference only: the product has no gradient."""
 
-    def __init__(self, linear: nn.Linear, kind: str, rows: int | None = None) -> None:
+    def __init__(self, linear: nn.Linear, kind: str, rows: int | None = None,
+                 stored: dict[str, torch.Tensor] | None = None) -> None:
+        """`stored`: the quantized buffers an earlier QuantizedLinear of the same weight had (its
+        `quantized_buffers()`, e.g. read back from disk), used instead of quantizing again; a ValueError if
+        they do not have the shapes and dtypes this layer needs."""
         nn.Module.__init__(self)
         if kind not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize: {kind!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
@@ -155,6 +161,14 @@ class QuantizedLinear(nn.Linear):
         # forward), and for int4 zero rows up to a multiple of INT4_ROWS: any layer width quantizes
         self.pad_in = -self.in_features % (INT8_INPUTS if kind == "int8" else INT4_GROUP)
         pad_rows = 0 if kind == "int8" else -self.rows % INT4_ROWS
+        if stored is not None:
+            layout = quantized_layout(kind, self.rows + pad_rows, self.in_features + self.pad_in)
+            found = {name: (tuple(t.shape), t.dtype) for name, t in stored.items()}
+            if found != layout:
+                raise ValueError(f"quantize: stored {kind} buffers {found} do not fit this layer ({layout})")
+            for name, tensor in stored.items():
+                self.register_buffer(name, tensor, persistent=False)
+            return
         # the weight as it is where no padding is needed: F.pad would copy it whole, and the quantizers
         # already read it in blocks converted to fp32 (GPT-2's head: a 154 MB copy, 65 ms of start-up);
         # int4's zero rows are appended to the last block only
@@ -193,6 +207,11 @@ class QuantizedLinear(nn.Linear):
             y = y + self.bias[: self.rows].to(x.dtype)
         return y.reshape(*shape[:-1], self.rows)
 
+    def quantized_buffers(self) -> dict[str, torch.Tensor]:
+        """What the product reads besides the activations (and the bias): `stored` for another QuantizedLinear
+        of the same weight."""
+        return {name: getattr(self, name) for name in QUANTIZED_BUFFERS[self.kind]}
+
     def dequantized_weight(self) -> torch.Tensor:
         """The (rows, in) fp32 weight this product multiplies by (for tests and error reports)."""
         if self.kind == "int8":
@@ -207,6 +226,14 @@ class QuantizedLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.rows}, kind={self.kind}"
 
 
+def quantized_layout(kind: str, n: int, k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The buffers a QuantizedLinear of `kind` holds for an (n, k) weight, padding included: name -> (shape,
+    dtype)."""
+    if kind == "int8":
+        return {"qweight": ((n, k), torch.int8), "scale": ((n,), COMPUTE_DTYPE)}
+    return {"qweight": ((n, k // 2), torch.uint8), "scale_zero": ((k // INT4_GROUP, n, 2), COMPUTE_DTYPE)}
+
+
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The (n, k) int32 levels back from the CPU kernel's packed layout, read through the kernel itself:
     multiplying by identity rows with scale 1 and zero 8 returns q exactly (levels are small integers)."""
@@ -216,18 +243,38 @@ def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, packed, INT4_GROUP, scale_zero).t().round().int()
 
 
-def quantize_model(model: nn.Module, kind: str) -> nn.Module:
+def quantize_model(model: nn.Module, kind: str, stored: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Swap every CPU nn.Linear of `model` (the tied output head included, on its real vocabulary) for a
-    QuantizedLinear of `kind`, in place; already quantized ones are left alone. Returns `model`."""
+    QuantizedLinear of `kind`, in place; already quantized ones are left alone. `stored`: every layer's
+    quantized buffers as `quantized_state` gave them for the same weights, used instead of quantizing (a
+    KeyError or ValueError, before any layer is swapped, if they do not fit). Returns `model`."""
     if kind not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize: {kind!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    todo = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or isinstance(module, QuantizedLinear):
             continue
         if module.weight.device.type != "cpu":
             raise ValueError(f"quantize: {name} is on {module.weight.device}; weight-only int8/int4 runs on CPU")
-        parent, _, attr = name.rpartition(".")
         # an OutputHead projects onto its real vocabulary (a PrepackedLinear of one knows it as `rows`)
-        rows = getattr(module, "rows", getattr(module, "vocab_size", None))
-        setattr(model.get_submodule(parent) if parent else model, attr, QuantizedLinear(module, kind, rows))
+        todo.append((name, module, getattr(module, "rows", getattr(module, "vocab_size", None))))
+    if stored is not None:
+        names = QUANTIZED_BUFFERS[kind]
+        unused = set(stored) - {f"{name}.{buffer}" for name, *_ in todo for buffer in names}
+        if unused:
+            raise KeyError(f"quantize: stored buffers of no layer to quantize: {sorted(unused)[:3]}")
+        # every layer is built before any is swapped: a misfit leaves the model as it was
+        built = [QuantizedLinear(module, kind, rows, {b: stored[f"{name}.{b}"] for b in names})
+                 for name, module, rows in todo]
+    else:
+        built = [QuantizedLinear(module, kind, rows) for _, module, rows in todo]
+    for (name, *_), quantized in zip(todo, built):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, quantized)
     return model
+
+
+def quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every QuantizedLinear's buffers by `<module name>.<buffer>`: what quantize_model takes as `stored`."""
+    return {f"{name}.{buffer}": tensor for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear) for buffer, tensor in module.quantized_buffers().items()}

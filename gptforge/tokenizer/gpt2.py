@@ -31,6 +31,7 @@ import numpy as np
 
 from ..atomic import write_bytes
 from ..errors import UserError
+from ..user_cache import ENV_CACHE, cache_dir  # noqa: F401  (ENV_CACHE: named here too, beside ENV_RANKS)
 from .base import EOT, Tokenizer, check_special_tokens
 
 GPT2_RANKS_FILE = "gpt2.tiktoken"
@@ -42,17 +43,10 @@ GPT2_EOT_ID = 50256
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 WHISPER_SDIST_MEMBER = "whisper/assets/gpt2.tiktoken"
 ENV_RANKS = "GPTFORGE_GPT2_RANKS"
-ENV_CACHE = "GPTFORGE_CACHE"
 ENV_OFFLINE = "GPTFORGE_OFFLINE"
 
 HOW_TO_GET = (f"run `gptforge tokenizer fetch-gpt2` (gets it through pip from the openai-whisper sdist) or set "
               f"{ENV_RANKS}=/path/to/gpt2.tiktoken")
-
-
-def cache_dir() -> Path:
-    """gptforge's download cache: `$GPTFORGE_CACHE` or `~/.cache/gptforge`."""
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gptforge"
 
 
 def _offline() -> bool:
