@@ -1,7 +1,8 @@
 """The quantized-weights cache (gptforge/generation/quantized_cache.py): a second preparation of the same
 weights file reads the stored copy, bit for bit what quantizing gives, without quantizing; anything that
-changes the result is a new entry; a damaged, foreign or unwritable cache only costs the quantizing; old
-entries are deleted beyond the size limit, and nothing else in the folder is."""
+changes the result is a new entry; a damaged, foreign or unwritable cache only costs the quantizing; what is
+not an entry is never replaced; old entries are deleted beyond the size limit, and nothing else in the folder
+is."""
 
 from __future__ import annotations
 
@@ -105,6 +106,22 @@ def test_a_damaged_or_foreign_entry_is_quantized_again_and_replaced(tmp_path, fo
     (folder / entry_a).write_bytes((folder / entry_b).read_bytes())  # another file's copy under a's name
     assert_same(quantized(a, "int8"), quantized(a, "int8", cached=False))
     assert (folder / entry_a).read_bytes() == data
+
+
+def test_what_is_not_an_entry_is_never_replaced(tmp_path, folder):
+    path = weights_file(tmp_path / "w.safetensors")
+    entry = qcache.entry_path(folder, qcache.entry_key(path, "int8", torch.float32))
+    folder.mkdir()
+    users = tmp_path / "users.txt"
+    users.write_text("the user's")
+    entry.symlink_to(users)  # the guard every output goes through (gptforge.outputs) replaces no link
+    reference = quantized(path, "int8", cached=False)
+    assert_same(quantized(path, "int8"), reference)
+    assert entry.is_symlink() and users.read_text() == "the user's"
+    entry.unlink()
+    entry.write_text("the user's too")  # a file of that name gptforge did not write
+    assert_same(quantized(path, "int8"), reference)
+    assert entry.read_text() == "the user's too" and entries(folder) == [entry.name]
 
 
 def test_off_or_unwritable_the_model_is_still_quantized(tmp_path, monkeypatch):

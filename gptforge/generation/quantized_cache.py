@@ -10,10 +10,12 @@ Where: `$GPTFORGE_QUANTIZED_CACHE` (a folder; `off` turns the cache off), else `
 cache (gptforge.user_cache). One file per key, named by a hash of it; the key is repeated in the file's
 metadata and checked on reading. A weights file is known by its resolved path, device and inode, size and
 modification time, so a checkpoint rewritten or replaced is a new key (gptforge writes files by renaming a
-finished temporary: a new inode). Entries are written the same way. An entry that cannot be read or does not
-fit the model is ignored and written again. After each write, the least recently used entries beyond
-MAX_BYTES are deleted, the newest always kept; only files named as entries are, in the cache's own folder. A
-cache that cannot be written (read-only, full) costs only the next run its quantizing.
+finished temporary: a new inode). Entries are written the same way, through the guard every gptforge output
+goes through (gptforge.outputs: one writer at a time, and never over a link or a file it did not write). An
+entry that cannot be read or does not fit the model is ignored and written again. After each write, the least
+recently used entries beyond MAX_BYTES are deleted, the newest always kept; nothing but entries is, in the
+cache's own folder. A cache that cannot be written (read-only, full, another writer at it) costs only the
+next run its quantizing.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_file
+from ..errors import UserError
+from ..outputs import OutputKind, owned_output
 from ..user_cache import cache_dir
 from .quantize import quantize_model, quantized_state
 
@@ -40,6 +43,7 @@ FORMAT = "1"
 #: entries kept (least recently used deleted first); the newest is kept even when larger alone
 MAX_BYTES = 4 << 30
 ALIGN = 64  # bytes: where each stored tensor starts (see _write)
+_MAX_HEADER = 100 << 20  # bytes: safetensors' own limit on a header
 _LAYOUT = "layout"  # metadata: each tensor's dtype and shape (stored as padded bytes)
 _ENTRY = re.compile(r"[0-9a-f]{32}-int[48]\.safetensors")
 
@@ -67,6 +71,7 @@ def entry_key(weights_file: str | os.PathLike, kind: str, dtype: torch.dtype) ->
 
 
 def entry_path(folder: Path, key: dict[str, str]) -> Path:
+    """Where the entry of `key` lives in `folder`."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     return folder / f"{digest}-{key['kind']}.safetensors"
 
@@ -93,7 +98,7 @@ def quantize_cached(model: nn.Module, kind: str, weights_file: str | os.PathLike
                 pass
             return model
     quantize_model(model, kind)
-    _write(path, key, quantized_state(model))
+    _write(path, key, quantized_state(model), Path(weights_file))
     return model
 
 
@@ -118,11 +123,13 @@ def _read(path: Path, key: dict[str, str]) -> dict[str, torch.Tensor] | None:
         return None
 
 
-def _write(path: Path, key: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+def _write(path: Path, key: dict[str, str], tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
     """A safetensors file whose every tensor starts at a multiple of ALIGN bytes from the (page-aligned) start
     of its memory mapping: each is stored as its bytes, zero-padded to a multiple of ALIGN, and the header is
     padded so the data starts at one. The int8 kernel crashes on misaligned weights, and safetensors' own
-    writer packs tensors back to back after an 8-byte-aligned header."""
+    writer packs tensors back to back after an 8-byte-aligned header. Written through the guard every output
+    goes through (gptforge.outputs): it replaces only an entry, never what the model was read from, a
+    symbolic link or a path another writer holds."""
     layout, offsets, start = {}, {}, 0
     for name in sorted(tensors):
         tensor = tensors[name]
@@ -135,7 +142,8 @@ def _write(path: Path, key: dict[str, str], tensors: dict[str, torch.Tensor]) ->
                         separators=(",", ":")).encode()
     header += b" " * (-(8 + len(header)) % ALIGN)  # spaces: how safetensors pads its own header
     try:
-        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        with owned_output(path, ENTRY, replace=True, inputs={"--model": str(weights_file)}, option=ENV,
+                          command="quantize") as tmp, open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(header)))
             f.write(header)
             for name in sorted(tensors):
@@ -143,15 +151,38 @@ def _write(path: Path, key: dict[str, str], tensors: dict[str, torch.Tensor]) ->
                 f.write(memoryview(data))
                 f.write(bytes(-data.size % ALIGN))
         _prune(path.parent, keep=path)
-    except OSError:
+    except (OSError, UserError):
         pass  # the cache only saves time: the next run quantizes again
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    """The metadata in a safetensors file's header ({} if it has none or is not one)."""
+    try:
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= _MAX_HEADER:
+                return {}
+            header = json.loads(f.read(length))
+    except (OSError, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _is_entry(path: Path) -> bool:
+    """An entry this module wrote: its name, and a key in its metadata."""
+    return _ENTRY.fullmatch(path.name) is not None and {"format", "kind", "weights", "file"} <= _metadata(path).keys()
+
+
+ENTRY = OutputKind("a quantized-weights cache entry", False, _is_entry, replace_flag=None)
+
+
 def _prune(folder: Path, keep: Path) -> None:
-    """Delete the least recently used entries beyond MAX_BYTES (never `keep`, the one just written)."""
+    """Delete the least recently used entries beyond MAX_BYTES (never `keep`, the one just written); nothing
+    in the folder that is not an entry."""
     entries = []
     for path in folder.iterdir():
-        if _ENTRY.fullmatch(path.name) and not path.is_symlink():
+        if _ENTRY.fullmatch(path.name) and not path.is_symlink() and path.is_file() and _is_entry(path):
             try:
                 stat = path.stat()
             except OSError:
