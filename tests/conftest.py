@@ -12,7 +12,6 @@ import gc
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,12 +49,20 @@ def _pin_gpt2_ranks(path: Path) -> None:
     os.environ[ENV_RANKS] = str(path)
 
 
-# Quantized weights a test's `--quantize` stores go to a folder of this session's own, never the user's cache.
-os.environ["GPTFORGE_QUANTIZED_CACHE"] = tempfile.mkdtemp(prefix="gptforge-quantized-cache-")
-
 _ranks = _find_gpt2_ranks()
 if _ranks is not None:
     _pin_gpt2_ranks(_ranks)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_quantized_cache(tmp_path_factory):
+    """The quantized weights a test's `--quantize` stores (gptforge.generation.quantized_cache) go to a folder
+    of this session's own, never the user's cache; commands the tests spawn inherit it."""
+    from gptforge.generation.quantized_cache import ENV
+
+    os.environ[ENV] = str(tmp_path_factory.mktemp("quantized-cache"))
+    yield
+    del os.environ[ENV]
 
 
 @pytest.fixture(autouse=True)
