@@ -432,7 +432,8 @@ def ttft_commands(args: argparse.Namespace, spec: str, ggufs: dict[str, Path], b
 
 
 def ttft_rows(args: argparse.Namespace, spec: str, ggufs: dict[str, Path], bin_dir: Path) -> list[str]:
-    """Fresh processes to one new token, pair by pair each round, and `import torch` once a round."""
+    """Fresh processes to one new token, pair by pair each round, and the floor (a process importing torch and
+    ending as `sample` ends) once a round."""
     env = gptforge_env(args.threads)
     ours: dict[str, list[float]] = {n: [] for n in args.dtypes}
     theirs: dict[str, list[float]] = {n: [] for n in args.dtypes}
