@@ -4,7 +4,11 @@ quantized copy of a weights file that an earlier run made, instead of quantizing
 Why: quantizing is most of a quantized start-up after `import torch`, and the result depends only on the
 weights, the model's dtype, the kind, and the torch and CPU that packed it (the int4 kernel's packed layout is
 the CPU's own). A stored copy is a safetensors file, memory-mapped when read: GPT-2 124M on a 2-core Zen 4,
-`prepare_for_decoding` int8 0.12 -> 0.01 s, int4 0.31 -> 0.01 s (benchmarks/cli_startup.py --phases).
+`prepare_for_decoding` int8 0.12 -> 0.01 s, int4 0.31 -> 0.01 s (benchmarks/cli_startup.py --phases). Read in
+place, eager int8 decoding (memory-bound) ran 3-5% slower than from a copy in fresh memory (0.95-0.97x,
+11-15 interleaved rounds of 64 tokens; int4, compute-bound, and compiled steps, whose weights inductor lays
+out anew, showed no difference); the copy would cost 0.045 s of every start-up, more than a short reply
+loses, so entries are used where they lie.
 
 Where: `$GPTFORGE_QUANTIZED_CACHE` (a folder; `off` turns the cache off), else `quantized/` in gptforge's
 cache (gptforge.user_cache). One file per key, named by a hash of it; the key is repeated in the file's
