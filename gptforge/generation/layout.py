@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ..model import GPT
 from .compiled import attach_compiled_decoder
-from .quantize import QuantizedLinear, quantize_model
+from .quantize import QuantizedLinear
 from .quantized_cache import quantize_cached
 
 # The batch size oneDNN blocks a reordered weight for: fp32 layouts blocked for 16 rows are as fast at one row
@@ -86,10 +86,8 @@ def prepare_for_decoding(model: GPT, quantize: str | None = None, compile: bool 
     torch.compile (CPU only, tens of seconds to compile on first use, 1.6-2.8x the tokens/s;
     gptforge.generation.compiled). For inference: prepare after loading, and do not train a prepared model.
     Returns `model`."""
-    if quantize is not None and weights_file is not None:
+    if quantize is not None:
         quantize_cached(model, quantize, weights_file)
-    elif quantize is not None:
-        quantize_model(model, quantize)
     else:
         _prepack(model)
     if compile:

@@ -230,8 +230,10 @@ def quantized_layout(kind: str, n: int, k: int) -> dict[str, tuple[tuple[int, ..
     """The buffers a QuantizedLinear of `kind` holds for an (n, k) weight, padding included: name -> (shape,
     dtype)."""
     if kind == "int8":
-        return {"qweight": ((n, k), torch.int8), "scale": ((n,), COMPUTE_DTYPE)}
-    return {"qweight": ((n, k // 2), torch.uint8), "scale_zero": ((k // INT4_GROUP, n, 2), COMPUTE_DTYPE)}
+        shapes = [((n, k), torch.int8), ((n,), COMPUTE_DTYPE)]
+    else:
+        shapes = [((n, k // 2), torch.uint8), ((k // INT4_GROUP, n, 2), COMPUTE_DTYPE)]
+    return dict(zip(QUANTIZED_BUFFERS[kind], shapes))
 
 
 def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

@@ -80,12 +80,13 @@ def entry_path(folder: Path, key: dict[str, str]) -> Path:
     return folder / f"{digest}-{key['kind']}.safetensors"
 
 
-def quantize_cached(model: nn.Module, kind: str, weights_file: str | os.PathLike) -> nn.Module:
+def quantize_cached(model: nn.Module, kind: str, weights_file: str | os.PathLike | None) -> nn.Module:
     """quantize_model(model, kind) for a model loaded from `weights_file` and unchanged since: from the cache
-    when it holds this file's quantized copy, else quantized here and stored there. Returns `model`."""
+    when it holds this file's quantized copy, else quantized here and stored there (without a file, or with
+    the cache off, quantized only). Returns `model`."""
     folder = cache_folder()
     dtype = next(model.parameters()).dtype
-    key = None if folder is None else entry_key(weights_file, kind, dtype)
+    key = None if folder is None or weights_file is None else entry_key(weights_file, kind, dtype)
     if key is None:
         return quantize_model(model, kind)
     path = entry_path(folder, key)
@@ -186,7 +187,7 @@ def _prune(folder: Path, keep: Path) -> None:
     in the folder that is not an entry."""
     entries = []
     for path in folder.iterdir():
-        if _ENTRY.fullmatch(path.name) and not path.is_symlink() and path.is_file() and _is_entry(path):
+        if not path.is_symlink() and path.is_file() and _is_entry(path):
             try:
                 stat = path.stat()
             except OSError:
